@@ -1,0 +1,45 @@
+# Everything a fresh machine with Python 3.11 needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first so that pip takes these builds (served from local disk on the
+# project's machines) instead of resolving a newer one; the package itself asks only torch>=2.3.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-nbs test-py check-export readme clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: settings.ini setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/sit-workbench sample ODE --model SiT-S/8 --random-init --vae none --image-size 32 --in-channels 3 \
+		--num-classes 10 --classes 0 1 2 3 4 5 6 7 --cfg-scale 4.0 --sampling-method heun2 \
+		--num-sampling-steps 26 --scale 4 --out figures/demo_grid.png
+
+# the package and README.md must be what the notebooks generate
+check-export: install
+	$(BIN)/nbdev_export
+	$(MAKE) readme
+	@if git rev-parse --git-dir >/dev/null 2>&1 && [ -n "$$(git status --porcelain -- sit_workbench README.md)" ]; then \
+		git status --porcelain -- sit_workbench README.md; \
+		echo "the notebooks and sit_workbench/ or README.md disagree: run nbdev_export and make readme, then commit"; exit 1; fi
+
+test-nbs: install
+	$(BIN)/nbdev_test --n_workers 2
+
+test-py: install
+	$(BIN)/python -m pytest -q tests/
+
+test: check-export test-nbs test-py
+
+readme: install
+	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+clean:
+	rm -rf $(VENV) _proc _docs
