@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # %% auto 0
 __all__ = ['SIT_SIZES', 'SiT_models', 'PRETRAINED_URLS', 'modulate', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder',
@@ -231,6 +232,7 @@ class SiT(nn.Module):
         self.model_name: Optional[str] = None  # set by the `SiT_models` constructors
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.learn_sigma = bool(learn_sigma)
+        self.gradient_checkpointing = False  # recompute block activations in backward (saves memory)
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_heads, self.num_classes = num_heads, num_classes
 
@@ -308,17 +310,27 @@ class SiT(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return x, t, y
 
-    def forward(self, x: torch.Tensor, t, y) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, in_channels, input_size, input_size) latents; t: (N,) times in [0, 1] (or a scalar);
-        y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size)."""
-        return self._forward(*self._check_inputs(x, t, y))
+        y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size).
+        `force_drop_ids` (N,): 1 where the label is replaced by the null class; given, it replaces the random class
+        dropout of training mode (the trainer draws it for the whole global batch, so that runs split across
+        processes see the same dropout)."""
+        x, t, y = self._check_inputs(x, t, y)
+        if force_drop_ids is not None and tuple(force_drop_ids.shape) != (x.shape[0],):
+            raise ValueError(f"force_drop_ids must have shape ({x.shape[0]},), got {tuple(force_drop_ids.shape)}")
+        return self._forward(x, t, y, force_drop_ids)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         "Forward pass on already validated inputs."
         h = self.x_embedder(x) + self.pos_embed              # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         for block in self.blocks:
-            h = block(h, c)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
         out = self.unpatchify(self.final_layer(h, c))         # (N, out_channels, H, W)
         if self.learn_sigma:
             out, _ = out.chunk(2, dim=1)
@@ -529,13 +541,14 @@ def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") 
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     path = resolve_checkpoint(path_or_name)
     if path.is_dir():
-        names = ["ema.safetensors", "model.safetensors"]
+        # save_pretrained writes ema.safetensors; training checkpoints keep the EMA as ema.pt
+        names = ["ema.safetensors", "ema.pt", "model.safetensors"]
         if prefer == "model":
-            names.reverse()
+            names = names[2:] + names[:2]
         found = [path / n for n in names if (path / n).is_file()]
         if not found:
-            raise FileNotFoundError(f"'{path}' is a directory without model.safetensors/ema.safetensors "
-                                    "(expected a directory written by save_pretrained)")
+            raise FileNotFoundError(f"'{path}' is a directory without model.safetensors/ema.safetensors/ema.pt "
+                                    "(expected a directory written by save_pretrained or a training checkpoint)")
         path = found[0]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -350,3 +350,38 @@ def test_missing_path_and_failed_download_messages(tmp_path, monkeypatch):
     sd = tiny().state_dict()
     torch.save(sd, tmp_path / "cache" / name)
     assert_same_tensors(load_state_dict(name), sd)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.set_grad_enabled(True)
+    try:
+        torch.manual_seed(0)
+        m = tiny()
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        m.train()
+        x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+        grads = []
+        for flag in (False, True):
+            m.zero_grad()
+            m.gradient_checkpointing = flag
+            torch.manual_seed(1)  # same class-dropout draw
+            m(x, t, y).square().sum().backward()
+            grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+        assert len(grads[0]) == len(grads[1]) > 0
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_grad_enabled(False)
+
+
+def test_training_checkpoint_directory_with_ema_pt(tmp_path):
+    m, e = tiny(), tiny()
+    for p in e.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_pretrained(m, tmp_path)  # model.safetensors + config.json
+    torch.save({k: v.clone() for k, v in e.state_dict().items()}, tmp_path / "ema.pt")
+    got = load_state_dict(tmp_path)  # prefers the EMA
+    assert all(torch.equal(got[k], v) for k, v in e.state_dict().items())
+    got = load_state_dict(tmp_path, prefer="model")
+    assert all(torch.equal(got[k], v) for k, v in m.state_dict().items())
