@@ -57,7 +57,7 @@ def mean_flat(x):
 # %% ../nbs/03_transport.ipynb
 class UniformTime:
     "`t ~ U[0, 1]`, drawn with `torch.rand` on the CPU generator exactly as the official code does."
-    def __call__(self, n): return torch.rand((n,))
+    def __call__(self, n, generator=None): return torch.rand((n,), generator=generator)
     def __repr__(self): return "UniformTime()"
 
 class LogitNormal:
@@ -65,7 +65,7 @@ class LogitNormal:
     def __init__(self, mean=0.0, std=1.0):
         if std <= 0: raise ValueError("LogitNormal std must be positive")
         self.mean, self.std = mean, std
-    def __call__(self, n): return torch.sigmoid(self.mean + self.std * torch.randn((n,)))
+    def __call__(self, n, generator=None): return torch.sigmoid(self.mean + self.std * torch.randn((n,), generator=generator))
     def __repr__(self): return f"LogitNormal(mean={self.mean}, std={self.std})"
 
 TIME_SAMPLERS = {"uniform": UniformTime, "logit_normal": LogitNormal}
@@ -133,8 +133,17 @@ class Transport:
 
     def training_losses(self, model, x1, model_kwargs=None):
         "`{'loss': per-sample loss [B], 'pred': model output}` for a batch of data `x1`."
-        model_kwargs = {} if model_kwargs is None else model_kwargs
         t, x0, x1 = self.sample(x1)
+        return self.training_losses_at(model, x1, x0, t, model_kwargs)
+
+    def sample_times(self, n, generator=None):
+        "`n` training times on the training interval, drawn from `generator` (the trainer's shared stream)."
+        t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
+        return self.time_sampler(n, generator=generator) * (t1 - t0) + t0
+
+    def training_losses_at(self, model, x1, x0, t, model_kwargs=None):
+        "The losses of `training_losses` at given noise `x0` and times `t`."
+        model_kwargs = {} if model_kwargs is None else model_kwargs
         t, xt, ut = self.path_sampler.plan(t, x0, x1)
         out = model(xt, t, **model_kwargs)
         _check_output(out, xt)
