@@ -5,6 +5,7 @@
 # %% ../nbs/05_cli.ipynb 3
 from __future__ import annotations
 import argparse
+import os
 import sys
 
 import torch
@@ -15,7 +16,8 @@ from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_
 from .interpolants import DIFFUSION_FORMS
 
 # %% auto 0
-__all__ = ['infer_config', 'build_model', 'add_transport_args', 'sample_parser', 'cmd_sample', 'make_parser', 'main']
+__all__ = ['infer_config', 'build_model', 'add_transport_args', 'sample_parser', 'cmd_sample', 'train_parser', 'cmd_train',
+           'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'make_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb
 def infer_config(state_dict, model_name):
@@ -121,10 +123,49 @@ def cmd_sample(args):
     return out
 
 # %% ../nbs/05_cli.ipynb
+def train_parser(p):
+    p.add_argument("--config", help="YAML training config (flat or lmms-engine recipe form); default: the digits demo")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys, e.g. max_steps=100")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    p.set_defaults(func=cmd_train)
+
+def cmd_train(args):
+    from sit_workbench.config import apply_overrides, digits_config, load_config
+    from sit_workbench.train import train
+    cfg = load_config(args.config) if args.config else digits_config()
+    if args.set: cfg = apply_overrides(cfg, args.set)
+    res = train(cfg, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
+    return res
+
+def export_parser(p):
+    p.add_argument("checkpoint", help="a checkpoint folder of ours (checkpoint-N)")
+    p.add_argument("out", help="the official-format .pt to write")
+    p.set_defaults(func=cmd_export)
+
+def cmd_export(args):
+    from sit_workbench.train import export_official
+    print(f"wrote {export_official(args.checkpoint, args.out)}")
+
+def import_parser(p):
+    p.add_argument("pt", help="an official .pt checkpoint")
+    p.add_argument("out", help="folder to write (model.safetensors, ema.pt, config.json)")
+    p.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
+    p.set_defaults(func=cmd_import)
+
+def cmd_import(args):
+    from sit_workbench.train import import_official
+    print(f"wrote {import_official(args.pt, args.out, args.model)}")
+
+# %% ../nbs/05_cli.ipynb
 def make_parser():
     p = argparse.ArgumentParser(prog="sit-workbench", description="Scalable Interpolant Transformers workbench")
     sub = p.add_subparsers(dest="command", required=True)
     sample_parser(sub.add_parser("sample", help="sample a grid of images from a SiT checkpoint"))
+    train_parser(sub.add_parser("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
+    export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt"))
+    import_parser(sub.add_parser("import", help="turn an official .pt into a checkpoint folder"))
     return p
 
 def main(argv=None):

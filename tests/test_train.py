@@ -1,0 +1,135 @@
+"""Training end to end on the digits data: exact resume after a real SIGTERM, DDP with 2 gloo processes against one
+process, partially written checkpoints, the official checkpoint format."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sit_workbench.config import digits_config, save_config
+from sit_workbench.model import load_sit, load_state_dict
+from sit_workbench.train import (clean_partial_checkpoints, export_official, import_official, latest_checkpoint,
+                                 list_checkpoints, read_log, train)
+
+BIN = Path(sys.executable).parent
+TINY = dict(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, logging_steps=1, save_total_limit=None)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def write_config(path, **kw):
+    cfg = digits_config(**{**TINY, **kw})
+    save_config(cfg, path)
+    return cfg
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors")), torch.load(Path(folder) / "ema.pt", weights_only=True)
+
+
+def cli(*args, torchrun=0):
+    cmd = [str(BIN / "sit-workbench"), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", *cmd]
+    return cmd
+
+
+def test_resume_after_sigterm_is_bit_exact(tmp_path):
+    steps = 120
+    write_config(tmp_path / "ref.yaml", max_steps=steps, save_steps=1000, output_dir=str(tmp_path / "ref"))
+    write_config(tmp_path / "int.yaml", max_steps=steps, save_steps=1000, output_dir=str(tmp_path / "int"))
+    subprocess.run(cli("train", "--config", str(tmp_path / "ref.yaml"), "--no-progress"), check=True, env=ENV,
+                   capture_output=True)
+
+    proc = subprocess.Popen(cli("train", "--config", str(tmp_path / "int.yaml"), "--no-progress"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "int" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 10):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "preempted" in out and "SIGTERM" in out, out
+    stopped = latest_checkpoint(tmp_path / "int")
+    k = int(stopped.name.split("-")[1])
+    assert 10 <= k < steps, out
+
+    res = subprocess.run(cli("train", "--config", str(tmp_path / "int.yaml"), "--no-progress"), env=ENV,
+                         capture_output=True, text=True, check=True)
+    assert f"finished at step {steps}" in res.stdout
+    (ma, ea), (mb, eb) = weights(tmp_path / "ref" / f"checkpoint-{steps}"), weights(tmp_path / "int" / f"checkpoint-{steps}")
+    assert all(torch.equal(ma[n], mb[n]) for n in ma), "model weights differ after resume"
+    assert all(torch.equal(ea[n], eb[n]) for n in ea), "EMA weights differ after resume"
+    # the log has each step once, with the same losses as the uninterrupted run
+    ref, got = read_log(tmp_path / "ref" / "log.jsonl"), read_log(tmp_path / "int" / "log.jsonl")
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
+    steps = 8
+    write_config(tmp_path / "one.yaml", max_steps=steps, save_steps=steps, per_device_train_batch_size=32,
+                 output_dir=str(tmp_path / "one"))
+    write_config(tmp_path / "two.yaml", max_steps=steps, save_steps=steps, per_device_train_batch_size=16,
+                 output_dir=str(tmp_path / "two"), fsdp=fsdp)
+    subprocess.run(cli("train", "--config", str(tmp_path / "one.yaml"), "--no-progress"), check=True, env=ENV,
+                   capture_output=True)
+    res = subprocess.run(cli("train", "--config", str(tmp_path / "two.yaml"), "--no-progress", torchrun=2), env=ENV,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one, two = read_log(tmp_path / "one" / "log.jsonl"), read_log(tmp_path / "two" / "log.jsonl")
+    assert [r["step"] for r in two] == list(range(1, steps + 1))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-5, atol=1e-6)
+    (ma, ea), (mb, eb) = weights(tmp_path / "one" / f"checkpoint-{steps}"), weights(tmp_path / "two" / f"checkpoint-{steps}")
+    for n in ma:
+        torch.testing.assert_close(mb[n], ma[n], rtol=1e-4, atol=1e-5)
+
+
+def test_partial_checkpoints_are_never_picked_up(tmp_path):
+    out = tmp_path / "run"
+    train(digits_config(**TINY, max_steps=4, save_steps=2, output_dir=str(out)), progress=False)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    # a crash while writing leaves a temporary folder, or a folder without trainer_state.json
+    shutil.copytree(out / "checkpoint-4", out / ".checkpoint-6.tmp-123")
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-8")
+    (out / "checkpoint-8" / "trainer_state.json").unlink()
+    assert latest_checkpoint(out) == out / "checkpoint-4"
+    res = train(digits_config(**TINY, max_steps=6, save_steps=2, output_dir=str(out)), progress=False)
+    assert res["step"] == 6 and not list(out.glob(".checkpoint-*"))
+    clean_partial_checkpoints(out)
+
+
+def test_official_format_round_trip(tmp_path):
+    out = tmp_path / "run"
+    train(digits_config(**TINY, max_steps=2, save_steps=2, output_dir=str(out)), progress=False)
+    ckpt = out / "checkpoint-2"
+    pt = export_official(ckpt, tmp_path / "official.pt")
+    blob = torch.load(pt, weights_only=False)
+    assert set(blob) == {"model", "ema", "opt", "args"} and blob["args"].num_classes == 10
+    m, e = weights(ckpt)
+    assert all(torch.equal(blob["model"][k], m[k]) for k in m) and all(torch.equal(blob["ema"][k], e[k]) for k in e)
+    # our loader reads it without unpickling code, preferring the EMA
+    assert all(torch.equal(load_state_dict(pt)[k], e[k]) for k in e)
+
+
+def test_import_official_checkpoint(tmp_path):
+    from sit_workbench.model import SiT_models
+    torch.manual_seed(0)
+    net = SiT_models["SiT-S/8"](input_size=16, in_channels=4, num_classes=7, learn_sigma=True)
+    ema = {k: v + 1 for k, v in net.state_dict().items()}
+    torch.save({"model": net.state_dict(), "ema": ema}, tmp_path / "o.pt")
+    folder = import_official(tmp_path / "o.pt", tmp_path / "imported", model="SiT-S/8")
+    got = load_sit(folder)
+    assert got.config["num_classes"] == 7 and got.config["learn_sigma"]
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in ema.items())
+    got = load_sit(folder, prefer="model")
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in net.state_dict().items())
