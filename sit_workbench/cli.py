@@ -17,7 +17,8 @@ from .interpolants import DIFFUSION_FORMS
 
 # %% auto 0
 __all__ = ['infer_config', 'build_model', 'add_transport_args', 'sample_parser', 'cmd_sample', 'train_parser', 'cmd_train',
-           'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'make_parser', 'main']
+           'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo', 'make_parser',
+           'main']
 
 # %% ../nbs/05_cli.ipynb
 def infer_config(state_dict, model_name):
@@ -159,9 +160,27 @@ def cmd_import(args):
     print(f"wrote {import_official(args.pt, args.out, args.model)}")
 
 # %% ../nbs/05_cli.ipynb
+def demo_parser(p):
+    p.add_argument("--output-dir", default="runs/digits", help="where the run (checkpoints, log) goes")
+    p.add_argument("--figures", default="figures", help="where the PNGs and digits_demo.json go")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override digits config keys")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+def cmd_demo(args):
+    from sit_workbench.config import apply_overrides, digits_config
+    from sit_workbench.demo import print_summary, run_digits_demo
+    cfg = apply_overrides(digits_config(output_dir=args.output_dir), args.set) if args.set else digits_config(output_dir=args.output_dir)
+    s = run_digits_demo(cfg, figures=args.figures, progress=not args.no_progress)
+    print_summary(s)
+    print(f"wrote {args.figures}/digits_samples.png, {args.figures}/digits_loss.png, {args.figures}/digits_demo.json")
+    return s
+
+# %% ../nbs/05_cli.ipynb
 def make_parser():
     p = argparse.ArgumentParser(prog="sit-workbench", description="Scalable Interpolant Transformers workbench")
     sub = p.add_subparsers(dest="command", required=True)
+    demo_parser(sub.add_parser("demo", help="train a small SiT on the bundled digits, sample, score (minutes on a CPU)"))
     sample_parser(sub.add_parser("sample", help="sample a grid of images from a SiT checkpoint"))
     train_parser(sub.add_parser("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
     export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt"))

@@ -448,7 +448,7 @@ def read_log(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 
 def plot_loss(log_path, out_path, title=None):
-    "The loss curve of a run's `log.jsonl` as a PNG (log-scale steps, raw and smoothed loss)."
+    "The loss curve of a run's `log.jsonl` as a PNG (each log row, and a moving average)."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_log(log_path)

@@ -454,7 +454,7 @@ def test_overrides():
     (["model.depth=2"], "unknown key 'model'; did you mean 'model_config'?"),
     (["model_config.depth=two"], "model_config.depth: expected int, got 'two' (str)"),
     (["model_config.depth=0"], "model_config.depth must be positive"),
-    (["model_config.num_heads=3"], "must be divisible by model_config.num_heads (3)"),
+    (["model_config.num_heads=5"], "must be divisible by model_config.num_heads (5)"),
     (["ema_decay=1.0"], "ema_decay must be in [0, 1)"),
     (["seed"], "is not of the form KEY=VALUE"),
     (["=3"], "is not of the form KEY=VALUE"),
