@@ -138,17 +138,18 @@ def train_classifier(seed: int = 0, epochs: int = EPOCHS, device="cpu", batch_si
     steps = epochs * -(-len(x) // batch_size)
     opt = torch.optim.Adam(clf.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            b = perm[i:i + batch_size]
-            xb = augment_digits(x[b], g).to(device)
-            loss = F.cross_entropy(clf(xb), y[b].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if verbose: print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}")
+    with torch.enable_grad():   # also when the caller disabled autograd
+        for epoch in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                b = perm[i:i + batch_size]
+                xb = augment_digits(x[b], g).to(device)
+                loss = F.cross_entropy(clf(xb), y[b].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            if verbose: print(f"epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}")
     clf.eval()
     clf.test_accuracy = classifier_accuracy(clf, *digits_arrays("test"))
     if verbose: print(f"test accuracy {clf.test_accuracy:.4f}")

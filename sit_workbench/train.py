@@ -180,6 +180,10 @@ class _StopFlag:
         return self
     def __exit__(self, *exc):
         for name, old in self._old.items(): signal.signal(getattr(signal, name), old)
+    def forward(self):
+        "Hand the signal on to the handler that was installed before ours (e.g. submitit's requeue handler)."
+        old = self._old.get(self.signal)
+        if callable(old): old(getattr(signal, self.signal), None)
 
 # %% ../nbs/08_train.ipynb
 class Trainer:
@@ -385,7 +389,7 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.progress and env.main), desc="train",
                    dynamic_ncols=True)
         window, t_last, steps_last, status, saved_at = [], time.perf_counter(), self.step, "finished", None
-        with _StopFlag() as stop:
+        with _StopFlag() as stop, torch.enable_grad():   # also when the caller disabled autograd
             while self.step < self.max_steps:
                 self.opt.zero_grad(set_to_none=True)
                 loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
@@ -416,6 +420,8 @@ class Trainer:
                     if saved_at != self.step: self.save()
                     status = "preempted"
                     self._say(f"{stop.signal or 'a signal'} received: saved {self.last_checkpoint}; run again to resume")
+                    bar.close()
+                    stop.forward()   # under submitit: its handler now checkpoints the job and requeues it
                     break
         bar.close()
         if tb: tb.close()

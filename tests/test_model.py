@@ -12,7 +12,13 @@ import sit_workbench.model as M
 from sit_workbench.model import (SiT, SiT_models, Attention, count_params, load_into, load_sit,
                                  load_state_dict, save_pretrained, CheckpointDownloadError)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _inference_only():
+    "These checks need no gradients; scoped per test so other test modules keep autograd."
+    with torch.no_grad():
+        yield
 
 # Facts about the official checkpoints (github.com/willisma/SiT): parameter counts with default kwargs
 # (input_size 32, in_channels 4, 1000 classes, learn_sigma True, class_dropout 0.1), pos_embed included.
@@ -353,8 +359,7 @@ def test_missing_path_and_failed_download_messages(tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    torch.set_grad_enabled(True)
-    try:
+    with torch.enable_grad():
         torch.manual_seed(0)
         m = tiny()
         for p in m.parameters():
@@ -368,11 +373,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.manual_seed(1)  # same class-dropout draw
             m(x, t, y).square().sum().backward()
             grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
-        assert len(grads[0]) == len(grads[1]) > 0
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    finally:
-        torch.set_grad_enabled(False)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_training_checkpoint_directory_with_ema_pt(tmp_path):
