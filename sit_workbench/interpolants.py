@@ -240,4 +240,22 @@ class VelocityLossProfile:
     @classmethod
     def from_dict(cls, d): return cls(d["t"], d["loss"], d.get("counts"))
 
+    FILENAME = "velocity_loss.json"
+    def save(self, folder):
+        "Write `velocity_loss.json` into a checkpoint folder."
+        import json, pathlib
+        path = pathlib.Path(folder) / self.FILENAME
+        path.write_text(json.dumps(self.to_dict()) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder):
+        "The profile saved in a checkpoint folder (`velocity_loss.json`), with a clear error when there is none."
+        import json, pathlib
+        path = pathlib.Path(folder) / cls.FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: measure L_t first (`sit-workbench velocity-loss {folder}` "
+                                    "or `measure_velocity_loss`) to sample with diffusion_form='w_KL_eta'")
+        return cls.from_dict(json.loads(path.read_text()))
+
     def __repr__(self): return f"VelocityLossProfile({self.t.numel()} bins, L in [{self.loss.min():.3g}, {self.loss.max():.3g}])"

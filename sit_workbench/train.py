@@ -30,7 +30,7 @@ from .transport import create_transport
 __all__ = ['CHECKPOINT_RE', 'DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda',
            'build_optimizer', 'total_steps', 'list_checkpoints', 'latest_checkpoint', 'commit_checkpoint',
            'clean_partial_checkpoints', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log', 'plot_loss',
-           'export_official', 'import_official']
+           'measure_velocity_loss', 'export_official', 'import_official']
 
 # %% ../nbs/08_train.ipynb
 @dataclasses.dataclass
@@ -362,7 +362,7 @@ class Trainer:
         if self.env.main: tqdm.write(msg) if self.progress else print(msg, flush=True)
 
     # --- the loop --------------------------------------------------------------------------------------
-    def _batches(self):
+    def _batches_forever(self):
         while True:
             yield from self.data
 
@@ -385,7 +385,7 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         self.model.train(); self.ema.eval()
         accum, gbatch = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size * env.world_size
-        batches = self._batches()
+        batches = self._batches_forever()
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not (self.progress and env.main), desc="train",
                    dynamic_ncols=True)
         window, t_last, steps_last, status, saved_at = [], time.perf_counter(), self.step, "finished", None
@@ -474,6 +474,27 @@ def _tensorboard(out, cfg):
     if "tensorboard" not in cfg.report_to: return None
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(Path(out) / "tensorboard"))
+
+# %% ../nbs/08_train.ipynb
+def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema", progress=True):
+    "`L_t` of a checkpoint's model (EMA by default) on its run's training data, saved as `velocity_loss.json` there."
+    from sit_workbench.config import config_from_dict
+    from sit_workbench.model import load_sit
+    from sit_workbench.transport import estimate_velocity_loss
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    cfg = config_from_dict(state["config"])
+    tr = Trainer(cfg, env=DistEnv(), progress=False)
+    tr.data = tr._build_data()
+    model = load_sit(checkpoint, prefer=prefer)
+    def batches():
+        it = iter(tr._batches_forever())
+        for k in range(num_batches):
+            yield tr._prepare(next(it), k, 0)
+    torch.manual_seed(cfg.seed)
+    prof = estimate_velocity_loss(build_transport(cfg.model_config), model, batches(), num_bins=num_bins, progress=progress)
+    prof.save(checkpoint)
+    return prof
 
 # %% ../nbs/08_train.ipynb
 def export_official(checkpoint, out_path) -> Path:
