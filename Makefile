@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # project's machines) instead of resolving a newer one; the package itself asks only torch>=2.3.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-nbs test-py check-export readme clean
+.PHONY: install demo test test-nbs test-py check-export readme clean slurm-up
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ test-py: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests/
 
 test: check-export test-nbs test-py
+
+# a one-node SLURM cluster on this machine for tests/test_slurm.py (root, Debian; returns at once when one is up)
+slurm-up:
+	bash tests/slurm/start.sh
 
 readme: install
 	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
