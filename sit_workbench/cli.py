@@ -5,20 +5,23 @@
 # %% ../nbs/05_cli.ipynb 3
 from __future__ import annotations
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from .model import SiT, SiT_models, load_into, load_sit, load_state_dict, resolve_checkpoint
 from .sample import generate, load_vae, save_grid
 from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_METHODS, SDE_METHODS)
-from .interpolants import DIFFUSION_FORMS
+from .interpolants import DIFFUSION_FORMS, VelocityLossProfile
 
 # %% auto 0
-__all__ = ['infer_config', 'build_model', 'add_transport_args', 'sample_parser', 'cmd_sample', 'train_parser', 'cmd_train',
-           'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo', 'make_parser',
-           'main']
+__all__ = ['infer_config', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample',
+           'train_parser', 'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser',
+           'cmd_demo', 'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
+           'cmd_sample_eval', 'make_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb
 def infer_config(state_dict, model_name):
@@ -64,12 +67,22 @@ def build_model(args):
 def _none_or_str(v): return None if v in ("None", "none") else v
 
 def add_transport_args(p):
-    g = p.add_argument_group("transport")
-    g.add_argument("--path-type", default="Linear", choices=["Linear", "GVP", "VP"])
-    g.add_argument("--prediction", default="velocity", choices=["velocity", "score", "noise"])
-    g.add_argument("--loss-weight", type=_none_or_str, default=None, choices=[None, "velocity", "likelihood"])
+    g = p.add_argument_group("transport (default: the training run's, for a checkpoint of ours; else Linear velocity)")
+    g.add_argument("--path-type", choices=["Linear", "GVP", "VP"])
+    g.add_argument("--prediction", choices=["velocity", "score", "noise"])
+    g.add_argument("--loss-weight", type=_none_or_str, choices=[None, "velocity", "likelihood"])
     g.add_argument("--sample-eps", type=float)
     g.add_argument("--train-eps", type=float)
+
+def transport_from_args(args):
+    "The transport the options ask for; unset options come from the checkpoint's training run when there is one."
+    run = {}
+    ckpt = getattr(args, "ckpt", None)
+    if ckpt and (Path(ckpt) / "trainer_state.json").is_file():
+        run = json.loads((Path(ckpt) / "trainer_state.json").read_text())["config"]["model_config"]
+    pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else run.get(name, default)
+    return create_transport(pick("path_type", "Linear"), pick("prediction", "velocity"), pick("loss_weight", None),
+                            pick("train_eps", None), pick("sample_eps", None))
 
 def sample_parser(p):
     p.add_argument("mode", nargs="?", default="ODE", choices=["ODE", "SDE"], help="probability-flow ODE or SDE")
@@ -99,18 +112,23 @@ def sample_parser(p):
     g.add_argument("--diffusion-norm", type=float, default=1.0)
     g.add_argument("--last-step", type=_none_or_str, default="Mean", choices=list(LAST_STEPS))
     g.add_argument("--last-step-size", type=float, default=0.04)
+    g.add_argument("--eta", type=float, default=0.0, help="eta of --diffusion-form w_KL_eta (needs velocity_loss.json "
+                                                           "in the checkpoint: sit-workbench velocity-loss CKPT)")
     p.set_defaults(func=cmd_sample)
 
 def cmd_sample(args):
-    transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps)
-    sampler = Sampler(transport)
+    sampler = Sampler(transport_from_args(args))
     if args.mode == "ODE":
         fn = sampler.sample_ode(sampling_method=args.sampling_method or "dopri5", num_steps=args.num_sampling_steps,
                                 atol=args.atol, rtol=args.rtol)
     else:
+        extra = {}
+        if args.diffusion_form == "w_KL_eta":
+            if not args.ckpt: raise ValueError("--diffusion-form w_KL_eta needs --ckpt (a checkpoint folder with velocity_loss.json)")
+            extra = dict(eta=args.eta, velocity_loss=VelocityLossProfile.load(args.ckpt))
         fn = sampler.sample_sde(sampling_method=args.sampling_method or "Euler", diffusion_form=args.diffusion_form,
                                 diffusion_norm=args.diffusion_norm, last_step=args.last_step,
-                                last_step_size=args.last_step_size, num_steps=args.num_sampling_steps)
+                                last_step_size=args.last_step_size, num_steps=args.num_sampling_steps, **extra)
     model = build_model(args).to(args.device)
     if any(c < 0 or c >= model.num_classes for c in args.classes):
         raise ValueError(f"--classes must be in [0, {model.num_classes - 1}] for this model")
@@ -177,6 +195,62 @@ def cmd_demo(args):
     return s
 
 # %% ../nbs/05_cli.ipynb
+def submit_parser(p):
+    p.add_argument("--config", help="YAML training config; default: the digits demo")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys, e.g. max_steps=100")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU (0: CPU tasks)")
+    p.add_argument("--tasks-per-node", type=int, help="CPU processes per node when --gpus-per-node is 0 (default 1)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=float)
+    p.add_argument("--partition")
+    p.add_argument("--timeout-min", type=int, default=60)
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm when sbatch is on the PATH, else local")
+    p.add_argument("--folder", help="submitit folder (default: <output_dir>/submitit/%%j)")
+    p.add_argument("--name", help="job name")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.set_defaults(func=cmd_submit)
+
+def cmd_submit(args):
+    from sit_workbench.config import apply_overrides, digits_config, load_config
+    from sit_workbench.launch import job_result, submit_training
+    cfg = load_config(args.config) if args.config else digits_config()
+    if args.set: cfg = apply_overrides(cfg, args.set)
+    job = submit_training(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                          cpus_per_task=args.cpus_per_task, partition=args.partition, timeout_min=args.timeout_min,
+                          account=args.account, qos=args.qos, constraint=args.constraint, cluster=args.cluster,
+                          folder=args.folder, mem_gb=args.mem_gb, name=args.name)
+    print(f"submitted job {job.job_id} ({job.num_tasks} task(s)); log: {job.paths.stdout}", flush=True)
+    if not args.wait: return job
+    res = job_result(job)
+    print(f"job {job.job_id}: {res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
+    return res
+
+# %% ../nbs/05_cli.ipynb
+def velocity_loss_parser(p):
+    p.add_argument("checkpoint", help="a training checkpoint folder (checkpoint-N)")
+    p.add_argument("--batches", type=int, default=20, help="data batches to average over")
+    p.add_argument("--bins", type=int, default=20, help="time bins")
+    p.set_defaults(func=cmd_velocity_loss)
+
+def cmd_velocity_loss(args):
+    from sit_workbench.train import measure_velocity_loss
+    prof = measure_velocity_loss(args.checkpoint, num_batches=args.batches, num_bins=args.bins)
+    print(f"wrote {Path(args.checkpoint) / prof.FILENAME}: {prof}")
+
+def sample_eval_parser(p):
+    from sit_workbench.evaluate import add_sample_eval_args
+    add_sample_eval_args(p)
+    p.set_defaults(func=cmd_sample_eval)
+
+def cmd_sample_eval(args):
+    from sit_workbench.evaluate import sample_eval_main
+    sample_eval_main(args)   # prints the metrics
+
+# %% ../nbs/05_cli.ipynb
 def make_parser():
     p = argparse.ArgumentParser(prog="sit-workbench", description="Scalable Interpolant Transformers workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +259,9 @@ def make_parser():
     train_parser(sub.add_parser("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
     export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt"))
     import_parser(sub.add_parser("import", help="turn an official .pt into a checkpoint folder"))
+    submit_parser(sub.add_parser("submit", help="submit the training to SLURM with submitit (or run it in local processes)"))
+    velocity_loss_parser(sub.add_parser("velocity-loss", help="measure L_t of a checkpoint (for --diffusion-form w_KL_eta)"))
+    sample_eval_parser(sub.add_parser("sample-eval", help="sample N images into an ADM .npz and score them"))
     return p
 
 def main(argv=None):

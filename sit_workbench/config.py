@@ -477,7 +477,8 @@ def digits_config(**overrides) -> TrainConfig:
     # that averages over the last ~200 steps (0.9999 would still hold the untrained weights after so few steps).
     cfg = TrainConfig(
         model_config=ModelConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=96, depth=4, num_heads=4,
-                                 class_dropout_prob=0.1, num_classes=10, learn_sigma=False, vae_path=None),
+                                 class_dropout_prob=0.1, num_classes=10, learn_sigma=False, vae_path=None,
+                                 cfg_scale=2.0),
         dataset_config=DatasetConfig(dataset_format="digits", dataset_path=None, image_size=8, random_flip=False),
         output_dir="runs/digits", per_device_train_batch_size=96, learning_rate=1e-3, lr_scheduler_type="cosine",
         warmup_steps=100, max_steps=1500, save_steps=500, logging_steps=25, dataloader_num_workers=0,

@@ -18,14 +18,14 @@ from .train import build_transport, plot_loss, train
 from .transport import Sampler
 
 # %% auto 0
-__all__ = ['DEMO_SAMPLER', 'DEMO_CFG_SCALE', 'sample_digits', 'run_digits_demo', 'print_summary']
+__all__ = ['DEMO_SAMPLER', 'sample_digits', 'run_digits_demo', 'print_summary']
 
 # %% ../nbs/10_demo.ipynb
 DEMO_SAMPLER = dict(sampling_method="heun2", num_steps=26)   # 25 Heun steps: 50 network evaluations
-DEMO_CFG_SCALE = 2.0
 
-def sample_digits(model, cfg: TrainConfig, labels, cfg_scale=DEMO_CFG_SCALE, seed=0, sampler=None, batch_size=500):
-    "Samples in [-1, 1] for `labels` from a digits model, with guidance on all channels; returns `(x, nfe)`."
+def sample_digits(model, cfg: TrainConfig, labels, cfg_scale=None, seed=0, sampler=None, batch_size=500):
+    "Samples in [-1, 1] for `labels` from a digits model, guided on all channels (default: the config's cfg_scale)."
+    cfg_scale = cfg.model_config.cfg_scale if cfg_scale is None else cfg_scale
     fn = Sampler(build_transport(cfg.model_config)).sample_ode(**(sampler or DEMO_SAMPLER))
     out, nfe = [], 0
     labels = torch.as_tensor(labels)
@@ -34,10 +34,11 @@ def sample_digits(model, cfg: TrainConfig, labels, cfg_scale=DEMO_CFG_SCALE, see
         out.append(x * 2 - 1); nfe = info["nfe"]
     return torch.cat(out), nfe
 
-def run_digits_demo(cfg: TrainConfig | None = None, figures="figures", samples_per_class=100, cfg_scale=DEMO_CFG_SCALE,
+def run_digits_demo(cfg: TrainConfig | None = None, figures="figures", samples_per_class=100, cfg_scale=None,
                     progress=True) -> dict:
     "Train (or resume) the digits SiT, sample, score the samples with the digits classifier; write the figures."
     cfg = cfg or digits_config()
+    cfg_scale = cfg.model_config.cfg_scale if cfg_scale is None else cfg_scale
     figures = Path(figures); figures.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = train(cfg, progress=progress)
