@@ -16,12 +16,13 @@ import torch
 from .digits import frechet_distance, gaussian_stats
 
 # %% auto 0
-__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'DIGITS_SAMPLER', 'to_uint8_nhwc', 'check_adm_images', 'write_adm_npz',
-           'read_adm_npz', 'sample_labels', 'sample_noise', 'make_sample_fn', 'sample_batch', 'shard_path',
-           'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint', 'inception_weights_path',
-           'ensure_inception_weights', 'inception_features', 'fid_from_features', 'inception_score', 'imagenet_metrics',
-           'digits_metrics', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll', 'sampler_error',
-           'add_sample_eval_args', 'sample_eval_main']
+__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'DIGITS_SAMPLER', 'to_uint8_nhwc', 'check_adm_images',
+           'write_adm_npz', 'read_adm_npz', 'sample_labels', 'sample_noise', 'make_sample_fn', 'sample_batch',
+           'shard_path', 'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint',
+           'inception_weights_path', 'ensure_inception_weights', 'inception_extractor', 'inception_features',
+           'fid_from_features', 'inception_score', 'precision_recall', 'imagenet_metrics', 'bootstrap_fid',
+           'digits_metrics', 'evaluate_digits_model', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll',
+           'sampler_error', 'add_sample_eval_args', 'sample_eval_main']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
@@ -211,21 +212,31 @@ def ensure_inception_weights(timeout=60.0) -> Path:
             f"{e}). On a machine with network access download {INCEPTION_URL} and copy it to {path} "
             f"(or set SIT_WORKBENCH_CACHE to the folder that holds {INCEPTION_FILE}).") from None
 
+SPATIAL_CHANNELS = 7     # ADM's sFID: mixed_6/conv[..., :7]
+
+def inception_extractor(weights=None):
+    """torch-fidelity's Inception (pool features and logits) from the local `weights` file (default:
+    `ensure_inception_weights()`), with a hook that keeps ADM's sFID features in `extractor.spatial`."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    ext = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                      feature_extractor_weights_path=str(weights or ensure_inception_weights()))
+    def keep(module, args, out): ext.spatial = out[:, :SPATIAL_CHANNELS].flatten(1)
+    ext.Mixed_6d.branch1x1.register_forward_hook(keep)
+    return ext
+
 def inception_features(images_uint8_nhwc, batch_size=100, device="cpu", extractor=None) -> dict:
-    "`{'2048': pool features [N, 2048], 'logits_unbiased': [N, 1008]}` of uint8 NHWC RGB images."
-    if extractor is None:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                feature_extractor_weights_path=str(ensure_inception_weights()))
-    extractor = extractor.to(device).eval()
+    """`{'2048': pool features [N, 2048], 'logits_unbiased': [N, 1008], 'spatial': sFID features [N, 2023]}` of
+    uint8 NHWC RGB images (`extractor`: an `inception_extractor()`, built if not given)."""
+    extractor = (extractor or inception_extractor()).to(device).eval()
     arr = check_adm_images(images_uint8_nhwc)
-    pool, logits = [], []
+    out = {"2048": [], "logits_unbiased": [], "spatial": []}
     with torch.no_grad():
         for i in range(0, len(arr), batch_size):
             x = torch.from_numpy(arr[i:i + batch_size]).permute(0, 3, 1, 2).contiguous().to(device)
             p, l = extractor(x)
-            pool.append(p.double().cpu()); logits.append(l.double().cpu())
-    return {"2048": torch.cat(pool), "logits_unbiased": torch.cat(logits)}
+            out["2048"].append(p.double().cpu()); out["logits_unbiased"].append(l.double().cpu())
+            out["spatial"].append(extractor.spatial.double().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 def fid_from_features(f1, f2) -> float:
     "FID between two feature sets `[N, D]`: the Fréchet distance of their Gaussian fits."
@@ -237,49 +248,79 @@ def inception_score(logits, splits=10) -> tuple[float, float]:
     m = isc_features_to_metric(torch.as_tensor(logits), splits=splits)
     return m["inception_score_mean"], m["inception_score_std"]
 
+def precision_recall(sample_features, ref_features, k=3) -> tuple[float, float]:
+    "Improved precision and recall (k-NN manifolds, `k=3` as ADM) of sample features against reference features."
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+    fs, fr = torch.as_tensor(sample_features).float(), torch.as_tensor(ref_features).float()
+    if min(len(fs), len(fr)) <= k: raise ValueError(f"precision/recall with k={k} needs more than {k} images on each side")
+    return calculate_precision_recall_full(fs, fr, neighborhood=k, batch_size=10000)
+
 def imagenet_metrics(sample_npz, ref_npz, batch_size=100, device="cpu") -> dict:
-    "FID and IS of the samples in `sample_npz` against the ADM reference batch `ref_npz` (its `arr_0` images)."
+    "FID, sFID, IS, precision and recall of the samples in `sample_npz` against the ADM reference batch `ref_npz`."
     samples, _ = read_adm_npz(sample_npz)
     ref, _ = read_adm_npz(ref_npz)
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    ext = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=str(ensure_inception_weights()))
+    ext = inception_extractor()
     fs = inception_features(samples, batch_size, device, ext)
     fr = inception_features(ref, batch_size, device, ext)
     is_mean, is_std = inception_score(fs["logits_unbiased"], splits=min(10, len(samples)))
-    return {"fid": fid_from_features(fs["2048"], fr["2048"]), "inception_score": is_mean, "inception_score_std": is_std,
+    precision, recall = precision_recall(fs["2048"], fr["2048"])
+    return {"fid": fid_from_features(fs["2048"], fr["2048"]), "sfid": fid_from_features(fs["spatial"], fr["spatial"]),
+            "inception_score": is_mean, "inception_score_std": is_std, "precision": precision, "recall": recall,
             "num_samples": len(samples), "num_reference": len(ref)}
+
+def bootstrap_fid(sample_features, ref_features, n_boot=20, seed=0) -> float:
+    """Monte-Carlo error of a Fréchet distance: the standard deviation over `n_boot` resamplings (with replacement)
+    of the sample features, the reference kept fixed."""
+    fs = torch.as_tensor(sample_features).double()
+    ref = gaussian_stats(ref_features)
+    g = torch.Generator().manual_seed(int(seed))
+    vals = [frechet_distance(*gaussian_stats(fs[torch.randint(len(fs), (len(fs),), generator=g)]), *ref)
+            for _ in range(n_boot)]
+    return float(np.std(vals, ddof=1))
 
 # %% ../nbs/13_evaluate.ipynb
 DIGITS_SAMPLER = dict(sampling_method="heun2", num_steps=26)
 
-def digits_metrics(images01, labels, clf=None) -> dict:
-    "Accuracy of class-conditional digits samples (images in `[0, 1]`, `[N, 1, 8, 8]`) and digits-FID vs the test split."
-    from sit_workbench.digits import class_conditional_accuracy, digits_fid, load_or_train_classifier
+def digits_metrics(images01, labels, clf=None, bootstrap=0) -> dict:
+    """Accuracy of class-conditional digits samples (images in `[0, 1]`, `[N, 1, 8, 8]`) and digits-FID vs the test
+    split; with `bootstrap > 0` also `digits_fid_std`, its bootstrap standard deviation."""
+    from sit_workbench.digits import class_conditional_accuracy, classifier_features, digits_arrays, load_or_train_classifier
     clf = clf or load_or_train_classifier()
     x = torch.as_tensor(images01).float()[:, :1] * 2 - 1
-    return {"accuracy": class_conditional_accuracy(clf, x, torch.as_tensor(labels)), "digits_fid": digits_fid(clf, x)}
+    out = {"accuracy": class_conditional_accuracy(clf, x, torch.as_tensor(labels))}
+    if torch.isnan(x).any(): return {**out, "digits_fid": float("inf"), **({"digits_fid_std": 0.0} if bootstrap else {})}
+    fs, fr = classifier_features(clf, x), classifier_features(clf, digits_arrays("test")[0])
+    out["digits_fid"] = fid_from_features(fs, fr)
+    if bootstrap: out["digits_fid_std"] = bootstrap_fid(fs, fr, n_boot=bootstrap)
+    return out
 
-def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
-                               clf=None) -> dict:
-    "Sample `n` digits from a digits checkpoint (labels uniform, seeded) and return accuracy, digits-FID and NFE."
-    from sit_workbench.model import load_sit
-    from sit_workbench.train import build_transport
-    cfg = load_run_config(checkpoint)
-    model = load_sit(checkpoint)
+def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0, seed=0, mode="ode", batch_size=500,
+                          clf=None, bootstrap=0) -> dict:
+    """Sample `n` digits (labels uniform and noise per sample, both from `seed`) and return accuracy, digits-FID (and
+    its bootstrap error), NFE and seconds."""
     sampler = dict(DIGITS_SAMPLER if sampler is None else sampler)
-    fn = make_sample_fn(build_transport(cfg.model_config), mode, **sampler)
+    fn = make_sample_fn(transport, mode, **sampler)
     labels = sample_labels(n, model.num_classes, seed)
     shape = (model.in_channels, model.input_size, model.input_size)
-    out = []
+    out, t0 = [], time.perf_counter()
     torch.manual_seed(seed)
     for b in range(0, n, batch_size):
         e = min(n, b + batch_size)
         out.append(sample_batch(model, fn, labels[b:e], sample_noise(range(b, e), shape, seed), cfg_scale,
                                 cfg_channels=None))
-    images = torch.cat(out)
-    return {**digits_metrics(images, labels, clf), "n": n, "nfe": fn.nfe, "cfg_scale": cfg_scale, "sampler": sampler,
-            "mode": mode}
+    seconds = time.perf_counter() - t0
+    shown = {k: v for k, v in sampler.items() if k != "velocity_loss"}
+    return {**digits_metrics(torch.cat(out), labels, clf, bootstrap), "n": n, "nfe": fn.nfe, "cfg_scale": cfg_scale,
+            "sampler": shown, "mode": mode, "seconds": round(seconds, 2)}
+
+def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
+                               clf=None, bootstrap=0) -> dict:
+    "`evaluate_digits_model` on a digits checkpoint folder (its EMA weights and its run's transport)."
+    from sit_workbench.model import load_sit
+    from sit_workbench.train import build_transport
+    cfg = load_run_config(checkpoint)
+    return evaluate_digits_model(load_sit(checkpoint), build_transport(cfg.model_config), n, sampler, cfg_scale, seed,
+                                 mode, batch_size, clf, bootstrap)
 
 # %% ../nbs/13_evaluate.ipynb
 def sliced_wasserstein(x, y, n_projections=256, seed=0) -> float:

@@ -128,6 +128,10 @@ def test_digits_checkpoint_metrics_in_range(env):
     x, y = digits_arrays("test")
     real = E.digits_metrics((x + 1) / 2, y, env["clf"])
     assert real["accuracy"] > 0.95 and real["digits_fid"] < res["digits_fid"]
+    from sit_workbench.digits import digits_fid
+    assert abs(real["digits_fid"] - digits_fid(env["clf"], x)) < 1e-9          # one definition of digits-FID
+    boot = E.digits_metrics((x[:200] + 1) / 2, y[:200], env["clf"], bootstrap=10)
+    assert 0 < boot["digits_fid_std"] < boot["digits_fid"]
 
 
 def test_exact_sampler_metric_ordering():
@@ -204,5 +208,9 @@ def test_imagenet_metrics_pipeline_with_local_weights(tmp_path, monkeypatch):
     E.write_adm_npz(tmp_path / "s.npz", s); E.write_adm_npz(tmp_path / "r.npz", s[::-1].copy())
     m = E.imagenet_metrics(tmp_path / "s.npz", tmp_path / "r.npz", batch_size=4)
     assert m["num_samples"] == m["num_reference"] == 4
-    assert abs(m["fid"]) < 1e-3                                   # the same images in another order
+    assert abs(m["fid"]) < 1e-3 and abs(m["sfid"]) < 1e-3         # the same images in another order
+    assert m["precision"] == m["recall"] == 1.0
+    feats = E.inception_features(s, extractor=E.inception_extractor())
+    assert feats["spatial"].shape == (4, 7 * 17 * 17)                # ADM's mixed_6/conv[..., :7] on a 17x17 grid
+    assert (feats["spatial"] >= 0).all()                             # taken after the ReLU
     assert m["inception_score"] >= 1 - 1e-9 and np.isfinite(m["inception_score_std"])
