@@ -18,10 +18,10 @@ from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_
 from .interpolants import DIFFUSION_FORMS, VelocityLossProfile
 
 # %% auto 0
-__all__ = ['infer_config', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample',
+__all__ = ['STUDIES', 'infer_config', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample',
            'train_parser', 'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser',
            'cmd_demo', 'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
-           'cmd_sample_eval', 'make_parser', 'main']
+           'cmd_sample_eval', 'study_parser', 'cmd_study', 'make_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb
 def infer_config(state_dict, model_name):
@@ -251,6 +251,23 @@ def cmd_sample_eval(args):
     sample_eval_main(args)   # prints the metrics
 
 # %% ../nbs/05_cli.ipynb
+STUDIES = {"path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space"}
+
+def study_parser(p):
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/15-18)")
+    p.add_argument("--setting", choices=["quick", "full"], default="quick",
+                   help="quick: 150-step models, 200 samples; full: the committed results")
+    p.set_defaults(func=cmd_study)
+
+def cmd_study(args):
+    import importlib
+    from sit_workbench.zoo import results_path
+    for name in (STUDIES if args.name == "all" else [args.name]):
+        mod = importlib.import_module(f"sit_workbench.{STUDIES[name]}")
+        res = mod.run_study(args.setting, progress=True)
+        print(f"{name}: wrote {results_path(mod.STUDY, args.setting)} ({len(res['rows'])} rows)", flush=True)
+
+# %% ../nbs/05_cli.ipynb
 def make_parser():
     p = argparse.ArgumentParser(prog="sit-workbench", description="Scalable Interpolant Transformers workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -262,6 +279,7 @@ def make_parser():
     submit_parser(sub.add_parser("submit", help="submit the training to SLURM with submitit (or run it in local processes)"))
     velocity_loss_parser(sub.add_parser("velocity-loss", help="measure L_t of a checkpoint (for --diffusion-form w_KL_eta)"))
     sample_eval_parser(sub.add_parser("sample-eval", help="sample N images into an ADM .npz and score them"))
+    study_parser(sub.add_parser("study", help="run an exploratory notebook's study and write its results file"))
     return p
 
 def main(argv=None):

@@ -341,7 +341,9 @@ def mixture_nll(gm, x) -> float:
 
 def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=None, n=2000, seed=0, mode="ode") -> dict:
     """Sample `n` points from noise with the exact field of `gm` through our `Sampler` and score them against fresh
-    data: `sw` (sliced W2), `nll_gap` (`mixture_nll(samples) - mixture_nll(data)`), `nfe`."""
+    data: `sw` (sliced W2), `nll_gap` (`mixture_nll(samples) - mixture_nll(data)`) and its Monte-Carlo standard
+    error `nll_gap_sem`, `nfe`."""
+    from sit_workbench.interpolants import LinearPath
     from sit_workbench.transport import create_transport
     tr = create_transport(path_type, prediction)
     fn = make_sample_fn(tr, mode, **(sampler_kwargs or {}))
@@ -349,8 +351,9 @@ def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=
     z = torch.randn(n, gm.dim, dtype=torch.float64)
     x = fn(z, gm.model(tr.path_sampler, prediction))[-1]
     data = gm.sample(n, generator=torch.Generator().manual_seed(seed + 1)).reshape(n, -1)
-    return {"sw": sliced_wasserstein(x, data, seed=seed), "nll_gap": mixture_nll(gm, x) - mixture_nll(gm, data),
-            "nfe": fn.nfe}
+    nll_x, nll_d = (-gm.log_prob(LinearPath(), v.reshape(n, -1), 1.0) / gm.dim for v in (x, data))
+    return {"sw": sliced_wasserstein(x, data, seed=seed), "nll_gap": float(nll_x.mean() - nll_d.mean()),
+            "nll_gap_sem": float((nll_x.var() / n + nll_d.var() / n).sqrt()), "nfe": fn.nfe}
 
 # %% ../nbs/13_evaluate.ipynb
 def add_sample_eval_args(p):
