@@ -43,7 +43,7 @@ import torch
 
 from sit_workbench.config import digits_config
 from sit_workbench.model import SIT_SIZES, Attention, forward_flops
-from sit_workbench.train import DistEnv, Trainer, update_ema
+from sit_workbench.train import DistEnv, Trainer
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
