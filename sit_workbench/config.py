@@ -89,7 +89,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    optim: str = "adamw_torch"             # adamw_torch | adamw_torch_fused
+    optim: str = "adamw_torch_fused"       # adamw_torch_fused | adamw_torch
     lr_scheduler_type: str = "constant"    # constant | cosine | linear
     warmup_steps: int = 0
     max_grad_norm: Optional[float] = None  # None = no clipping (official recipe)

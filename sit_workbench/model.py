@@ -26,8 +26,9 @@ import torch.utils.checkpoint
 __all__ = ['SIT_SIZES', 'SiT_models', 'PRETRAINED_URLS', 'modulate', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder',
            'PatchEmbed', 'softmax_attention', 'Attention', 'Mlp', 'SiTBlock', 'FinalLayer', 'sincos_1d', 'sincos_2d',
            'SiT', 'SiT_XL_2', 'SiT_XL_4', 'SiT_XL_8', 'SiT_L_2', 'SiT_L_4', 'SiT_L_8', 'SiT_B_2', 'SiT_B_4', 'SiT_B_8',
-           'SiT_S_2', 'SiT_S_4', 'SiT_S_8', 'count_params', 'infer_model_name', 'CheckpointDownloadError', 'cache_dir',
-           'download_pretrained', 'resolve_checkpoint', 'load_state_dict', 'load_into', 'save_pretrained', 'load_sit']
+           'SiT_S_2', 'SiT_S_4', 'SiT_S_8', 'count_params', 'infer_model_name', 'forward_flops',
+           'CheckpointDownloadError', 'cache_dir', 'download_pretrained', 'resolve_checkpoint', 'load_state_dict',
+           'load_into', 'save_pretrained', 'load_sit']
 
 # %% ../nbs/00_model.ipynb
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -337,22 +338,32 @@ class SiT(nn.Module):
         return out
 
     def forward_with_cfg(self, x: torch.Tensor, t, y, cfg_scale, cfg_channels: Optional[int] = 3,
-                         cfg_interval: Optional[Sequence[float]] = None) -> torch.Tensor:
+                         cfg_interval: Optional[Sequence[float]] = None, skip_unguided: bool = True) -> torch.Tensor:
         """Classifier-free guided prediction for a batch `[cond half; uncond half]` (official layout: `x = cat([z, z])`,
         `y = cat([labels, nulls])`). Only `x[:N//2]` is used. `cfg_scale`: float or `(N//2,)` tensor.
         `cfg_channels=3` guides only the first 3 channels (official quirk); `None` guides all channels.
-        `cfg_interval=(t_lo, t_hi)`: guidance only for samples with `t_lo <= t <= t_hi` (t=0 noise, t=1 data)."""
+        `cfg_interval=(t_lo, t_hi)`: guidance only for samples with `t_lo <= t <= t_hi` (t=0 noise, t=1 data).
+        `skip_unguided`: when the interval leaves every sample unguided, evaluate only the conditional half and
+        return it twice (half the cost; callers read the first half)."""
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] % 2:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"forward_with_cfg needs an even batch [cond half; uncond half], got x of shape {got}")
         n = x.shape[0] // 2
         half = x[:n]
         x, t, y = self._check_inputs(torch.cat([half, half], dim=0), t, y)
-        out = self._forward(x, t, y)
-        k = out.shape[1] if cfg_channels is None else int(cfg_channels)
-        if k < 1:
+        if cfg_channels is not None and int(cfg_channels) < 1:
             raise ValueError(f"cfg_channels must be a positive int or None, got {cfg_channels!r}")
-        k = min(k, out.shape[1])
+        in_interval = None
+        if cfg_interval is not None:
+            lo, hi = (float(v) for v in cfg_interval)
+            if lo > hi:
+                raise ValueError(f"cfg_interval must be (t_lo, t_hi) with t_lo <= t_hi, got {tuple(cfg_interval)}")
+            in_interval = ((t[:n] >= lo) & (t[:n] <= hi)).view(n, 1, 1, 1)
+            if skip_unguided and not bool(in_interval.any()):   # nobody is guided now: the conditional half only
+                cond = self._forward(half, t[:n], y[:n])
+                return torch.cat([cond, cond], dim=0)
+        out = self._forward(x, t, y)
+        k = min(out.shape[1] if cfg_channels is None else int(cfg_channels), out.shape[1])
         eps, rest = out[:, :k], out[:, k:]
         cond, uncond = eps[:n], eps[n:]
 
@@ -365,12 +376,8 @@ class SiT(nn.Module):
         else:
             scale = float(cfg_scale)
             active = torch.full((n, 1, 1, 1), scale != 1.0, device=out.device)
-        if cfg_interval is not None:
-            lo, hi = (float(v) for v in cfg_interval)
-            if lo > hi:
-                raise ValueError(f"cfg_interval must be (t_lo, t_hi) with t_lo <= t_hi, got {tuple(cfg_interval)}")
-            tc = t[:n].to(out.device)
-            active = active & ((tc >= lo) & (tc <= hi)).view(n, 1, 1, 1)
+        if in_interval is not None:
+            active = active & in_interval.to(out.device)
         guided = torch.where(active, uncond + scale * (cond - uncond), cond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
 
@@ -424,6 +431,21 @@ def infer_model_name(config: dict) -> Optional[str]:
                 and config.get("mlp_ratio", 4.0) == 4.0 and config.get("patch_size") in (2, 4, 8):
             return f"SiT-{size}/{config['patch_size']}"
     return None
+
+
+def forward_flops(model: SiT, batch: int = 1) -> int:
+    """FLOPs of one forward pass per image (a multiply-add counts 2), counted by `torch.utils.flop_counter` on a meta
+    copy built from `model.config` (no memory, no arithmetic): the matmuls, the patch convolution and attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if not isinstance(model, SiT):
+        raise TypeError(f"forward_flops needs a SiT (with a .config), got {type(model).__name__}")
+    with torch.device("meta"):
+        shadow = SiT(**model.config).eval()
+        s, c = model.input_size, model.in_channels
+        x, t, y = torch.zeros(batch, c, s, s), torch.zeros(batch), torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        shadow(x, t, y)
+    return counter.get_total_flops() // batch
 
 # %% ../nbs/00_model.ipynb
 PRETRAINED_URLS = {

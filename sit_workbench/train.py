@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,17 @@ def build_transport(mcfg):
     return create_transport(mcfg.path_type, mcfg.prediction, mcfg.loss_weight, mcfg.train_eps, mcfg.sample_eps)
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
-    "`ema <- decay * ema + (1 - decay) * model`, parameter by parameter (fp32 EMA, any model dtype; works on shards)."
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if not p.requires_grad: continue
-        e.mul_(decay).add_(p.detach().to(e.dtype), alpha=1 - decay)
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, foreach: bool = True):
+    """`ema <- decay * ema + (1 - decay) * model` for the trainable parameters (fp32 EMA, any model dtype; works on
+    shards): two `torch._foreach` calls over all of them, or one `mul_`/`add_` pair per tensor with `foreach=False`."""
+    pairs = [(e, p.detach().to(e.dtype)) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    if not pairs: return
+    if foreach:
+        es, ps = [e for e, _ in pairs], [p for _, p in pairs]
+        torch._foreach_mul_(es, decay)
+        torch._foreach_add_(es, ps, alpha=1 - decay)
+    else:
+        for e, p in pairs: e.mul_(decay).add_(p, alpha=1 - decay)
 
 def lr_lambda(kind: str, warmup: int, total: int):
     "Multiplier of the base learning rate at an optimizer step: linear warm-up, then constant, cosine or linear decay."
@@ -88,11 +95,20 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 def build_optimizer(model, cfg: TrainConfig, max_steps: int):
-    "AdamW (fused when `optim='adamw_torch_fused'`) and its learning-rate schedule over `max_steps` steps."
-    fused = cfg.optim == "adamw_torch_fused"
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                            weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
+    """AdamW and its learning-rate schedule over `max_steps` steps. `optim='adamw_torch_fused'` (the default): torch's
+    fused kernel, or, with a warning, torch's default implementation where the device has no fused kernel;
+    `optim='adamw_torch'`: torch's default implementation (foreach on GPUs, one tensor at a time on CPUs)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+              weight_decay=cfg.weight_decay)
+    opt = None
+    if cfg.optim == "adamw_torch_fused":
+        try:
+            opt = torch.optim.AdamW(params, fused=True, **kw)
+        except RuntimeError as e:   # no fused kernel for these parameters' device or dtype
+            warnings.warn(f"fused AdamW is not available here ({e}); using torch's default AdamW")
+    if opt is None:
+        opt = torch.optim.AdamW(params, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_scheduler_type, cfg.warmup_steps, max_steps))
     return opt, sched
 
@@ -293,6 +309,23 @@ class Trainer:
             (loss / self.cfg.gradient_accumulation_steps).backward()
         return loss.detach()
 
+    def train_step(self, batches) -> float:
+        """One optimizer step on the next `gradient_accumulation_steps` batches of the iterator `batches`: forward and
+        backward, the divergence check, clipping, AdamW, the schedule, the EMA. Returns the mean loss."""
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        self.opt.zero_grad(set_to_none=True)
+        loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
+        loss = float(_all_reduce_mean(loss, self.env))
+        if not math.isfinite(loss):
+            where = self.last_checkpoint or "none yet"
+            raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}; stopped without saving. "
+                                   f"Last good checkpoint: {where}")
+        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.max_grad_norm)
+        self.opt.step(); self.sched.step()
+        update_ema(self.ema, self.raw, cfg.ema_decay)
+        self.step += 1
+        return loss
+
     # --- state -----------------------------------------------------------------------------------------
     def _state_dicts(self):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -391,17 +424,7 @@ class Trainer:
         window, t_last, steps_last, status, saved_at = [], time.perf_counter(), self.step, "finished", None
         with _StopFlag() as stop, torch.enable_grad():   # also when the caller disabled autograd
             while self.step < self.max_steps:
-                self.opt.zero_grad(set_to_none=True)
-                loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
-                loss = float(_all_reduce_mean(loss, env))
-                if not math.isfinite(loss):
-                    where = self.last_checkpoint or "none yet"
-                    raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}; stopped without saving. "
-                                           f"Last good checkpoint: {where}")
-                if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.max_grad_norm)
-                self.opt.step(); self.sched.step()
-                update_ema(self.ema, self.raw, cfg.ema_decay)
-                self.step += 1
+                loss = self.train_step(batches)
                 window.append(loss)
                 if self.step % cfg.logging_steps == 0 or (cfg.logging_first_step and self.step == 1) or self.step == self.max_steps:
                     now = time.perf_counter(); sps = (self.step - steps_last) / max(now - t_last, 1e-9)
