@@ -4,10 +4,14 @@
 
 # %% ../nbs/18_design_space.ipynb 3
 from __future__ import annotations
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results
+import torch
+
+from .digits import digits_arrays
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_model
 
 # %% auto 0
-__all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'run_study', 'walk_table', 'plot_study']
+__all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'time_at_sigma', 'denoising_error', 'run_study', 'walk_table',
+           'denoising_table', 'plot_study']
 
 # %% ../nbs/18_design_space.ipynb
 STUDY = "design_space"
@@ -21,15 +25,43 @@ WALK = [   # (the paper's step, zoo model, paper's FID-50K for SiT-B/2)
 ]
 WALK_SAMPLER = dict(sampling_method="heun2", num_steps=126)   # 250 NFE, as the paper
 
+DENOISE_SIGMAS = (0.9, 0.5, 0.2, 0.05)
+
+def time_at_sigma(path, sigma) -> float:
+    "The time at which the interpolant's noise level `sigma_t` equals `sigma` (bisection; sigma_t falls with t)."
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(path.compute_sigma_t(torch.tensor(mid, dtype=torch.float64))[0]) > sigma else (lo, mid)
+    return (lo + hi) / 2
+
+@torch.no_grad()
+def denoising_error(model, transport, sigmas=DENOISE_SIGMAS, seed=0) -> dict:
+    """Mean squared error of the model's estimate of the clean digit, `(x_t + sigma_t^2 s) / alpha_t` from its score
+    (whatever it predicts), on the 360 held-out digits at the times where `sigma_t` takes each value in `sigmas`."""
+    x1, y = digits_arrays("test")
+    eps = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    path, out = transport.path_sampler, {}
+    for sig in sigmas:
+        t = torch.full((len(x1),), time_at_sigma(path, sig))
+        a, s = (v.view(-1, 1, 1, 1) for v in (path.compute_alpha_t(t)[0], path.compute_sigma_t(t)[0]))
+        xt = a * x1 + s * eps
+        score = transport.score_from_output(model(xt, t, y), xt, t)
+        out[f"{sig:g}"] = float((((xt + s ** 2 * score) / a - x1) ** 2).mean())
+    return out
+
 def run_study(setting="full", progress=True) -> dict:
-    "Every step of the walk, sampled with `WALK_SAMPLER` (fewer points in the quick setting); saved and returned."
+    """Every step of the walk, sampled with `WALK_SAMPLER` (fewer points in the quick setting), and each model's
+    denoising error by noise level; saved and returned."""
     s = get_setting(setting)
     sampler = WALK_SAMPLER if s.name == "full" else dict(sampling_method="heun2", num_steps=max(s.ode_steps))
     rows = []
     for step, name, paper in WALK:
         r = measure_digits(name, s, mode="ode", sampler=sampler, seed=s.seeds[0])
+        model, transport, _ = zoo_model(name, s)
         rows.append({"step": step, "model": name, **ZOO[name], "paper_fid": paper,
-                     **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")}})
+                     **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")},
+                     "denoising_mse": denoising_error(model, transport)})
         if progress: print(rows[-1], flush=True)
     save_results(STUDY, s, rows, sampler=sampler)
     return load_results(STUDY, s)
@@ -52,6 +84,11 @@ def walk_table(results) -> list[dict]:
                         "same direction": "yes" if ours == paper else ("-" if ours == "no change" else "no")})
         out.append(row); prev = r
     return out
+
+def denoising_table(results) -> list[dict]:
+    "Each model's error in estimating the clean digit at four noise levels (the MSE of the identity `x_t / alpha_t` for scale)."
+    return [{"model": r["model"], **{f"sigma_t = {k}": round(v, 4) for k, v in r["denoising_mse"].items()}}
+            for r in results["rows"]]
 
 def plot_study(results, out=None):
     "Our digits-FID (left axis, with 2-s.e. bars) and the paper's FID-50K (right axis) along the walk."

@@ -100,7 +100,7 @@ def markdown_table(rows, digits=3):
     "A list of dicts as a Markdown table (rendered in Jupyter; floats rounded to `digits` decimals)."
     from IPython.display import Markdown
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.{digits}f}" if isinstance(v, float) else ("" if v is None else str(v))
+    fmt = lambda v: str(round(v, digits)) if isinstance(v, float) else ("" if v is None else str(v))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return Markdown("\n".join(lines))
