@@ -10,8 +10,8 @@ from .digits import digits_arrays
 from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_model
 
 # %% auto 0
-__all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'time_at_sigma', 'denoising_error', 'run_study', 'walk_table',
-           'denoising_table', 'plot_study']
+__all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'SWITCH_TAUS', 'SWITCH_SAMPLER', 'time_at_sigma', 'denoising_error',
+           'SwitchedVelocity', 'switch_rows', 'run_study', 'walk_table', 'denoising_table', 'plot_study']
 
 # %% ../nbs/18_design_space.ipynb
 STUDY = "design_space"
@@ -50,6 +50,37 @@ def denoising_error(model, transport, sigmas=DENOISE_SIGMAS, seed=0) -> dict:
         out[f"{sig:g}"] = float((((xt + s ** 2 * score) / a - x1) ** 2).mean())
     return out
 
+class SwitchedVelocity(torch.nn.Module):
+    """The velocity of model `first` (converted by its transport) for `t < tau`, of model `second` from `tau` on:
+    which part of the time range a model loses its quality in."""
+    def __init__(self, tau, first, second):
+        super().__init__()
+        self.tau, (self.m1, self.t1), (self.m2, self.t2) = tau, first, second
+        self.num_classes, self.in_channels, self.input_size = self.m2.num_classes, self.m2.in_channels, self.m2.input_size
+    def forward(self, x, t, y):
+        v1 = self.t1.velocity_from_output(self.m1(x, t, y), x, t)
+        v2 = self.t2.velocity_from_output(self.m2(x, t, y), x, t)
+        return torch.where((t < self.tau).view(-1, *[1] * (x.ndim - 1)), v1, v2)
+
+SWITCH_TAUS = (0.0, 0.3, 0.6, 0.9, 1.0)
+SWITCH_SAMPLER = dict(sampling_method="heun2", num_steps=51)
+
+def switch_rows(setting, first="vp-noise", second="vp-velocity") -> list[dict]:
+    "Samples of the `SwitchedVelocity` of two SBDM-VP zoo models for each `tau` in `SWITCH_TAUS`, scored."
+    from sit_workbench.digits import load_or_train_classifier
+    from sit_workbench.evaluate import evaluate_digits_model
+    from sit_workbench.transport import create_transport
+    s = get_setting(setting)
+    a, b = zoo_model(first, s)[:2], zoo_model(second, s)[:2]
+    clf, rows = load_or_train_classifier(), []
+    for tau in SWITCH_TAUS:
+        r = evaluate_digits_model(SwitchedVelocity(tau, a, b), create_transport("VP"), n=s.num_samples,
+                                  sampler=SWITCH_SAMPLER, seed=s.seeds[0], batch_size=s.num_samples, clf=clf,
+                                  bootstrap=s.bootstrap)
+        rows.append({"tau": tau, "first": first, "second": second,
+                     **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n")}})
+    return rows
+
 def run_study(setting="full", progress=True) -> dict:
     """Every step of the walk, sampled with `WALK_SAMPLER` (fewer points in the quick setting), and each model's
     denoising error by noise level; saved and returned."""
@@ -63,7 +94,9 @@ def run_study(setting="full", progress=True) -> dict:
                      **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")},
                      "denoising_mse": denoising_error(model, transport)})
         if progress: print(rows[-1], flush=True)
-    save_results(STUDY, s, rows, sampler=sampler)
+    switch = switch_rows(s)
+    if progress: print(switch, flush=True)
+    save_results(STUDY, s, rows, sampler=sampler, switch=switch)
     return load_results(STUDY, s)
 
 # %% ../nbs/18_design_space.ipynb
