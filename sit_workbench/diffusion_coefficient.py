@@ -48,7 +48,7 @@ def run_study(setting="full", progress=True) -> dict:
             rows.append({"interpolant": interp, "objective": objective, "model": name, "w_t": column,
                          **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")}})
             if progress: print(rows[-1], flush=True)
-    save_results(STUDY, s, rows, eta=ETA, columns={k: {a: b for a, b in v.items()} for k, v in COLUMNS.items()},
+    save_results(STUDY, s, rows, eta=ETA, columns=COLUMNS,
                  paper={f"{a} / {b}": v for (a, b), v in PAPER.items()})
     return load_results(STUDY, s)
 
@@ -69,7 +69,7 @@ def fid_table(results) -> list[dict]:
     return out
 
 def kendall_tau(a, b) -> float:
-    "Kendall's tau between two score lists of equal length (pairs tied in either list count as neither)."
+    "Kendall's tau-a between two score lists of equal length (a pair tied in either list adds 0 to the sum)."
     s = 0; n = 0
     for i, j in itertools.combinations(range(len(a)), 2):
         x, y = (a[i] - a[j]), (b[i] - b[j])

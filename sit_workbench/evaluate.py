@@ -333,17 +333,20 @@ def sliced_wasserstein(x, y, n_projections=256, seed=0) -> float:
     px, py = (x @ theta).sort(0).values, (y @ theta).sort(0).values
     return float(((px - py) ** 2).mean().sqrt())
 
-def mixture_nll(gm, x) -> float:
-    "Mean exact negative log-likelihood per dimension (nats) of samples `x` under the data mixture `gm`."
+def _nll_per_dim(gm, x) -> torch.Tensor:
+    "Each sample's exact negative log-likelihood per dimension (nats) under the data mixture `gm`."
     from sit_workbench.interpolants import LinearPath
     x = torch.as_tensor(x).double().reshape(len(x), -1)
-    return float(-gm.log_prob(LinearPath(), x, 1.0).mean() / gm.dim)
+    return -gm.log_prob(LinearPath(), x, 1.0) / gm.dim
+
+def mixture_nll(gm, x) -> float:
+    "Mean exact negative log-likelihood per dimension (nats) of samples `x` under the data mixture `gm`."
+    return float(_nll_per_dim(gm, x).mean())
 
 def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=None, n=2000, seed=0, mode="ode") -> dict:
     """Sample `n` points from noise with the exact field of `gm` through our `Sampler` and score them against fresh
     data: `sw` (sliced W2), `nll_gap` (`mixture_nll(samples) - mixture_nll(data)`) and its Monte-Carlo standard
     error `nll_gap_sem`, `nfe`."""
-    from sit_workbench.interpolants import LinearPath
     from sit_workbench.transport import create_transport
     tr = create_transport(path_type, prediction)
     fn = make_sample_fn(tr, mode, **(sampler_kwargs or {}))
@@ -351,7 +354,7 @@ def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=
     z = torch.randn(n, gm.dim, dtype=torch.float64)
     x = fn(z, gm.model(tr.path_sampler, prediction))[-1]
     data = gm.sample(n, generator=torch.Generator().manual_seed(seed + 1)).reshape(n, -1)
-    nll_x, nll_d = (-gm.log_prob(LinearPath(), v.reshape(n, -1), 1.0) / gm.dim for v in (x, data))
+    nll_x, nll_d = _nll_per_dim(gm, x), _nll_per_dim(gm, data)
     return {"sw": sliced_wasserstein(x, data, seed=seed), "nll_gap": float(nll_x.mean() - nll_d.mean()),
             "nll_gap_sem": float((nll_x.var() / n + nll_d.var() / n).sqrt()), "nfe": fn.nfe}
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_nfe.ipynb 3
 from __future__ import annotations
-import torch
+import numpy as np
 
 from .evaluate import sampler_error
 from .path_length import INTERPOLANTS, MODELS, digits_mixture
@@ -81,7 +81,6 @@ def crossover_table(results) -> list[dict]:
             sde = sorted((r for r in rs if r["mode"] == "sde"), key=lambda r: r["nfe"])
             at = lambda rows, nfe: min(rows, key=lambda r: abs(r["nfe"] - nfe))
             def ode_at(nfe):   # the ODE's error at a budget, by linear interpolation in log NFE
-                import numpy as np
                 return float(np.interp(np.log(nfe), [np.log(r["nfe"]) for r in ode], [_error(r, m) for r in ode]))
             better = [r["nfe"] for r in sde if _error(r, m) < ode_at(r["nfe"])]
             cross = next((n for n in better if all(_error(r, m) < ode_at(r["nfe"]) for r in sde if r["nfe"] >= n)), None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import platform
 import time
@@ -142,10 +143,20 @@ def zoo_checkpoint(name, setting="full", progress=False) -> Path:
     return ck
 
 def zoo_model(name, setting="full", progress=False):
-    "`(model, transport, checkpoint)`: zoo model `name`'s EMA weights (eval mode) and its transport."
+    """`(model, transport, checkpoint)`: zoo model `name`'s EMA weights (eval mode) and its transport, loaded once per
+    process (a study measures each model many times)."""
+    return _zoo_model(name, get_setting(setting), progress)
+
+@functools.lru_cache(maxsize=None)
+def _zoo_model(name, setting, progress):
     from sit_workbench.model import load_sit
     ck = zoo_checkpoint(name, setting, progress)
     return load_sit(ck).eval(), build_transport(zoo_config(name, setting).model_config), ck
+
+@functools.lru_cache(maxsize=1)
+def _classifier():
+    from sit_workbench.digits import load_or_train_classifier
+    return load_or_train_classifier()
 
 def zoo_velocity_loss(name, setting="full"):
     "The measured `L_t` profile of zoo model `name` (for `w_KL_eta`), measured once and cached in its checkpoint."
@@ -159,11 +170,10 @@ def zoo_velocity_loss(name, setting="full"):
 # %% ../nbs/14_zoo.ipynb
 def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cfg_scale=1.0) -> dict:
     "Sample zoo model `name` with `mode`/`sampler` and score the samples (see `evaluate.evaluate_digits_model`)."
-    from sit_workbench.digits import load_or_train_classifier
     from sit_workbench.evaluate import evaluate_digits_model
     s = get_setting(setting)
     model, transport, _ = zoo_model(name, s)
     res = evaluate_digits_model(model, transport, n=s.num_samples, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
-                                mode=mode, batch_size=s.num_samples, clf=clf or load_or_train_classifier(),
+                                mode=mode, batch_size=s.num_samples, clf=clf or _classifier(),
                                 bootstrap=s.bootstrap)
     return {"model": name, **ZOO[name], **res}
