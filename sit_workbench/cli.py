@@ -251,12 +251,14 @@ def cmd_sample_eval(args):
     sample_eval_main(args)   # prints the metrics
 
 # %% ../nbs/05_cli.ipynb
-STUDIES = {"path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space"}
+STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space"}
 
 def study_parser(p):
-    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/15-18)")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18)")
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
-                   help="quick: 150-step models, 200 samples; full: the committed results")
+                   help="quick: 75/150-step models, 200 samples; full: the committed results")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="convergence only: the zoo cells to train (default: all; two processes can share the zoo)")
     p.set_defaults(func=cmd_study)
 
 def cmd_study(args):
@@ -264,7 +266,8 @@ def cmd_study(args):
     from sit_workbench.zoo import results_path
     for name in (STUDIES if args.name == "all" else [args.name]):
         mod = importlib.import_module(f"sit_workbench.{STUDIES[name]}")
-        res = mod.run_study(args.setting, progress=True)
+        kw = {"models": args.models} if args.models and name == "convergence" else {}
+        res = mod.run_study(args.setting, progress=True, **kw)
         print(f"{name}: wrote {results_path(mod.STUDY, args.setting)} ({len(res['rows'])} rows)", flush=True)
 
 # %% ../nbs/05_cli.ipynb

@@ -9,6 +9,8 @@ import dataclasses
 import fcntl
 import functools
 import json
+import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from .train import build_transport, latest_checkpoint, train
 
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
-           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'zoo_checkpoint', 'zoo_model',
+           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'zoo_checkpoint', 'final_steps', 'zoo_model',
            'zoo_velocity_loss', 'measure_digits']
 
 # %% ../nbs/14_zoo.ipynb
@@ -37,9 +39,10 @@ ZOO = {
 
 @dataclasses.dataclass(frozen=True)
 class StudySetting:
-    "How big a study run is: training steps per model, samples per measurement, seeds, sampler budgets."
+    """How big a study run is: the ladder of training budgets of each zoo model, samples per measurement, seeds,
+    sampler budgets."""
     name: str
-    max_steps: int          # training steps of each zoo model
+    ladder: tuple           # training budgets (steps) at which each zoo model is measured; the last is the cap
     num_samples: int        # samples per measurement
     seeds: tuple            # sampling seeds (the error bars of the path length; the FID error is a bootstrap)
     sde_steps: int          # Euler-Maruyama steps where one fixed budget is used (w_t table, design walk)
@@ -48,10 +51,13 @@ class StudySetting:
     ema_decay: float = 0.995  # the demo's; the quick runs are too short for it (0.995^150 still keeps half the init)
     bootstrap: int = 20     # bootstrap resamplings for the digits-FID error bar
 
+    @property
+    def max_steps(self) -> int: return self.ladder[-1]
+
 SETTINGS = {
-    "quick": StudySetting("quick", max_steps=150, num_samples=200, seeds=(0,), sde_steps=20, ode_steps=(3, 6),
+    "quick": StudySetting("quick", ladder=(75, 150), num_samples=200, seeds=(0,), sde_steps=20, ode_steps=(3, 6),
                           sde_step_grid=(5, 10), ema_decay=0.97, bootstrap=5),
-    "full": StudySetting("full", max_steps=1500, num_samples=1000, seeds=(0, 1), sde_steps=100,
+    "full": StudySetting("full", ladder=(1500, 3000, 6000, 12000, 24000), num_samples=1000, seeds=(0, 1), sde_steps=100,
                          ode_steps=(3, 4, 6, 9, 14, 26, 51, 126), sde_step_grid=(6, 10, 20, 50, 100, 250)),
 }
 
@@ -70,10 +76,14 @@ def project_root() -> Path:
         raise FileNotFoundError(f"no settings.ini at or above {Path.cwd()}: run the studies from the sit-workbench checkout")
     return root
 
-def zoo_dir(setting) -> Path: return project_root() / "runs" / "zoo" / get_setting(setting).name
+def zoo_dir(setting) -> Path:
+    """Where the zoo models of `setting` are trained: `runs/zoo/<setting>` under the project root, or under the folder
+    that the environment variable `SIT_WORKBENCH_ZOO` names (a long study can keep its runs outside the checkout)."""
+    root = os.environ.get("SIT_WORKBENCH_ZOO")
+    return (Path(root).expanduser() if root else project_root() / "runs" / "zoo") / get_setting(setting).name
 
 def results_path(study, setting) -> Path:
-    "Where a study's results are kept: `nbs/results/<study>.json` (full) or `runs/zoo/quick/results/<study>.json`."
+    "Where a study's results are kept: `nbs/results/<study>.json` (full) or `<zoo_dir('quick')>/results/<study>.json`."
     s = get_setting(setting).name
     base = project_root() / "nbs" / "results" if s == "full" else zoo_dir(s) / "results"
     return base / f"{study}.json"
@@ -115,12 +125,17 @@ def load_results(study, setting="full") -> dict:
     return json.loads(path.read_text())
 
 # %% ../nbs/14_zoo.ipynb
-def zoo_config(name, setting="full") -> TrainConfig:
-    "The training config of zoo model `name`: `digits_config` with the zoo entry's transport and the setting's steps."
+def zoo_config(name, setting="full", steps=None) -> TrainConfig:
+    """The training config of zoo model `name` trained for `steps` (default: the setting's cap): `digits_config` with
+    the zoo entry's transport, a constant learning rate after warm-up (so that a longer budget continues a shorter
+    one exactly, as the paper's constant-rate runs do) and a checkpoint kept at every rung of the ladder."""
     if name not in ZOO: raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
     s = get_setting(setting)
-    return digits_config(**ZOO[name], max_steps=s.max_steps, save_steps=s.max_steps, ema_decay=s.ema_decay,
-                         warmup_steps=min(100, s.max_steps // 10), output_dir=str(zoo_dir(s) / name))
+    steps = s.max_steps if steps is None else int(steps)
+    if steps <= 0: raise ValueError(f"steps must be positive, got {steps}")
+    return digits_config(**ZOO[name], max_steps=steps, save_steps=math.gcd(*s.ladder), save_total_limit=None,
+                         lr_scheduler_type="constant", ema_decay=s.ema_decay, warmup_steps=min(100, s.ladder[0] // 10),
+                         output_dir=str(zoo_dir(s) / name))
 
 @contextlib.contextmanager
 def _locked(path: Path):
@@ -130,28 +145,42 @@ def _locked(path: Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-def zoo_checkpoint(name, setting="full", progress=False) -> Path:
-    "The finished checkpoint folder of zoo model `name`, training (or resuming) it first if needed."
-    cfg = zoo_config(name, setting)
+def zoo_checkpoint(name, setting="full", steps=None, progress=False) -> Path:
+    """The checkpoint folder of zoo model `name` after `steps` training steps (default: `final_steps`), training it
+    first if needed: a run that stopped earlier (killed, or trained to a lower rung) resumes exactly."""
+    s = get_setting(setting)
+    cfg = zoo_config(name, s, final_steps(name, s) if steps is None else steps)
     out = Path(cfg.output_dir)
     with _locked(out.parent / f".{name}.lock"):
-        ck = latest_checkpoint(out)
-        if ck is None or json.loads((ck / "trainer_state.json").read_text())["step"] < cfg.max_steps:
+        ck = out / f"checkpoint-{cfg.max_steps}"
+        if not (ck / "trainer_state.json").is_file():
+            last = latest_checkpoint(out)
+            if last is not None and json.loads((last / "trainer_state.json").read_text())["step"] > cfg.max_steps:
+                raise FileNotFoundError(f"{out} has no checkpoint at step {cfg.max_steps} but one past it ({last.name}): "
+                                        f"the rungs of the ladder are {s.ladder}")
             res = train(cfg, progress=progress)
             if res["status"] != "finished": raise RuntimeError(f"training {name} stopped early: {res['status']}")
-            ck = Path(res["checkpoint"])
     return ck
 
-def zoo_model(name, setting="full", progress=False):
-    """`(model, transport, checkpoint)`: zoo model `name`'s EMA weights (eval mode) and its transport, loaded once per
-    process (a study measures each model many times)."""
-    return _zoo_model(name, get_setting(setting), progress)
+def final_steps(name, setting="full") -> int:
+    """The training budget at which the studies use zoo model `name`: the rung where the convergence study found it
+    converged, else the setting's cap."""
+    s = get_setting(setting)
+    path = results_path("convergence", s)
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return min((r["steps"] for r in rows if r["model"] == name and r["converged"]), default=s.max_steps)
+
+def zoo_model(name, setting="full", steps=None, progress=False):
+    """`(model, transport, checkpoint)`: zoo model `name`'s EMA weights (eval mode) after `steps` training steps
+    (default: `final_steps`) and its transport, loaded once per process (a study measures each model many times)."""
+    s = get_setting(setting)
+    return _zoo_model(name, s, final_steps(name, s) if steps is None else int(steps), progress)
 
 @functools.lru_cache(maxsize=None)
-def _zoo_model(name, setting, progress):
+def _zoo_model(name, setting, steps, progress):
     from sit_workbench.model import load_sit
-    ck = zoo_checkpoint(name, setting, progress)
-    return load_sit(ck).eval(), build_transport(zoo_config(name, setting).model_config), ck
+    ck = zoo_checkpoint(name, setting, steps, progress)
+    return load_sit(ck).eval(), build_transport(zoo_config(name, setting, steps).model_config), ck
 
 @functools.lru_cache(maxsize=1)
 def _classifier():
@@ -168,11 +197,12 @@ def zoo_velocity_loss(name, setting="full"):
     return VelocityLossProfile.load(ck)
 
 # %% ../nbs/14_zoo.ipynb
-def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cfg_scale=1.0) -> dict:
-    "Sample zoo model `name` with `mode`/`sampler` and score the samples (see `evaluate.evaluate_digits_model`)."
+def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cfg_scale=1.0, steps=None) -> dict:
+    """Sample zoo model `name` (after `steps` training steps; default `final_steps`) with `mode`/`sampler` and score
+    the samples (see `evaluate.evaluate_digits_model`)."""
     from sit_workbench.evaluate import evaluate_digits_model
     s = get_setting(setting)
-    model, transport, _ = zoo_model(name, s)
+    model, transport, _ = zoo_model(name, s, steps)
     res = evaluate_digits_model(model, transport, n=s.num_samples, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
                                 mode=mode, batch_size=s.num_samples, clf=clf or _classifier(),
                                 bootstrap=s.bootstrap)
