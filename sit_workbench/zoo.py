@@ -57,7 +57,7 @@ class StudySetting:
 SETTINGS = {
     "quick": StudySetting("quick", ladder=(75, 150), num_samples=200, seeds=(0,), sde_steps=20, ode_steps=(3, 6),
                           sde_step_grid=(5, 10), ema_decay=0.97, bootstrap=5),
-    "full": StudySetting("full", ladder=(1500, 3000, 6000, 12000, 24000), num_samples=1000, seeds=(0, 1), sde_steps=100,
+    "full": StudySetting("full", ladder=(1500, 3000, 6000, 12000), num_samples=1000, seeds=(0, 1), sde_steps=100,
                          ode_steps=(3, 4, 6, 9, 14, 26, 51, 126), sde_step_grid=(6, 10, 20, 50, 100, 250)),
 }
 
