@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .model import cache_dir as default_cache_dir
+from .paths import cache_dir as default_cache_dir
 
 # %% auto 0
 __all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'digits_arrays', 'DigitsClassifier',

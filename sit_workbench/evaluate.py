@@ -172,8 +172,8 @@ def load_run_config(checkpoint):
 def sample_checkpoint(checkpoint, out_dir, n, *, mode="ode", sampler=None, cfg_scale=None, vae="auto", **kwargs) -> dict:
     """`generate_samples` for a checkpoint folder: transport from its run config, EMA weights, its VAE (`vae='auto'`;
     or a name/path, or None), `cfg_scale` defaulting to the run's."""
-    from sit_workbench.model import load_sit
-    from sit_workbench.sample import load_vae
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.checkpoint import load_vae
     from sit_workbench.train import build_transport
     cfg = load_run_config(checkpoint)
     mc = cfg.model_config
@@ -191,7 +191,7 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 def inception_weights_path() -> Path:
     "`$SIT_WORKBENCH_CACHE/weights-inception-2015-12-05-6726825d.pth` (default cache: `~/.cache/sit_workbench`)."
-    from sit_workbench.model import cache_dir
+    from sit_workbench.paths import cache_dir
     return cache_dir() / INCEPTION_FILE
 
 def ensure_inception_weights(timeout=60.0) -> Path:
@@ -316,7 +316,7 @@ def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0,
 def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
                                clf=None, bootstrap=0) -> dict:
     "`evaluate_digits_model` on a digits checkpoint folder (its EMA weights and its run's transport)."
-    from sit_workbench.model import load_sit
+    from sit_workbench.checkpoint import load_sit
     from sit_workbench.train import build_transport
     cfg = load_run_config(checkpoint)
     return evaluate_digits_model(load_sit(checkpoint), build_transport(cfg.model_config), n, sampler, cfg_scale, seed,

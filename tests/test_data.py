@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from sit_workbench import data as D
-from sit_workbench.data import (BadImageWarning, LatentDataset, ResumableSampler, augment_generator,
-                                build_dataset, build_latent_cache, center_crop_arr, digits_indices, digits_split,
-                                draw_flip_mask, encode_images, flip_batch, latents_from_cache_batch, load_vae,
-                                make_loader, tiny_vae, to_tensor)
+from sit_workbench.checkpoint import CONFIG_VAE_HINT, load_vae
+from sit_workbench.data import (BadImageWarning, ResumableSampler, augment_generator, build_dataset, center_crop_arr,
+                                digits_indices, digits_split, draw_flip_mask, flip_batch, make_loader, to_tensor)
+from sit_workbench.latents import LatentDataset, build_latent_cache, encode_images, latents_from_cache_batch, tiny_vae
 
 datasets = pytest.importorskip("datasets")
 
@@ -495,7 +495,7 @@ def test_latent_cache_float16_and_pickling(vae, tmp_path):
 
 def test_load_vae(vae, tmp_path):
     with pytest.raises(RuntimeError) as e:
-        load_vae(str(tmp_path / "sd-vae-ft-ema"))
+        load_vae(str(tmp_path / "sd-vae-ft-ema"), hint=CONFIG_VAE_HINT)
     msg = str(e.value)
     assert "sd-vae-ft-ema" in msg and "model_config.vae_path" in msg and "huggingface-cli download" in msg
     vae.save_pretrained(str(tmp_path / "tiny"))
