@@ -47,7 +47,7 @@ def denoising_error(model, transport, sigmas=DENOISE_SIGMAS, seed=0) -> dict:
         a, s = (v.view(-1, 1, 1, 1) for v in (path.compute_alpha_t(t)[0], path.compute_sigma_t(t)[0]))
         xt = a * x1 + s * eps
         score = transport.score_from_output(model(xt, t, y), xt, t)
-        out[f"{sig:g}"] = float((((xt + s ** 2 * score) / a - x1) ** 2).mean())
+        out[f"{sig:g}"] = float(((transport.denoise(xt, t, score) - x1) ** 2).mean())
     return out
 
 class SwitchedVelocity(torch.nn.Module):
