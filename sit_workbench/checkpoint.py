@@ -278,7 +278,8 @@ def infer_architecture(state_dict, model=None) -> dict:
     hidden, c, p = proj.shape[0], proj.shape[1], proj.shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     arch = dict(input_size=round(tokens ** 0.5) * p, patch_size=p, in_channels=c, hidden_size=hidden, depth=depth,
-                mlp_ratio=mlp / hidden, num_classes=rows - 1, learn_sigma=out == 2 * p * p * c)
+                mlp_ratio=mlp / hidden, num_classes=rows - 1, learn_sigma=out == 2 * p * p * c,
+                class_dropout_prob=0.1)  # the null-class row: trained with label dropout (the rate is not stored)
     if model is not None:
         if model not in SiT_models: raise ValueError(f"unknown model {model!r}; choose one of {', '.join(SiT_models)}")
         d, h, heads = SIT_SIZES[model[len("SiT-"):].split("/")[0]]
