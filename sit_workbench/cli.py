@@ -12,34 +12,19 @@ from pathlib import Path
 
 import torch
 
-from .model import SiT, SiT_models, load_into, load_sit, load_state_dict, resolve_checkpoint
-from .sample import generate, load_vae, save_grid
+from .checkpoint import load_sit, load_state_dict, load_vae, resolve_checkpoint, sit_from_state_dict
+from .model import SiT_models
+from .sample import generate, save_grid
 from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_METHODS, SDE_METHODS)
 from .interpolants import DIFFUSION_FORMS, VelocityLossProfile
 
 # %% auto 0
-__all__ = ['STUDIES', 'infer_config', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample',
-           'train_parser', 'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser',
-           'cmd_demo', 'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
+__all__ = ['STUDIES', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample', 'train_parser',
+           'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo',
+           'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
            'cmd_sample_eval', 'study_parser', 'cmd_study', 'make_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb
-def infer_config(state_dict, model_name):
-    "SiT constructor arguments (`input_size`, `in_channels`, `num_classes`, `learn_sigma`) read off a state dict."
-    if model_name not in SiT_models:
-        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(SiT_models)}")
-    p = int(model_name.rsplit("/", 1)[1])
-    try:
-        tokens = state_dict["pos_embed"].shape[1]
-        in_channels = state_dict["x_embedder.proj.weight"].shape[1]
-        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
-        out = state_dict["final_layer.linear.weight"].shape[0]
-    except KeyError as e:
-        raise ValueError(f"the checkpoint has no {e.args[0]!r}: is it a SiT checkpoint?") from None
-    grid = round(tokens ** 0.5)
-    return dict(input_size=grid * p, in_channels=in_channels, num_classes=rows - 1,
-                learn_sigma=out == 2 * p * p * in_channels)
-
 def _randomise_zero_init(model, std=0.02, seed=0):
     "Give the adaLN-Zero and output layers small random weights, so an untrained model's output is not all zeros."
     g = torch.Generator().manual_seed(seed)
@@ -58,10 +43,7 @@ def build_model(args):
         return _randomise_zero_init(m, seed=args.seed).eval()
     ckpt = args.ckpt or f"SiT-XL-2-{args.image_size}x{args.image_size}.pt"
     path = resolve_checkpoint(ckpt)
-    if path.is_dir(): return load_sit(path)
-    sd = load_state_dict(path)
-    with torch.device("meta"): m = SiT_models[args.model](**infer_config(sd, args.model))
-    return load_into(m, sd, assign=True).eval()
+    return load_sit(path) if path.is_dir() else sit_from_state_dict(load_state_dict(path), args.model)
 
 # %% ../nbs/05_cli.ipynb
 def _none_or_str(v): return None if v in ("None", "none") else v
@@ -164,17 +146,18 @@ def export_parser(p):
     p.set_defaults(func=cmd_export)
 
 def cmd_export(args):
-    from sit_workbench.train import export_official
+    from sit_workbench.checkpoint import export_official
     print(f"wrote {export_official(args.checkpoint, args.out)}")
 
 def import_parser(p):
     p.add_argument("pt", help="an official .pt checkpoint")
     p.add_argument("out", help="folder to write (model.safetensors, ema.pt, config.json)")
-    p.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
+    p.add_argument("--model", help=f"one of {', '.join(SiT_models)} (default: what the file records, else read off "
+                                   "its tensors)")
     p.set_defaults(func=cmd_import)
 
 def cmd_import(args):
-    from sit_workbench.train import import_official
+    from sit_workbench.checkpoint import import_official
     print(f"wrote {import_official(args.pt, args.out, args.model)}")
 
 # %% ../nbs/05_cli.ipynb
@@ -263,9 +246,9 @@ def study_parser(p):
 
 def cmd_study(args):
     import importlib
-    from sit_workbench.zoo import results_path
+    from sit_workbench.studies.zoo import results_path
     for name in (STUDIES if args.name == "all" else [args.name]):
-        mod = importlib.import_module(f"sit_workbench.{STUDIES[name]}")
+        mod = importlib.import_module(f"sit_workbench.studies.{STUDIES[name]}")
         kw = {"models": args.models} if args.models and name == "convergence" else {}
         res = mod.run_study(args.setting, progress=True, **kw)
         print(f"{name}: wrote {results_path(mod.STUDY, args.setting)} ({len(res['rows'])} rows)", flush=True)

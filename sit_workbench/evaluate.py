@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .digits import frechet_distance, gaussian_stats
+from .digits import fid_from_features, frechet_distance, gaussian_stats
 
 # %% auto 0
 __all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'DIGITS_SAMPLER', 'to_uint8_nhwc', 'check_adm_images',
            'write_adm_npz', 'read_adm_npz', 'sample_labels', 'sample_noise', 'make_sample_fn', 'sample_batch',
            'shard_path', 'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint',
            'inception_weights_path', 'ensure_inception_weights', 'inception_extractor', 'inception_features',
-           'fid_from_features', 'inception_score', 'precision_recall', 'imagenet_metrics', 'bootstrap_fid',
-           'digits_metrics', 'evaluate_digits_model', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll',
-           'sampler_error', 'add_sample_eval_args', 'sample_eval_main']
+           'inception_score', 'precision_recall', 'imagenet_metrics', 'bootstrap_fid', 'digits_metrics',
+           'evaluate_digits_model', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll', 'sampler_error',
+           'add_sample_eval_args', 'sample_eval_main']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
@@ -172,8 +172,8 @@ def load_run_config(checkpoint):
 def sample_checkpoint(checkpoint, out_dir, n, *, mode="ode", sampler=None, cfg_scale=None, vae="auto", **kwargs) -> dict:
     """`generate_samples` for a checkpoint folder: transport from its run config, EMA weights, its VAE (`vae='auto'`;
     or a name/path, or None), `cfg_scale` defaulting to the run's."""
-    from sit_workbench.model import load_sit
-    from sit_workbench.sample import load_vae
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.checkpoint import load_vae
     from sit_workbench.train import build_transport
     cfg = load_run_config(checkpoint)
     mc = cfg.model_config
@@ -191,7 +191,7 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 def inception_weights_path() -> Path:
     "`$SIT_WORKBENCH_CACHE/weights-inception-2015-12-05-6726825d.pth` (default cache: `~/.cache/sit_workbench`)."
-    from sit_workbench.model import cache_dir
+    from sit_workbench.paths import cache_dir
     return cache_dir() / INCEPTION_FILE
 
 def ensure_inception_weights(timeout=60.0) -> Path:
@@ -237,10 +237,6 @@ def inception_features(images_uint8_nhwc, batch_size=100, device="cpu", extracto
             out["2048"].append(p.double().cpu()); out["logits_unbiased"].append(l.double().cpu())
             out["spatial"].append(extractor.spatial.double().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
-
-def fid_from_features(f1, f2) -> float:
-    "FID between two feature sets `[N, D]`: the Fréchet distance of their Gaussian fits."
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 def inception_score(logits, splits=10) -> tuple[float, float]:
     "Inception Score (mean, std over `splits`) from Inception logits, as torch-fidelity computes it."
@@ -316,7 +312,7 @@ def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0,
 def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
                                clf=None, bootstrap=0) -> dict:
     "`evaluate_digits_model` on a digits checkpoint folder (its EMA weights and its run's transport)."
-    from sit_workbench.model import load_sit
+    from sit_workbench.checkpoint import load_sit
     from sit_workbench.train import build_transport
     cfg = load_run_config(checkpoint)
     return evaluate_digits_model(load_sit(checkpoint), build_transport(cfg.model_config), n, sampler, cfg_scale, seed,

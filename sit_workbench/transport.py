@@ -165,6 +165,12 @@ class Transport:
         if self.model_type == ModelType.SCORE: return self.path_sampler.score_to_velocity(out, x, t)
         return self.path_sampler.noise_to_velocity(out, x, t)
 
+    def denoise(self, x, t, score):
+        "Tweedie's formula: the posterior mean of the data, `E[x1 | x_t = x] = (x + sigma_t^2 score) / alpha_t`."
+        t = expand_t_like_x(t, x)
+        a, sig = self.path_sampler.compute_alpha_t(t)[0], self.path_sampler.compute_sigma_t(t)[0]
+        return x / a + sig ** 2 / a * score
+
     def score_from_output(self, out, x, t):
         if self.model_type == ModelType.SCORE: return out
         if self.model_type == ModelType.VELOCITY: return self.path_sampler.velocity_to_score(out, x, t)
@@ -346,10 +352,8 @@ class Sampler:
         if last_step is None: return x
         if last_step == "Mean": return x + sde_drift(call, x, t1)[0] * size
         if last_step == "Euler": return x + self._fields(call, x, t1, need_score=False)[0] * size
-        _, s, t = self._fields(call, x, t1)           # Tweedie: E[x1 | x_t1] = (x + sigma^2 s) / alpha
-        t = expand_t_like_x(t, x)
-        a, sig = self.transport.path_sampler.compute_alpha_t(t)[0], self.transport.path_sampler.compute_sigma_t(t)[0]
-        return x / a + sig ** 2 / a * s
+        _, s, t = self._fields(call, x, t1)
+        return self.transport.denoise(x, t, s)
 
     def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False):
         "An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution)."

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sit_workbench import design_space, diffusion_coefficient, nfe, path_length
-from sit_workbench.zoo import SETTINGS, load_results
+from sit_workbench.studies import design_space, diffusion_coefficient, nfe, path_length
+from sit_workbench.studies.zoo import SETTINGS, load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {path_length: 9, nfe: 3 * 2 * (8 + 6 + 5), diffusion_coefficient: 24, design_space: 6}
