@@ -18,7 +18,7 @@ from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
-from .model import SiT, load_sit, resolve_checkpoint
+from .model import SiT, SiT_models, load_sit, resolve_checkpoint
 from .sample import VAE_SCALE, load_vae
 from .transport import Sampler, create_transport
 
@@ -58,9 +58,13 @@ def read_card_data(folder) -> dict:
     path = Path(folder) / "README.md"
     if not path.is_file(): return {}
     text = path.read_text()
-    if not text.startswith("---\n"): return {}
-    front = yaml.safe_load(text[4:text.find("\n---", 4)]) or {}
-    return dict(front.get(CARD_KEY) or {})
+    end = text.find("\n---", 4)
+    if not text.startswith("---\n") or end < 0: return {}
+    try:
+        front = yaml.safe_load(text[4:end]) or {}
+    except yaml.YAMLError:   # a hand-edited card that is not YAML: the weights still load, without card data
+        return {}
+    return dict(front.get(CARD_KEY) or {}) if isinstance(front, dict) else {}
 
 # %% ../nbs/20_diffusers.ipynb
 class HubUploadError(RuntimeError):
@@ -349,6 +353,8 @@ def _trainer_source(folder: Path):
 def _official_source(path: Path, model: str):
     "EMA network, scheduler settings, default VAE and card metadata of an official `.pt`."
     from sit_workbench.train import import_official
+    if model not in SiT_models:
+        raise ValueError(f"unknown model {model!r} for the official checkpoint; choose one of {list(SiT_models)}")
     with tempfile.TemporaryDirectory() as tmp:
         net = load_sit(import_official(path, Path(tmp) / "sit", model), prefer="ema")
     sched = dict(path_type="Linear", prediction="velocity", cfg_channels=3)

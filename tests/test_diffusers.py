@@ -187,3 +187,17 @@ def test_push_to_hub_offline_fails_clearly(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "ERROR cannot push" in res.stdout and "offline mode is on" in res.stdout and "no-such-repo" in res.stdout
+
+
+def test_custom_class_names_survive_save_and_load(tmp_path):
+    net = SiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+    names = {0: "cat, kitten", 1: "dog", 2: "bird"}
+    pipe = SiTPipeline(transformer=SiTTransformer2DModel.from_sit(net), scheduler=SiTScheduler(), id2label=names)
+    pipe.save_pretrained(tmp_path / "pipe")
+    back = SiTPipeline.from_pretrained(tmp_path / "pipe")
+    assert back.get_label_ids(["kitten", "bird", "cat"]) == [0, 2, 0]
+    torch.save(net.state_dict(), tmp_path / "raw.pt")
+    with pytest.raises(ValueError, match="unknown model 'SiT-Q/2'"):
+        export_diffusers(tmp_path / "raw.pt", tmp_path / "x", model="SiT-Q/2")
+    with pytest.raises(ValueError, match="neither a training checkpoint folder"):
+        export_diffusers(tmp_path / "pipe", tmp_path / "x")
