@@ -141,11 +141,22 @@ def cmd_train(args):
     return res
 
 def export_parser(p):
-    p.add_argument("checkpoint", help="a checkpoint folder of ours (checkpoint-N)")
-    p.add_argument("out", help="the official-format .pt to write")
+    p.add_argument("checkpoint", help="a checkpoint folder of ours (checkpoint-N); with --format diffusers also an "
+                                      "official .pt")
+    p.add_argument("out", help="the official-format .pt to write (--format diffusers: the pipeline folder)")
+    p.add_argument("--format", choices=["official", "diffusers"], default="official",
+                   help="official: train.py's {model, ema, opt, args} .pt; diffusers: a SiTPipeline folder")
+    p.add_argument("--model", default="SiT-XL/2", help="--format diffusers, official .pt: the architecture")
+    p.add_argument("--vae", default="auto", help="--format diffusers: auto (the run's; 'ema' for an official .pt), "
+                                                 "none, ema, mse, or a local AutoencoderKL folder")
     p.set_defaults(func=cmd_export)
 
 def cmd_export(args):
+    if args.format == "diffusers":
+        from sit_workbench.pipeline import export_diffusers
+        vae = None if args.vae.lower() == "none" else args.vae
+        print(f"wrote {export_diffusers(args.checkpoint, args.out, model=args.model, vae=vae)}")
+        return
     from sit_workbench.checkpoint import export_official
     print(f"wrote {export_official(args.checkpoint, args.out)}")
 
@@ -260,7 +271,7 @@ def make_parser():
     demo_parser(sub.add_parser("demo", help="train a small SiT on the bundled digits, sample, score (minutes on a CPU)"))
     sample_parser(sub.add_parser("sample", help="sample a grid of images from a SiT checkpoint"))
     train_parser(sub.add_parser("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
-    export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt"))
+    export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt (--format diffusers: a pipeline)"))
     import_parser(sub.add_parser("import", help="turn an official .pt into a checkpoint folder"))
     submit_parser(sub.add_parser("submit", help="submit the training to SLURM with submitit (or run it in local processes)"))
     velocity_loss_parser(sub.add_parser("velocity-loss", help="measure L_t of a checkpoint (for --diffusion-form w_KL_eta)"))
