@@ -150,9 +150,9 @@ def plot_study(setting="full", path=None):
         if conv: axes[0].plot(conv[0]["steps"], conv[0]["digits_fid"], "*", ms=14, color=f"C{i}", mec="k")
     for ax, title in zip(axes, ("digits-FID (lower is better; star: converged)", "class accuracy of unguided samples",
                                 f"label following at sigma = {PROBE_SIGMAS[0]:g}")):
-        ax.set_xscale("log"); ax.set_xticks(s.ladder); ax.set_xticklabels([f"{x:,}" for x in s.ladder])
+        ax.set_xscale("log"); ax.minorticks_off(); ax.set_xticks(s.ladder); ax.set_xticklabels([f"{x:,}" for x in s.ladder])
         ax.set_xlabel("training steps"); ax.set_title(title, fontsize=10); ax.grid(alpha=0.3)
-    axes[0].set_yscale("log"); axes[0].legend(fontsize=8)
+    axes[0].set_yscale("log"); axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110)
     return fig
