@@ -311,12 +311,15 @@ class SiT(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return x, t, y
 
-    def forward(self, x: torch.Tensor, t, y, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, in_channels, input_size, input_size) latents; t: (N,) times in [0, 1] (or a scalar);
         y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size).
         `force_drop_ids` (N,): 1 where the label is replaced by the null class; given, it replaces the random class
         dropout of training mode (the trainer draws it for the whole global batch, so that runs split across
         processes see the same dropout)."""
+        if y is None:
+            raise ValueError(f"SiT.forward needs y, one integer class label per sample (shape (N,)); for unconditional "
+                             f"outputs pass the null class, y = torch.full((N,), {self.null_class})")
         x, t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and tuple(force_drop_ids.shape) != (x.shape[0],):
             raise ValueError(f"force_drop_ids must have shape ({x.shape[0]},), got {tuple(force_drop_ids.shape)}")
@@ -535,8 +538,11 @@ def _torch_load_weights_only(path: Path):
                 "convert it once to plain tensors, e.g. `sd = torch.load(path, weights_only=False)['ema']; "
                 "safetensors.torch.save_file(sd, 'model.safetensors')`, and load that instead.") from None
         raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt or not a checkpoint?): {e}") from None
-    except (EOFError, RuntimeError) as e:
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or not a checkpoint?): {e}") from None
+    except Exception as e:   # EOFError, RuntimeError, UnicodeDecodeError, ...: the file is damaged or not a checkpoint
+        from sit_workbench.errors import CheckpointError
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or not a checkpoint?): "
+                              f"{msg}") from None
 
 
 def _select_state_dict(obj, prefer: str, path) -> dict:
@@ -573,8 +579,8 @@ def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") 
                                     "(expected a directory written by save_pretrained or a training checkpoint)")
         path = found[0]
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path), device="cpu")
+        from sit_workbench.errors import load_safetensors
+        sd = load_safetensors(path)
     else:
         sd = _select_state_dict(_torch_load_weights_only(path), prefer, path)
     return _strip_prefixes(sd)
@@ -672,7 +678,8 @@ def load_sit(path_or_name: Union[str, os.PathLike], model: str = "SiT-XL/2", pre
     `config.json` (`model_kwargs` override it); otherwise `SiT_models[model](**model_kwargs)` is built."""
     path = resolve_checkpoint(path_or_name)
     if path.is_dir() and (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        from sit_workbench.errors import read_json
+        config = read_json(path / "config.json", "model config")
         name = config.pop("model_name", None)
         config.update(model_kwargs)
         build = lambda: SiT(**config)
