@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 # %% auto 0
-__all__ = ['EXIT_USER_ERROR', 'EXIT_PREEMPTED', 'UserError', 'CheckpointError', 'NonFiniteError', 'DiskFullError', 'read_yaml',
-           'read_json', 'load_safetensors', 'torch_load', 'first_nonfinite', 'check_finite', 'nbytes', 'free_space',
-           'disk_full_error', 'check_space', 'is_disk_full', 'writing']
+__all__ = ['EXIT_USER_ERROR', 'EXIT_PREEMPTED', 'UserError', 'CheckpointError', 'NonFiniteError', 'DiskFullError', 'short_cause',
+           'read_yaml', 'read_json', 'load_safetensors', 'torch_load', 'first_nonfinite', 'check_finite', 'nbytes',
+           'free_space', 'disk_full_error', 'check_space', 'is_disk_full', 'writing']
 
 # %% ../nbs/00b_errors.ipynb
 class UserError(ValueError):
@@ -33,6 +33,12 @@ EXIT_USER_ERROR = 2      # the command line's exit status for a UserError (argpa
 EXIT_PREEMPTED = 143     # `sit-workbench train` stopped by SIGTERM/SIGUSR1 after saving a checkpoint (128 + SIGTERM)
 
 # %% ../nbs/00b_errors.ipynb
+def short_cause(e: BaseException, limit: int = 200) -> str:
+    "The line of an exception's message that says what went wrong (torch's unpickler puts it after a long preamble)."
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    at = next((i + 1 for i, l in enumerate(lines) if "WeightsUnpickler error" in l), 0)
+    return (lines[at] if at < len(lines) else lines[0] if lines else type(e).__name__)[:limit]
+
 def _readable_file(path, what) -> Path:
     p = Path(path)
     if p.is_dir(): raise UserError(f"{what} {p} is a directory; give a file")
@@ -66,7 +72,7 @@ def load_safetensors(path, device="cpu") -> dict:
     try: return load_file(str(p), device=device)
     except Exception as e:   # safetensors raises SafetensorError, OSError or RuntimeError depending on the damage
         raise CheckpointError(f"checkpoint file {p} is not a readable .safetensors file (truncated or damaged?): "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                              f"{short_cause(e)}") from None
 
 def torch_load(path, **kwargs):
     "`torch.load(path, weights_only=True, map_location='cpu')`; a `CheckpointError` naming the file when it cannot be read."
@@ -76,7 +82,7 @@ def torch_load(path, **kwargs):
     try: return torch.load(p, **kwargs)
     except Exception as e:
         raise CheckpointError(f"checkpoint file {p} is not a readable PyTorch file (truncated or damaged?): "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+                              f"{short_cause(e)}") from None
 
 # %% ../nbs/00b_errors.ipynb
 def first_nonfinite(tensors) -> str | None:

@@ -169,8 +169,8 @@ def claim_out_dir(out_dir, manifest, overwrite=False, rank=0, world_size=1, shar
                 f"{len(shards)} shards without a {MANIFEST} (made by an older version or another tool)")
         raise UserError(f"--out-dir {out_dir} holds samples made with other settings ({what}); they would be reported "
                         "as this run's. Use another --out-dir, or --overwrite to delete them and start afresh")
-    if rank == 0:
-        tmp = path.with_name(MANIFEST + ".tmp"); tmp.write_text(json.dumps(manifest, indent=2) + "\n"); os.replace(tmp, path)
+    # every process writes it (the same text, atomically): a process that starts late finds its peers' shards with it
+    tmp = path.with_name(f"{MANIFEST}.tmp{rank}"); tmp.write_text(json.dumps(manifest, indent=2) + "\n"); os.replace(tmp, path)
     return manifest
 
 def _dist_env():

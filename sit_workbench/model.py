@@ -537,12 +537,13 @@ def _torch_load_weights_only(path: Path):
                 "sit_workbench refuses to unpickle code because that can run arbitrary commands. If you trust the file, "
                 "convert it once to plain tensors, e.g. `sd = torch.load(path, weights_only=False)['ema']; "
                 "safetensors.torch.save_file(sd, 'model.safetensors')`, and load that instead.") from None
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt or not a checkpoint?): {e}") from None
+        from sit_workbench.errors import CheckpointError, short_cause
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (corrupt or not a checkpoint?): "
+                              f"{short_cause(e)}") from None
     except Exception as e:   # EOFError, RuntimeError, UnicodeDecodeError, ...: the file is damaged or not a checkpoint
-        from sit_workbench.errors import CheckpointError
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        from sit_workbench.errors import CheckpointError, short_cause
         raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or not a checkpoint?): "
-                              f"{msg}") from None
+                              f"{short_cause(e)}") from None
 
 
 def _select_state_dict(obj, prefer: str, path) -> dict:

@@ -150,7 +150,7 @@ def checkpoint_problem(folder) -> str | None:
 def _numbered(output_dir) -> list[Path]:
     d = Path(output_dir)
     if not d.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 def list_checkpoints(output_dir) -> list[Path]:
