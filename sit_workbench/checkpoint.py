@@ -18,13 +18,15 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from .errors import (CheckpointError, writing, load_safetensors, nbytes, read_json, short_cause)
 from .model import SIT_SIZES, SiT, SiT_models, infer_model_name
 from .paths import cache_dir, looks_local
 
 # %% auto 0
-__all__ = ['PRETRAINED_URLS', 'CHECKPOINT_RE', 'OFFICIAL_VAES', 'VAE_HINT', 'CONFIG_VAE_HINT', 'CheckpointDownloadError',
-           'download_pretrained', 'resolve_checkpoint', 'load_state_dict', 'load_into', 'save_pretrained', 'load_sit',
-           'infer_architecture', 'sit_from_state_dict', 'list_checkpoints', 'latest_checkpoint', 'write_checkpoint',
+__all__ = ['PRETRAINED_URLS', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', 'OFFICIAL_VAES', 'VAE_HINT', 'CONFIG_VAE_HINT',
+           'CheckpointDownloadError', 'download_pretrained', 'resolve_checkpoint', 'load_state_dict', 'load_into',
+           'save_pretrained', 'load_sit', 'infer_architecture', 'sit_from_state_dict', 'checkpoint_problem',
+           'list_checkpoints', 'latest_checkpoint', 'write_checkpoint', 'remove_checkpoint', 'prune_checkpoints',
            'commit_checkpoint', 'clean_partial_checkpoints', 'export_official', 'import_official', 'load_vae']
 
 # %% ../nbs/04a_checkpoint.ipynb
@@ -108,9 +110,11 @@ def _torch_load_weights_only(path: Path):
                 "sit_workbench refuses to unpickle code because that can run arbitrary commands. If you trust the file, "
                 "convert it once to plain tensors, e.g. `sd = torch.load(path, weights_only=False)['ema']; "
                 "safetensors.torch.save_file(sd, 'model.safetensors')`, and load that instead.") from None
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt or not a checkpoint?): {e}") from None
-    except (EOFError, RuntimeError) as e:
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or not a checkpoint?): {e}") from None
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (corrupt or not a checkpoint?): "
+                              f"{short_cause(e)}") from None
+    except Exception as e:   # EOFError, RuntimeError, UnicodeDecodeError, ...: the file is damaged or not a checkpoint
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or not a checkpoint?): "
+                              f"{short_cause(e)}") from None
 
 
 def _select_state_dict(obj, prefer: str, path) -> dict:
@@ -147,8 +151,7 @@ def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") 
                                     "(expected a directory written by save_pretrained or a training checkpoint)")
         path = found[0]
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path), device="cpu")
+        sd = load_safetensors(path)
     else:
         sd = _select_state_dict(_torch_load_weights_only(path), prefer, path)
     return _strip_prefixes(sd)
@@ -246,7 +249,7 @@ def load_sit(path_or_name: Union[str, os.PathLike], model: str = "SiT-XL/2", pre
     `config.json` (`model_kwargs` override it); otherwise `SiT_models[model](**model_kwargs)` is built."""
     path = resolve_checkpoint(path_or_name)
     if path.is_dir() and (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        config = read_json(path / "config.json", "model config")
         name = config.pop("model_name", None)
         config.update(model_kwargs)
         build = lambda: SiT(**config)
@@ -306,14 +309,39 @@ def sit_from_state_dict(state_dict, model=None, config=None) -> SiT:
 
 # %% ../nbs/04a_checkpoint.ipynb
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_FILES = ("model.safetensors", "ema.pt", "optimizer.pt", "scheduler.pt", "config.json", "trainer_state.json")
+COMPLETE = "complete.json"   # written last: {"files": {name: size in bytes}}
 
-def list_checkpoints(output_dir) -> list[Path]:
-    "Complete checkpoints in `output_dir`, oldest first (a folder counts once its `trainer_state.json` exists)."
+def checkpoint_problem(folder) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when it is: every file that its `complete.json` lists has
+    the size listed; a folder without `complete.json` (written before it existed) needs all of `CHECKPOINT_FILES`,
+    none empty."""
+    folder = Path(folder)
+    if not folder.is_dir(): return "no such folder"
+    marker = folder / COMPLETE
+    if marker.is_file():
+        try: sizes = dict(json.loads(marker.read_text())["files"])
+        except (ValueError, KeyError, TypeError, OSError): return f"its {COMPLETE} is damaged"
+    else:
+        if not (folder / "trainer_state.json").is_file(): return f"it has no {COMPLETE} (a partial or deleted checkpoint)"
+        sizes = {n: None for n in CHECKPOINT_FILES}
+    for name, size in sizes.items():
+        f = folder / name
+        if not f.is_file(): return f"{name} is missing"
+        got = f.stat().st_size
+        if (size is None and got == 0) or (size is not None and got != size):
+            return f"{name} has {got} bytes" + ("" if size is None else f", {size} were written")
+    return None
+
+def _numbered(output_dir) -> list[Path]:
     d = Path(output_dir)
     if not d.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
-             and (p / "trainer_state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+def list_checkpoints(output_dir) -> list[Path]:
+    "Complete checkpoints in `output_dir`, oldest first (see `checkpoint_problem`)."
+    return [p for p in _numbered(output_dir) if checkpoint_problem(p) is None]
 
 def latest_checkpoint(output_dir) -> Path | None:
     found = list_checkpoints(output_dir)
@@ -333,17 +361,35 @@ def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_s
     torch.save(opt_sd, folder / "optimizer.pt")
     torch.save(sched_sd, folder / "scheduler.pt")
     (folder / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-    (folder / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n")  # last: marks the folder complete
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n")
     for f in folder.iterdir(): _fsync(f)
+    sizes = {n: (folder / n).stat().st_size for n in CHECKPOINT_FILES}
+    (folder / COMPLETE).write_text(json.dumps({"files": sizes}) + "\n")   # last: marks the folder complete
+    _fsync(folder / COMPLETE)
     _fsync(folder)
+
+def remove_checkpoint(folder: Path):
+    "Delete a checkpoint folder so that it stops counting first: `complete.json`, then `trainer_state.json`, then the rest."
+    for name in (COMPLETE, "trainer_state.json"): (folder / name).unlink(missing_ok=True)
+    _fsync(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+def prune_checkpoints(output_dir, keep: int):
+    "Delete all but the newest `keep` complete checkpoints, and incomplete `checkpoint-N` folders older than those."
+    good = list_checkpoints(output_dir)
+    if not good: return
+    kept = set(good[-keep:])
+    newest = int(CHECKPOINT_RE.match(good[-1].name).group(1))
+    for p in _numbered(output_dir):
+        if p not in kept and int(CHECKPOINT_RE.match(p.name).group(1)) < newest: remove_checkpoint(p)
+
 
 def commit_checkpoint(tmp: Path, final: Path, keep: int | None):
     "Rename a fully written checkpoint into place, then delete all but the newest `keep` checkpoints."
-    if final.exists(): shutil.rmtree(final)
+    if final.exists(): remove_checkpoint(final)
     os.replace(tmp, final)
     _fsync(final.parent)
-    if keep:
-        for old in list_checkpoints(final.parent)[:-keep]: shutil.rmtree(old, ignore_errors=True)
+    if keep: prune_checkpoints(final.parent, keep)
 
 def clean_partial_checkpoints(output_dir):
     "Remove temporary folders left by a run killed while writing a checkpoint."
@@ -357,9 +403,9 @@ def export_official(checkpoint, out_path) -> Path:
     is the `SiT_models` name (or a description of a custom size) and `args.sit_config` the constructor arguments, so
     `import_official` rebuilds any size exactly."""
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_json(checkpoint / "trainer_state.json", "training state")
     cfg = state["config"]; mc, dc = cfg["model_config"], cfg["dataset_config"]
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_json(checkpoint / "config.json", "model config")
     name = config.pop("model_name", None) or \
         f"SiT-custom(depth={mc['depth']}, hidden={mc['hidden_size']}, patch={mc['patch_size']})"
     args = argparse.Namespace(model=name, image_size=dc["image_size"], num_classes=mc["num_classes"],
@@ -370,7 +416,10 @@ def export_official(checkpoint, out_path) -> Path:
     blob = {"model": load_state_dict(checkpoint, prefer="model"), "ema": load_state_dict(checkpoint, prefer="ema"),
             "opt": {}, "args": args}
     out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp"); torch.save(blob, tmp); os.replace(tmp, out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with writing(tmp, out_path, nbytes(blob["model"], blob["ema"])):   # a full disk: named, tmp removed
+        torch.save(blob, tmp)
+    os.replace(tmp, out_path)
     return out_path
 
 def import_official(pt_path, out_dir, model=None) -> Path:

@@ -17,6 +17,7 @@ from .model import SiT_models
 from .sample import generate, save_grid
 from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_METHODS, SDE_METHODS)
 from .interpolants import DIFFUSION_FORMS, VelocityLossProfile
+from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, check_finite, read_json
 
 # %% auto 0
 __all__ = ['STUDIES', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample', 'train_parser',
@@ -43,7 +44,8 @@ def build_model(args):
         return _randomise_zero_init(m, seed=args.seed).eval()
     ckpt = args.ckpt or f"SiT-XL-2-{args.image_size}x{args.image_size}.pt"
     path = resolve_checkpoint(ckpt)
-    return load_sit(path) if path.is_dir() else sit_from_state_dict(load_state_dict(path), args.model)
+    if path.is_dir(): return check_finite(load_sit(path), f"checkpoint {path}")
+    return sit_from_state_dict(check_finite(load_state_dict(path), f"checkpoint {path}"), args.model)
 
 # %% ../nbs/05_cli.ipynb
 def _none_or_str(v): return None if v in ("None", "none") else v
@@ -61,7 +63,7 @@ def transport_from_args(args):
     run = {}
     ckpt = getattr(args, "ckpt", None)
     if ckpt and (Path(ckpt) / "trainer_state.json").is_file():
-        run = json.loads((Path(ckpt) / "trainer_state.json").read_text())["config"]["model_config"]
+        run = read_json(Path(ckpt) / "trainer_state.json", "training state")["config"]["model_config"]
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else run.get(name, default)
     return create_transport(pick("path_type", "Linear"), pick("prediction", "velocity"), pick("loss_weight", None),
                             pick("train_eps", None), pick("sample_eps", None))
@@ -138,6 +140,7 @@ def cmd_train(args):
     res = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
+    if res["status"] == "preempted": sys.exit(EXIT_PREEMPTED)   # saved; a scheduler tells this from a finished run
     return res
 
 def export_parser(p):
@@ -280,11 +283,13 @@ def make_parser():
     return p
 
 def main(argv=None):
-    "Entry point of the `sit-workbench` command: errors are printed as one line, not a traceback."
+    """Entry point of the `sit-workbench` command. A user error (bad input, a damaged or missing file, a full disk)
+    is printed as one line and exits with status 2 (`EXIT_USER_ERROR`); `train` stopped by SIGTERM/SIGUSR1 exits with
+    143 (`EXIT_PREEMPTED`) after saving its checkpoint; anything else is a bug and keeps its traceback."""
     args = make_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:   # UserError is a ValueError; DiskFullError an OSError
         print(f"sit-workbench {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     return 0

@@ -301,12 +301,15 @@ class SiT(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return x, t, y
 
-    def forward(self, x: torch.Tensor, t, y, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, in_channels, input_size, input_size) latents; t: (N,) times in [0, 1] (or a scalar);
         y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size).
         `force_drop_ids` (N,): 1 where the label is replaced by the null class; given, it replaces the random class
         dropout of training mode (the trainer draws it for the whole global batch, so that runs split across
         processes see the same dropout)."""
+        if y is None:
+            raise ValueError(f"SiT.forward needs y, one integer class label per sample (shape (N,)); for unconditional "
+                             f"outputs pass the null class, y = torch.full((N,), {self.null_class})")
         x, t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and tuple(force_drop_ids.shape) != (x.shape[0],):
             raise ValueError(f"force_drop_ids must have shape ({x.shape[0]},), got {tuple(force_drop_ids.shape)}")

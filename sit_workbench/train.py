@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,16 +23,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import (CONFIG_VAE_HINT, clean_partial_checkpoints, commit_checkpoint, latest_checkpoint,
-                                      load_vae, write_checkpoint)
+from .checkpoint import (CHECKPOINT_RE, COMPLETE, CONFIG_VAE_HINT, _numbered, checkpoint_problem,
+                                      clean_partial_checkpoints, commit_checkpoint, list_checkpoints, load_vae,
+                                      write_checkpoint)
 from .config import TrainConfig, config_to_dict, validate
+from . import errors as E
 from .model import SiT, SiTBlock
 from .transport import create_transport
 
 # %% auto 0
 __all__ = ['DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda', 'build_optimizer',
-           'total_steps', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log', 'plot_loss',
-           'measure_velocity_loss']
+           'total_steps', 'check_num_classes', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log',
+           'plot_loss', 'measure_velocity_loss']
 
 # %% ../nbs/08_train.ipynb
 @dataclasses.dataclass
@@ -134,6 +137,17 @@ def _set_rng_state(state, noise_gen: torch.Generator):
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 # %% ../nbs/08_train.ipynb
+def check_num_classes(dataset, num_classes: int, source=None):
+    """A `UserError` before the first step when the dataset has more classes than the model: label `num_classes` is
+    the null (unconditional) class of classifier-free guidance, and larger labels do not exist."""
+    n = getattr(dataset, "num_classes", None)
+    if n is None or n <= num_classes: return
+    names = getattr(dataset, "classes", None)
+    shown = f" ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''})" if names else ""
+    raise E.UserError(f"the dataset {source or type(dataset).__name__} has {n} classes{shown}, but model_config."
+                      f"num_classes is {num_classes}: label {num_classes} would be trained as the unconditional (null) "
+                      f"class and larger labels do not exist. Set model_config.num_classes: {n}")
+
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
 
@@ -218,6 +232,7 @@ class Trainer:
             ds = D.build_dataset(dcfg, in_channels=3 if mcfg.vae_path is not None else mcfg.in_channels)
             if mcfg.vae_path is not None:
                 self.vae = load_vae(mcfg.vae_path, env.device, hint=CONFIG_VAE_HINT)
+        check_num_classes(ds, mcfg.num_classes, dcfg.dataset_path)
         return D.make_loader(ds, cfg.per_device_train_batch_size, env.rank, env.world_size, cfg.seed,
                              num_workers=cfg.dataloader_num_workers,
                              pin_memory=cfg.dataloader_pin_memory and env.device.type == "cuda")
@@ -304,24 +319,50 @@ class Trainer:
             tmp = self.out / f".checkpoint-{self.step}.tmp-{os.getpid()}"
             if tmp.exists(): shutil.rmtree(tmp)
             mcfg = dict(self.raw.config if hasattr(self.raw, "config") else {})
-            write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
+            with E.writing(tmp, final, E.nbytes(model_sd, ema_sd, opt_sd)):   # a full disk: named, tmp removed
+                write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
             commit_checkpoint(tmp, final, self.cfg.save_total_limit)
         if env.distributed: dist.barrier()
         self.last_checkpoint = final
         return final
 
+    def _read_checkpoint(self, folder: Path) -> dict:
+        """Every file of a checkpoint, read and checked against this run's model before anything is changed: a
+        `CheckpointError` names a damaged file, a `UserError` a checkpoint of another model."""
+        problem = checkpoint_problem(folder)
+        if problem: raise E.CheckpointError(f"{folder} is not a complete checkpoint: {problem}")
+        parts = {"state": E.read_json(folder / "trainer_state.json", "training state"),
+                 "model": E.load_safetensors(folder / "model.safetensors"), "ema": E.torch_load(folder / "ema.pt"),
+                 "optimizer": E.torch_load(folder / "optimizer.pt"), "scheduler": E.torch_load(folder / "scheduler.pt")}
+        from sit_workbench.checkpoint import _shape_hint
+        own = {k: tuple(v.shape) for k, v in self.ema.state_dict().items()}
+        for name in ("model", "ema"):
+            sd = parts[name]
+            if not isinstance(sd, dict): raise E.CheckpointError(f"{folder}: {name} holds no state dict")
+            if set(sd) != set(own):
+                raise E.UserError(f"{folder} was written by another model: its weights' names differ from this run's "
+                                  f"(e.g. {sorted(set(sd) ^ set(own))[:3]}); resume it with the config it was trained "
+                                  "with, or use another output_dir")
+            for k, want in own.items():
+                got = tuple(sd[k].shape)
+                if got != want:
+                    raise E.UserError(f"{folder} was written by another model: {k!r} is {got} there and {want} in this "
+                                      f"run ({_shape_hint(k, want, got)}); resume it with the config it was trained "
+                                      "with, or use another output_dir")
+        return parts
+
     def load(self, folder: Path):
         "Restore weights, EMA, optimizer, scheduler, data position and random generators from a checkpoint."
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         folder = Path(folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
+        parts = self._read_checkpoint(folder)
+        state = parts["state"]
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw, load_file(str(folder / "model.safetensors")), options=full)
-        set_model_state_dict(self.ema, torch.load(folder / "ema.pt", weights_only=True), options=full)
-        set_optimizer_state_dict(self.raw, self.opt, torch.load(folder / "optimizer.pt", weights_only=True), options=full)
-        self.sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        set_model_state_dict(self.raw, parts["model"], options=full)
+        set_model_state_dict(self.ema, parts["ema"], options=full)
+        set_optimizer_state_dict(self.raw, self.opt, parts["optimizer"], options=full)
+        self.sched.load_state_dict(parts["scheduler"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
         rngs = state["rng"]
@@ -333,17 +374,41 @@ class Trainer:
         self.last_checkpoint = folder
         return state
 
-    def _resume_target(self):
+    def _resume_targets(self) -> tuple[list[Path], bool]:
+        "Checkpoints to try, newest first, and whether a damaged one may be skipped for the one before."
         r = self.cfg.resume_from_checkpoint
-        if r is None: return latest_checkpoint(self.out)
-        if r == "latest":
-            found = latest_checkpoint(self.out)
-            if found is None: raise FileNotFoundError(f"resume_from_checkpoint='latest' but {self.out} holds no checkpoint")
-            return found
+        if r is None or r == "latest":
+            found = list_checkpoints(self.out)
+            if r == "latest" and not found:
+                raise FileNotFoundError(f"resume_from_checkpoint='latest' but {self.out} holds no checkpoint")
+            newest = int(CHECKPOINT_RE.match(found[-1].name).group(1)) if found else -1
+            for p in _numbered(self.out):   # newer folders that are not complete: damaged, or killed while pruning
+                if int(CHECKPOINT_RE.match(p.name).group(1)) > newest:
+                    problem = checkpoint_problem(p)
+                    if problem and (p / COMPLETE).is_file(): self._warn(f"skipping the damaged checkpoint {p}: {problem}")
+            return found[::-1], True
         p = Path(r)
-        if not (p / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint={r!r} is not a complete checkpoint (no trainer_state.json)")
-        return p
+        problem = checkpoint_problem(p)
+        if problem: raise E.CheckpointError(f"resume_from_checkpoint={r!r} is not a complete checkpoint: {problem}")
+        return [p], False
+
+    def _resume(self):
+        "Load the newest usable checkpoint (skipping damaged ones, with a warning naming each); the one loaded or None."
+        targets, may_skip = self._resume_targets()
+        for target in targets:
+            try:
+                self.load(target)
+                return target
+            except E.CheckpointError as e:
+                if not may_skip: raise
+                self._warn(f"skipping the damaged checkpoint {target}: {e}")
+        if targets:
+            raise E.CheckpointError(f"none of the checkpoints in {self.out} can be read ({', '.join(p.name for p in targets)}): "
+                                    "remove them to start afresh, or set resume_from_checkpoint")
+        return None
+
+    def _warn(self, msg):
+        if self.env.main: print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def _say(self, msg):
         if self.env.main: tqdm.write(msg) if self.progress else print(msg, flush=True)
@@ -361,9 +426,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_partial_checkpoints(self.out)
         if env.distributed: dist.barrier()
-        target = self._resume_target()
+        target = self._resume()
         if target is not None:
-            self.load(target)
             self._say(f"resumed from {target} (step {self.step} of {self.max_steps})")
         log = JsonlLog(self.out / "log.jsonl", keep_until=self.step) if env.main else None
         tb = _tensorboard(self.out, cfg) if env.main else None
@@ -459,7 +523,7 @@ def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema",
     from sit_workbench.checkpoint import load_sit
     from sit_workbench.transport import estimate_velocity_loss
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = E.read_json(checkpoint / "trainer_state.json", "training state")
     cfg = config_from_dict(state["config"])
     tr = Trainer(cfg, env=DistEnv(), progress=False)
     tr.data = tr._build_data()
