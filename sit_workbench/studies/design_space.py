@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..digits import digits_arrays
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_model
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, zoo_model
 
 # %% auto 0
 __all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'SWITCH_TAUS', 'SWITCH_SAMPLER', 'time_at_sigma', 'denoising_error',
@@ -96,7 +96,7 @@ def run_study(setting="full", progress=True) -> dict:
         if progress: print(rows[-1], flush=True)
     switch = switch_rows(s)
     if progress: print(switch, flush=True)
-    save_results(STUDY, s, rows, sampler=sampler, switch=switch)
+    save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), sampler=sampler, switch=switch)
     return load_results(STUDY, s)
 
 # %% ../../nbs/18_design_space.ipynb

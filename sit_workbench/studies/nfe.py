@@ -8,7 +8,7 @@ import numpy as np
 
 from ..evaluate import sampler_error
 from .path_length import INTERPOLANTS, MODELS, digits_mixture
-from .zoo import figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results
+from .zoo import figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps
 
 # %% auto 0
 __all__ = ['STUDY', 'PAPER_250', 'SOLVERS_50', 'REFERENCE', 'grid', 'exact_row', 'model_row', 'run_study', 'crossover_table',
@@ -56,7 +56,7 @@ def run_study(setting="full", progress=True) -> dict:
             for row in (exact_row(gm, p, mode, kw, n_exact, seed), model_row(MODELS[p], s, mode, kw, seed)):
                 rows.append({"part": part, "sampler": label, **row})
                 if progress: print(rows[-1], flush=True)
-    save_results(STUDY, s, rows, paper_250=PAPER_250, exact_samples=n_exact)
+    save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), paper_250=PAPER_250, exact_samples=n_exact)
     return load_results(STUDY, s)
 
 # %% ../../nbs/16_nfe.ipynb

@@ -10,7 +10,7 @@ from ..digits import digits_arrays
 from ..evaluate import sample_labels, sample_noise
 from ..gaussian import GaussianMixture
 from ..transport import Sampler, create_transport
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_model
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_steps, zoo_model
 
 # %% auto 0
 __all__ = ['INTERPOLANTS', 'PATH_SAMPLER', 'STUDY', 'MODELS', 'trajectory_lengths', 'mixture_2d', 'digits_mixture',
@@ -76,7 +76,7 @@ def run_study(setting="full", progress=True) -> dict:
     for p in INTERPOLANTS:
         rows.append({"source": "digits model", "model": MODELS[p], **model_path_length(MODELS[p], s, seed=s.seeds[0])})
         if progress: print(rows[-1], flush=True)
-    save_results(STUDY, s, rows, sampler=PATH_SAMPLER, paper="SBDM-VP paths longer than Linear and GVP (Fig. 4)")
+    save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), sampler=PATH_SAMPLER, paper="SBDM-VP paths longer than Linear and GVP (Fig. 4)")
     return load_results(STUDY, s)
 
 # %% ../../nbs/15_path_length.ipynb

@@ -23,8 +23,8 @@ from ..checkpoint import latest_checkpoint
 
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
-           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'zoo_checkpoint', 'final_steps', 'zoo_model',
-           'zoo_velocity_loss', 'measure_digits']
+           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'zoo_checkpoint', 'final_steps', 'zoo_steps',
+           'zoo_model', 'zoo_velocity_loss', 'measure_digits']
 
 # %% ../../nbs/14_zoo.ipynb
 ZOO = {
@@ -170,6 +170,10 @@ def final_steps(name, setting="full") -> int:
     path = results_path("convergence", s)
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     return min((r["steps"] for r in rows if r["model"] == name and r["converged"]), default=s.max_steps)
+
+def zoo_steps(setting="full") -> dict:
+    "Each zoo model's `final_steps`: what a study records so that its results say which models it measured."
+    return {name: final_steps(name, setting) for name in ZOO}
 
 def zoo_model(name, setting="full", steps=None, progress=False):
     """`(model, transport, checkpoint)`: zoo model `name`'s EMA weights (eval mode) after `steps` training steps
