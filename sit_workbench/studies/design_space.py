@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..digits import digits_arrays
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, zoo_model
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog, zoo_model
 
 # %% auto 0
 __all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'SWITCH_TAUS', 'SWITCH_SAMPLER', 'time_at_sigma', 'denoising_error',
@@ -86,17 +86,19 @@ def run_study(setting="full", progress=True) -> dict:
     denoising error by noise level; saved and returned."""
     s = get_setting(setting)
     sampler = WALK_SAMPLER if s.name == "full" else dict(sampling_method="heun2", num_steps=max(s.ode_steps))
-    rows = []
-    for step, name, paper in WALK:
+    rows, log = [], RowLog(STUDY, s)
+    def measure(name):
         r = measure_digits(name, s, mode="ode", sampler=sampler, seed=s.seeds[0])
         model, transport, _ = zoo_model(name, s)
-        rows.append({"step": step, "model": name, **ZOO[name], "paper_fid": paper,
-                     **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")},
-                     "denoising_mse": denoising_error(model, transport)})
+        return {**{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")},
+                "denoising_mse": denoising_error(model, transport)}
+    for step, name, paper in WALK:
+        rows.append({"step": step, "model": name, **ZOO[name], "paper_fid": paper, **log.row(name, lambda: measure(name))})
         if progress: print(rows[-1], flush=True)
-    switch = switch_rows(s)
+    switch = log.row("switch", lambda: switch_rows(s))
     if progress: print(switch, flush=True)
     save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), sampler=sampler, switch=switch)
+    log.finish()
     return load_results(STUDY, s)
 
 # %% ../../nbs/18_design_space.ipynb

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import itertools
 
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, zoo_velocity_loss
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog, zoo_velocity_loss
 
 # %% auto 0
 __all__ = ['STUDY', 'ETA', 'COLUMNS', 'ROWS', 'PAPER', 'sde_sampler', 'run_study', 'fid_table', 'kendall_tau', 'ordering_table',
@@ -41,15 +41,17 @@ def sde_sampler(column, name, setting) -> dict:
 def run_study(setting="full", progress=True) -> dict:
     "Every (row, column) cell of Table 6 on the digits zoo; saved and returned."
     s = get_setting(setting)
-    rows = []
+    rows, log = [], RowLog(STUDY, s)
     for (interp, objective), name in ROWS.items():
         for column in COLUMNS:
-            r = measure_digits(name, s, mode="sde", sampler=sde_sampler(column, name, s), seed=s.seeds[0])
+            measure = lambda: measure_digits(name, s, mode="sde", sampler=sde_sampler(column, name, s), seed=s.seeds[0])
+            r = log.row(f"{name}|{column}", measure)
             rows.append({"interpolant": interp, "objective": objective, "model": name, "w_t": column,
                          **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")}})
             if progress: print(rows[-1], flush=True)
     save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), eta=ETA, columns=COLUMNS,
                  paper={f"{a} / {b}": v for (a, b), v in PAPER.items()})
+    log.finish()
     return load_results(STUDY, s)
 
 # %% ../../nbs/17_diffusion_coefficient.ipynb

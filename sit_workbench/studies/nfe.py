@@ -8,7 +8,7 @@ import numpy as np
 
 from ..evaluate import sampler_error
 from .path_length import INTERPOLANTS, MODELS, digits_mixture
-from .zoo import figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps
+from .zoo import figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog
 
 # %% auto 0
 __all__ = ['STUDY', 'PAPER_250', 'SOLVERS_50', 'REFERENCE', 'grid', 'exact_row', 'model_row', 'run_study', 'crossover_table',
@@ -50,13 +50,15 @@ def run_study(setting="full", progress=True) -> dict:
     jobs = [(mode, label, kw, "sweep") for mode, label, kw in grid(s)]
     if s.name == "full":   # the solver comparison needs trained models and Heun-250: not in the quick setting
         jobs += [("ode", label, kw, "solver") for label, kw in [*SOLVERS_50.items(), REFERENCE]]
-    rows = []
+    rows, log = [], RowLog(STUDY, s)
     for p in INTERPOLANTS:
         for mode, label, kw, part in jobs:
-            for row in (exact_row(gm, p, mode, kw, n_exact, seed), model_row(MODELS[p], s, mode, kw, seed)):
-                rows.append({"part": part, "sampler": label, **row})
+            for source, measure in (("exact", lambda: exact_row(gm, p, mode, kw, n_exact, seed)),
+                                    ("model", lambda: model_row(MODELS[p], s, mode, kw, seed))):
+                rows.append({"part": part, "sampler": label, **log.row(f"{p}|{part}|{label}|{source}", measure)})
                 if progress: print(rows[-1], flush=True)
     save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), paper_250=PAPER_250, exact_samples=n_exact)
+    log.finish()
     return load_results(STUDY, s)
 
 # %% ../../nbs/16_nfe.ipynb

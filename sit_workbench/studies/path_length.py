@@ -10,7 +10,7 @@ from ..digits import digits_arrays
 from ..evaluate import sample_labels, sample_noise
 from ..gaussian import GaussianMixture
 from ..transport import Sampler, create_transport
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_steps, zoo_model
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_steps, RowLog, zoo_model
 
 # %% auto 0
 __all__ = ['INTERPOLANTS', 'PATH_SAMPLER', 'STUDY', 'MODELS', 'trajectory_lengths', 'mixture_2d', 'digits_mixture',
@@ -68,15 +68,17 @@ MODELS = {"VP": "vp-velocity", "GVP": "gvp-velocity", "Linear": "linear-velocity
 def run_study(setting="full", progress=True) -> dict:
     "Path lengths on the 2-D mixture, the digits mixture (exact) and the zoo's velocity models; saved and returned."
     s = get_setting(setting)
-    rows = []
+    rows, log = [], RowLog(STUDY, s)
     for source, gm in (("2-D mixture (exact)", mixture_2d()), ("digits mixture (exact)", digits_mixture())):
         for p in INTERPOLANTS:
-            rows.append({"source": source, **exact_path_length(gm, p, s.num_samples, seed=s.seeds[0])})
+            rows.append({"source": source, **log.row(f"{source}|{p}", lambda: exact_path_length(gm, p, s.num_samples, seed=s.seeds[0]))})
             if progress: print(rows[-1], flush=True)
     for p in INTERPOLANTS:
-        rows.append({"source": "digits model", "model": MODELS[p], **model_path_length(MODELS[p], s, seed=s.seeds[0])})
+        rows.append({"source": "digits model", "model": MODELS[p],
+                     **log.row(f"model|{p}", lambda: model_path_length(MODELS[p], s, seed=s.seeds[0]))})
         if progress: print(rows[-1], flush=True)
     save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), sampler=PATH_SAMPLER, paper="SBDM-VP paths longer than Linear and GVP (Fig. 4)")
+    log.finish()
     return load_results(STUDY, s)
 
 # %% ../../nbs/15_path_length.ipynb
