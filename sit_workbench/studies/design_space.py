@@ -10,8 +10,9 @@ from ..digits import digits_arrays
 from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog, zoo_model
 
 # %% auto 0
-__all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'SWITCH_TAUS', 'SWITCH_SAMPLER', 'time_at_sigma', 'denoising_error',
-           'SwitchedVelocity', 'switch_rows', 'run_study', 'walk_table', 'denoising_table', 'plot_study']
+__all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'SWITCH_TAUS', 'SWITCH_SAMPLER', 'time_at_sigma',
+           'time_at_noise_level', 'denoising_error', 'SwitchedVelocity', 'switch_rows', 'run_study', 'walk_table',
+           'denoising_table', 'plot_study']
 
 # %% ../../nbs/18_design_space.ipynb
 STUDY = "design_space"
@@ -35,15 +36,30 @@ def time_at_sigma(path, sigma) -> float:
         lo, hi = (mid, hi) if float(path.compute_sigma_t(torch.tensor(mid, dtype=torch.float64))[0]) > sigma else (lo, mid)
     return (lo + hi) / 2
 
+def time_at_noise_level(path, level) -> float:
+    """The time at which `sigma_t / sqrt(alpha_t^2 + sigma_t^2)` equals `level`: the same signal-to-noise ratio on every
+    interpolant (for SBDM-VP and GVP this is `sigma_t` itself; Linear at `sigma_t = 0.5` is at a lower SNR)."""
+    def nu(t):
+        t = torch.tensor(t, dtype=torch.float64)
+        a, s = float(path.compute_alpha_t(t)[0]), float(path.compute_sigma_t(t)[0])
+        return s / (a * a + s * s) ** 0.5
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if nu(mid) > level else (lo, mid)
+    return (lo + hi) / 2
+
 @torch.no_grad()
 def denoising_error(model, transport, sigmas=DENOISE_SIGMAS, seed=0) -> dict:
     """Mean squared error of the model's estimate of the clean digit, `(x_t + sigma_t^2 s) / alpha_t` from its score
-    (whatever it predicts), on the 360 held-out digits at the times where `sigma_t` takes each value in `sigmas`."""
+    (whatever it predicts), on the 360 held-out digits at the times where the noise level (`time_at_noise_level`)
+    takes each value in `sigmas`: equal signal-to-noise ratios, where the best possible estimate is the same for
+    every interpolant."""
     x1, y = digits_arrays("test")
     eps = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
     path, out = transport.path_sampler, {}
     for sig in sigmas:
-        t = torch.full((len(x1),), time_at_sigma(path, sig))
+        t = torch.full((len(x1),), time_at_noise_level(path, sig))
         a, s = (v.view(-1, 1, 1, 1) for v in (path.compute_alpha_t(t)[0], path.compute_sigma_t(t)[0]))
         xt = a * x1 + s * eps
         score = transport.score_from_output(model(xt, t, y), xt, t)
@@ -121,8 +137,8 @@ def walk_table(results) -> list[dict]:
     return out
 
 def denoising_table(results) -> list[dict]:
-    "Each model's error in estimating the clean digit at four noise levels (the MSE of the identity `x_t / alpha_t` for scale)."
-    return [{"model": r["model"], **{f"sigma_t = {k}": round(v, 4) for k, v in r["denoising_mse"].items()}}
+    "Each model's error in estimating the clean digit at four noise levels (equal signal-to-noise ratios on every interpolant)."
+    return [{"model": r["model"], **{f"level {k}": round(v, 4) for k, v in r["denoising_mse"].items()}}
             for r in results["rows"]]
 
 def plot_study(results, out=None):
