@@ -14,12 +14,13 @@ from tqdm.auto import tqdm
 
 from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLossProfile,
                                         check_diffusion_form, expand_t_like_x)
+from .solvers import MULTISTEP_METHODS, data_prediction, multistep_solve, time_grid
 
 # %% auto 0
 __all__ = ['PATH_TYPES', 'PREDICTIONS', 'LOSS_WEIGHTS', 'TIME_SAMPLERS', 'SDE_EPS', 'SDE_METHODS', 'LAST_STEPS',
-           'ADAPTIVE_METHODS', 'FIXED_METHODS', 'ODE_METHODS', 'DIVERGENCES', 'ModelType', 'PathType', 'WeightType',
-           'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport', 'create_transport', 'SampleFn',
-           'Sampler', 'estimate_velocity_loss']
+           'ADAPTIVE_METHODS', 'FIXED_METHODS', 'ODE_METHODS', 'ODE_MULTISTEP', 'SDE_MULTISTEP', 'DIVERGENCES',
+           'ModelType', 'PathType', 'WeightType', 'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport',
+           'create_transport', 'SampleFn', 'Sampler', 'estimate_velocity_loss']
 
 # %% ../nbs/03_transport.ipynb
 class ModelType(enum.Enum):
@@ -242,6 +243,8 @@ LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 ODE_METHODS = ADAPTIVE_METHODS + FIXED_METHODS
+ODE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if not m.startswith("sde-"))   # see sit_workbench.solvers
+SDE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if m.startswith("sde-"))
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 
 def _check_choice(value, choices, what):
@@ -288,11 +291,20 @@ class Sampler:
         return v, (tr.score_from_output(out, x, t) if need_score else None), t
 
     def sample_sde(self, *, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
-                   last_step_size=0.04, num_steps=250, eta=0.0, velocity_loss=None, progress=False):
+                   last_step_size=0.04, num_steps=250, eta=0.0, velocity_loss=None, progress=False,
+                   schedule="uniform", schedule_dir=None):
         """An SDE sampler `fn(x, model, **model_kwargs) -> list of num_steps tensors` (`[-1]` is the sample).
 
-        `eta` and `velocity_loss` (a `VelocityLossProfile`) are used by `diffusion_form='w_KL_eta'` only."""
-        _check_choice(sampling_method, SDE_METHODS, "SDE sampling_method")
+        `eta` and `velocity_loss` (a `VelocityLossProfile`) are used by `diffusion_form='w_KL_eta'` only.
+        `sampling_method='sde-dpm++2m'` (the SBDM diffusion, norm 1) is the multistep solver of `sit_workbench.solvers`:
+        it reaches the data end exactly (no `last_step`), on the time grid `schedule` (see `solvers.time_grid`)."""
+        if sampling_method in SDE_MULTISTEP:
+            if diffusion_form != "SBDM" or diffusion_norm != 1.0:
+                raise ValueError(f"{sampling_method!r} solves the SDE with diffusion_form='SBDM' and diffusion_norm=1 "
+                                 f"only, got {diffusion_form!r} x {diffusion_norm}")
+            return self._multistep(sampling_method, num_steps, schedule, schedule_dir, progress)
+        _check_choice(sampling_method, SDE_METHODS + SDE_MULTISTEP, "SDE sampling_method")
+        if schedule != "uniform": raise ValueError(f"schedule={schedule!r} needs a multistep SDE method ({', '.join(SDE_MULTISTEP)})")
         check_diffusion_form(diffusion_form)
         _check_choice(last_step, LAST_STEPS, "last_step")
         _check_steps(num_steps)
@@ -351,15 +363,27 @@ class Sampler:
         a, sig = self.transport.path_sampler.compute_alpha_t(t)[0], self.transport.path_sampler.compute_sigma_t(t)[0]
         return x / a + sig ** 2 / a * s
 
-    def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False):
-        "An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution)."
-        _check_choice(sampling_method, ODE_METHODS, "ODE sampling_method")
+    def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False,
+                   schedule="uniform", schedule_dir=None):
+        """An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution).
+
+        `sampling_method` may also be a multistep solver of `sit_workbench.solvers` ('dpm++2m', 'dpm++3m', 'unipc',
+        'unipc3': num_steps - 1 evaluations). `schedule` places the `num_steps` time points of the fixed-step and
+        multistep methods: 'uniform' (default), 'logsnr', 'shift:S', 'optimized:NAME' (from `schedule_dir`) or times."""
+        _check_choice(sampling_method, ODE_METHODS + ODE_MULTISTEP, "ODE sampling_method")
         _check_steps(num_steps)
+        if sampling_method in ODE_MULTISTEP:
+            if reverse: raise ValueError(f"{sampling_method!r} integrates from noise to data only (reverse=False)")
+            return self._multistep(sampling_method, num_steps, schedule, schedule_dir, progress)
         if atol <= 0 or rtol <= 0: raise ValueError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
+        custom = not (isinstance(schedule, str) and schedule == "uniform")
+        if custom and (sampling_method in ADAPTIVE_METHODS or reverse):
+            raise ValueError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True, reverse=reverse)
+        grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, schedule_dir) if custom else None
         def run(x, call):
-            ts = _time_grid(t0, t1, num_steps, x)
+            ts = _time_grid(t0, t1, num_steps, x) if grid is None else grid.to(x.device, _time_grid(0, 1, 2, x).dtype)
             bar = tqdm(total=1.0, disable=not progress, desc="ODE", leave=False, bar_format="{l_bar}{bar}| t={postfix}")
             def f(t, y):
                 if progress: bar.postfix = f"{float(t):.3f}"; bar.n = abs(float(t) - t0) / abs(t1 - t0); bar.refresh()
@@ -370,6 +394,18 @@ class Sampler:
             bar.close()
             return out
         return SampleFn(run, t0, t1, f"ODE {sampling_method}, {num_steps} points" + (", reverse" if reverse else ""))
+
+    def _multistep(self, method, num_steps, schedule, schedule_dir, progress):
+        "A `SampleFn` running `solvers.multistep_solve` on the ODE interval (one evaluation per step)."
+        tr = self.transport
+        t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
+        grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, schedule_dir)
+        prediction = tr.model_type.name.lower()
+        def run(x, call):
+            def denoise(y, t): return data_prediction(tr.path_sampler, prediction, call(y, t)[0], y, t)
+            with torch.no_grad(): return multistep_solve(denoise, x, grid, tr.path_sampler, method, progress)
+        name = schedule if isinstance(schedule, str) else "custom"
+        return SampleFn(run, t0, t1, f"{method}, {num_steps} points, schedule {name}")
 
     def sample_ode_likelihood(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
                             divergence="rademacher", progress=False):
