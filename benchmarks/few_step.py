@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from sit_workbench.evaluate import digits_metrics, mixture_nll, sample_labels, sample_noise
-from sit_workbench.path_length import digits_mixture
+from sit_workbench.studies.path_length import digits_mixture
 from sit_workbench.solvers import data_prediction, optimize_schedule, save_schedule, schedule_dir
 from sit_workbench.transport import Sampler, create_transport
-from sit_workbench.zoo import machine, zoo_model
+from sit_workbench.studies.zoo import machine, zoo_model
 
 REFERENCE = ("heun2, 126 points (250 NFE)", dict(sampling_method="heun2", num_steps=126))
 OURS = ("dpm++2m", "dpm++3m", "unipc", "abm3")
@@ -157,7 +157,7 @@ def main():
     ap.add_argument("--nfe", type=int, nargs="+", default=[6, 8, 10, 12, 16], help="NFE budgets (default 6 8 10 12 16)")
     ap.add_argument("--out", default="nbs/results/few_step.json", help="results JSON (default nbs/results/few_step.json)")
     args = ap.parse_args()
-    from sit_workbench.zoo import _classifier
+    from sit_workbench.studies.zoo import _classifier
     t_start, clf = time.time(), _classifier()
     wrapper = check_wrapper()
     print("wrapper check (diffusers FlowMatchEuler vs our euler):", wrapper, flush=True)

@@ -22,13 +22,13 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .model import cache_dir as default_cache_dir
+from .paths import cache_dir as default_cache_dir
 
 # %% auto 0
 __all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'digits_arrays', 'DigitsClassifier',
            'augment_digits', 'classifier_predict', 'classifier_features', 'classifier_accuracy',
            'class_conditional_accuracy', 'train_classifier', 'save_classifier', 'load_classifier',
-           'load_or_train_classifier', 'gaussian_stats', 'frechet_distance', 'digits_fid']
+           'load_or_train_classifier', 'gaussian_stats', 'frechet_distance', 'fid_from_features', 'digits_fid']
 
 # %% ../nbs/09_digits.ipynb
 @functools.lru_cache(maxsize=1)
@@ -234,9 +234,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     d = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
     return float(max(d, 0.0))
 
+def fid_from_features(f1, f2) -> float:
+    "FID between two feature sets `[N, D]`: the Fréchet distance of their Gaussian fits."
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
 def digits_fid(clf: DigitsClassifier, samples, reference=None) -> float:
     "Fréchet distance between the classifier's features of `samples` and of `reference` (default: the test split)."
     if reference is None: reference = digits_arrays("test")[0]
     if torch.isnan(_as_images(samples)).any(): return float("inf")
-    f1, f2 = classifier_features(clf, samples), classifier_features(clf, reference)
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+    return fid_from_features(classifier_features(clf, samples), classifier_features(clf, reference))

@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 from .interpolants import Interpolant, expand_t_like_x
 
 # %% auto 0
-__all__ = ['PREDICTION_NAMES', 'DATA_END', 'MULTISTEP_METHODS', 'SCHEDULES', 'LOGSNR_CLIP', 'data_prediction', 'log_snr',
-           'exp_weights', 'lagrange_at', 'rho_weights', 'adams_weights', 'multistep_solve', 'shift_times',
-           'schedule_dir', 'load_schedule', 'time_grid', 'optimize_schedule', 'save_schedule']
+__all__ = ['PREDICTION_NAMES', 'DATA_END', 'MULTISTEP_METHODS', 'SCHEDULES', 'LOGSNR_CLIP', 'ODE_MULTISTEP', 'SDE_MULTISTEP',
+           'data_prediction', 'log_snr', 'exp_weights', 'lagrange_at', 'rho_weights', 'adams_weights',
+           'multistep_solve', 'shift_times', 'schedule_dir', 'load_schedule', 'time_grid', 'optimize_schedule',
+           'save_schedule', 'SampleFn', 'check_sde_multistep', 'fixed_step_grid', 'multistep_sampler']
 
 # %% ../nbs/03a_solvers.ipynb
 PREDICTION_NAMES = ("velocity", "score", "noise")
@@ -258,3 +259,112 @@ def save_schedule(directory, name, grids: dict, t0, t1, **meta) -> Path:
            "grids": {str(k): [round(float((t - t0) / (t1 - t0)), 10) for t in v] for k, v in grids.items()}}
     p = d / f"{name}.json"; p.write_text(json.dumps(doc, indent=1) + "\n")
     return p
+
+# %% ../nbs/03a_solvers.ipynb
+def _check_output(out, x):
+    if not torch.is_tensor(out) or out.shape != x.shape:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"the model returned {shape} for an input of shape {tuple(x.shape)}; "
+                         "a transport model must return a tensor shaped like its input (learn_sigma models "
+                         "must drop their variance channels, as SiT.forward does)")
+
+class _ModelCall:
+    """The model as samplers call it: times clamped to the interval, evaluations counted, outputs checked for NaN/inf
+    (at once on the CPU; on an accelerator one flag per evaluation, read once by `check`: no sync per evaluation)."""
+    def __init__(self, model, kwargs, lo, hi):
+        self.model, self.kwargs, self.lo, self.hi, self.nfe = model, kwargs, min(lo, hi), max(lo, hi), 0
+        self._flags = []   # (nfe, t[:1], output finite, input finite) per evaluation off the CPU
+    def __call__(self, x, t):
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        t = (t.expand(x.shape[0]) if t.ndim == 0 else t).clamp(self.lo, self.hi)
+        out = self.model(x, t, **self.kwargs)
+        _check_output(out, x)
+        self.nfe += 1
+        ok = torch.isfinite(out).all()
+        if out.device.type == "cpu":
+            if not ok: raise _nonfinite_output(self.nfe, t, bool(torch.isfinite(x).all()))
+        else: self._flags.append((self.nfe, t[:1], ok, torch.isfinite(x).all()))
+        return out, t
+    def check(self):
+        "Raise a `NonFiniteError` for the first evaluation whose output held NaN or inf."
+        if not self._flags: return
+        ok = torch.stack([f[2] for f in self._flags]).cpu()
+        if bool(ok.all()): return
+        nfe, t, _, x_ok = self._flags[int((~ok).nonzero()[0])]
+        raise _nonfinite_output(nfe, t, bool(x_ok))
+
+def _nonfinite_output(nfe, t, input_finite):
+    from sit_workbench.errors import NonFiniteError
+    why = ("from finite inputs: the model's weights (or its labels / guidance inputs) give non-finite values; is the "
+           "checkpoint from a diverged training run?") if input_finite else \
+          "its input already held NaN or inf: the sampler diverged before this point (more steps, a smaller step size?)"
+    return NonFiniteError(f"the model returned NaN or inf at t={float(t.flatten()[0]):.4g} (network evaluation {nfe} "
+                          f"of this sampler call), {why}")
+
+def _final(out):
+    "The tensors of a sampler's result that are its answer: the last state (and the log-likelihood)."
+    if isinstance(out, tuple): return list(out)
+    return [out[-1]]
+
+def _check_result(out):
+    from sit_workbench.errors import NonFiniteError
+    if not all(bool(torch.isfinite(v).all()) for v in _final(out)):
+        raise NonFiniteError("the sampler's result holds NaN or inf although every model output was finite: the "
+                             "integration diverged (more steps or a smaller step size?)")
+
+class SampleFn:
+    "A sampling function `fn(x, model, **model_kwargs)`; after each call `fn.nfe` holds its network evaluations."
+    def __init__(self, run, t0, t1, description):
+        self._run, self.t0, self.t1, self.description, self.nfe = run, t0, t1, description, None
+    def __call__(self, x, model, **model_kwargs):
+        """Run the sampler; a `NonFiniteError` names the time and evaluation where the model first returned NaN/inf
+        (also when that made the solver fail, e.g. torchdiffeq's 'underflow in dt'), or says the result diverged."""
+        call = _ModelCall(model, model_kwargs, self.t0, self.t1)
+        try:
+            out = self._run(x, call)
+        except Exception:
+            call.check()   # a non-finite model output is the cause: say that instead
+            raise
+        finally:
+            self.nfe = call.nfe
+        call.check()
+        _check_result(out)
+        return out
+    def __repr__(self): return f"SampleFn({self.description}, t: {self.t0:g} -> {self.t1:g}, last nfe={self.nfe})"
+
+# %% ../nbs/03a_solvers.ipynb
+ODE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if not m.startswith("sde-"))
+SDE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if m.startswith("sde-"))
+
+def check_sde_multistep(method, diffusion_form, diffusion_norm, schedule):
+    "Is `method` one of our SDE solvers (True), or a plain SDE method that takes no `schedule` (False)?"
+    if method not in SDE_MULTISTEP:
+        if not (isinstance(schedule, str) and schedule == "uniform"):
+            raise ValueError(f"schedule={schedule!r} needs a multistep SDE method ({', '.join(SDE_MULTISTEP)})")
+        return False
+    if diffusion_form != "SBDM" or diffusion_norm != 1.0:
+        raise ValueError(f"{method!r} solves the SDE with diffusion_form='SBDM' and diffusion_norm=1 "
+                         f"only, got {diffusion_form!r} x {diffusion_norm}")
+    return True
+
+def fixed_step_grid(schedule, adaptive, reverse, t0, t1, num_steps, path, directory=None):
+    "The time grid of a torchdiffeq method: None for 'uniform' (the default linspace), else `time_grid`'s."
+    if isinstance(schedule, str) and schedule == "uniform": return None
+    if adaptive or reverse:
+        raise ValueError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
+    return time_grid(schedule, t0, t1, num_steps, path, directory)
+
+def multistep_sampler(transport, method, num_steps, schedule="uniform", directory=None, progress=False, reverse=False):
+    """A `SampleFn` solving `transport`'s ODE (or SDE, 'sde-...') with
+    `multistep_solve` on the grid `schedule` (`time_grid`): one network evaluation per step, `num_steps - 1` in all."""
+    if reverse: raise ValueError(f"{method!r} integrates from noise to data only (reverse=False)")
+    if not isinstance(num_steps, int) or num_steps < 2: raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    tr = transport
+    t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
+    grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, directory)
+    prediction = tr.model_type.name.lower()
+    def run(x, call):
+        def denoise(y, t): return data_prediction(tr.path_sampler, prediction, call(y, t)[0], y, t)
+        with torch.no_grad(): return multistep_solve(denoise, x, grid, tr.path_sampler, method, progress)
+    name = schedule if isinstance(schedule, str) else "custom"
+    return SampleFn(run, t0, t1, f"{method}, {num_steps} points, schedule {name}")

@@ -11,9 +11,9 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,15 +23,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .checkpoint import (CHECKPOINT_RE, COMPLETE, CONFIG_VAE_HINT, _numbered, checkpoint_problem,
+                                      clean_partial_checkpoints, commit_checkpoint, list_checkpoints, load_vae,
+                                      write_checkpoint)
 from .config import TrainConfig, config_to_dict, validate
+from . import errors as E
 from .model import SiT, SiTBlock
 from .transport import create_transport
 
 # %% auto 0
-__all__ = ['CHECKPOINT_RE', 'DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda',
-           'build_optimizer', 'total_steps', 'list_checkpoints', 'latest_checkpoint', 'commit_checkpoint',
-           'clean_partial_checkpoints', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log', 'plot_loss',
-           'measure_velocity_loss', 'export_official', 'import_official']
+__all__ = ['DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda', 'build_optimizer',
+           'total_steps', 'check_num_classes', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log',
+           'plot_loss', 'measure_velocity_loss']
 
 # %% ../nbs/08_train.ipynb
 @dataclasses.dataclass
@@ -119,25 +122,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int | None = None) -> int:
     return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 # %% ../nbs/08_train.ipynb
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-def list_checkpoints(output_dir) -> list[Path]:
-    "Complete checkpoints in `output_dir`, oldest first (a folder counts once its `trainer_state.json` exists)."
-    d = Path(output_dir)
-    if not d.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
-             and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-def latest_checkpoint(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
 def _rng_state(noise_gen: torch.Generator):
     state = {"python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
              "torch": torch.get_rng_state().tolist(), "noise": noise_gen.get_state().tolist()}
@@ -152,34 +136,18 @@ def _set_rng_state(state, noise_gen: torch.Generator):
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
-def _write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_state, model_config):
-    "Write every file of a checkpoint into `folder` (a temporary name) and flush each to disk."
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model_sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(ema_sd, folder / "ema.pt")
-    torch.save(opt_sd, folder / "optimizer.pt")
-    torch.save(sched_sd, folder / "scheduler.pt")
-    (folder / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-    (folder / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n")  # last: marks the folder complete
-    for f in folder.iterdir(): _fsync(f)
-    _fsync(folder)
-
-def commit_checkpoint(tmp: Path, final: Path, keep: int | None):
-    "Rename a fully written checkpoint into place, then delete all but the newest `keep` checkpoints."
-    if final.exists(): shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if keep:
-        for old in list_checkpoints(final.parent)[:-keep]: shutil.rmtree(old, ignore_errors=True)
-
-def clean_partial_checkpoints(output_dir):
-    "Remove temporary folders left by a run killed while writing a checkpoint."
-    d = Path(output_dir)
-    if d.is_dir():
-        for p in d.glob(".checkpoint-*.tmp*"): shutil.rmtree(p, ignore_errors=True)
-
 # %% ../nbs/08_train.ipynb
+def check_num_classes(dataset, num_classes: int, source=None):
+    """A `UserError` before the first step when the dataset has more classes than the model: label `num_classes` is
+    the null (unconditional) class of classifier-free guidance, and larger labels do not exist."""
+    n = getattr(dataset, "num_classes", None)
+    if n is None or n <= num_classes: return
+    names = getattr(dataset, "classes", None)
+    shown = f" ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''})" if names else ""
+    raise E.UserError(f"the dataset {source or type(dataset).__name__} has {n} classes{shown}, but model_config."
+                      f"num_classes is {num_classes}: label {num_classes} would be trained as the unconditional (null) "
+                      f"class and larger labels do not exist. Set model_config.num_classes: {n}")
+
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
 
@@ -247,7 +215,7 @@ class Trainer:
         return self
 
     def _build_data(self):
-        from sit_workbench import data as D
+        from sit_workbench import data as D, latents as L
         cfg, env, mcfg, dcfg = self.cfg, self.env, self.cfg.model_config, self.cfg.dataset_config
         self.vae, self.latent = None, False
         if self._dataset is not None: ds = self._dataset
@@ -255,15 +223,16 @@ class Trainer:
             folder = Path(dcfg.latent_cache)
             if not (folder / "meta.json").is_file():
                 if env.main:
-                    vae = D.load_vae(mcfg.vae_path, env.device)
-                    D.build_latent_cache(D.build_dataset(dcfg, in_channels=3), vae, folder, device=env.device,
+                    vae = load_vae(mcfg.vae_path, env.device, hint=CONFIG_VAE_HINT)
+                    L.build_latent_cache(D.build_dataset(dcfg, in_channels=3), vae, folder, device=env.device,
                                          progress=self.progress)
                 if env.distributed: dist.barrier()
-            ds, self.latent = D.LatentDataset(folder), True
+            ds, self.latent = L.LatentDataset(folder), True
         else:
             ds = D.build_dataset(dcfg, in_channels=3 if mcfg.vae_path is not None else mcfg.in_channels)
             if mcfg.vae_path is not None:
-                self.vae = D.load_vae(mcfg.vae_path, env.device).requires_grad_(False)
+                self.vae = load_vae(mcfg.vae_path, env.device, hint=CONFIG_VAE_HINT)
+        check_num_classes(ds, mcfg.num_classes, dcfg.dataset_path)
         return D.make_loader(ds, cfg.per_device_train_batch_size, env.rank, env.world_size, cfg.seed,
                              num_workers=cfg.dataloader_num_workers,
                              pin_memory=cfg.dataloader_pin_memory and env.device.type == "cuda")
@@ -271,11 +240,11 @@ class Trainer:
     # --- one micro-batch -----------------------------------------------------------------------------
     def _prepare(self, batch, step, micro):
         "Data for this process as model inputs: flips, VAE latents (drawn for the global batch, sliced)."
-        from sit_workbench import data as D
+        from sit_workbench import data as D, latents as L
         env, dcfg = self.env, self.cfg.dataset_config
         aug = D.augment_generator(self.cfg.seed, step, micro)
         if self.latent:
-            x, y = D.latents_from_cache_batch(batch, generator=aug, rank=env.rank, world_size=env.world_size,
+            x, y = L.latents_from_cache_batch(batch, generator=aug, rank=env.rank, world_size=env.world_size,
                                              flip_mask=D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size)
                                              if dcfg.random_flip else None)
             return x.to(env.device), y.to(env.device)
@@ -284,7 +253,7 @@ class Trainer:
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         if self.vae is not None:
             with torch.no_grad():
-                x = D.encode_images(self.vae, x, generator=aug, rank=env.rank, world_size=env.world_size)
+                x = L.encode_images(self.vae, x, generator=aug, rank=env.rank, world_size=env.world_size)
         return x, y
 
     def _global_draws(self, x):
@@ -350,24 +319,50 @@ class Trainer:
             tmp = self.out / f".checkpoint-{self.step}.tmp-{os.getpid()}"
             if tmp.exists(): shutil.rmtree(tmp)
             mcfg = dict(self.raw.config if hasattr(self.raw, "config") else {})
-            _write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
+            with E.writing(tmp, final, E.nbytes(model_sd, ema_sd, opt_sd)):   # a full disk: named, tmp removed
+                write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
             commit_checkpoint(tmp, final, self.cfg.save_total_limit)
         if env.distributed: dist.barrier()
         self.last_checkpoint = final
         return final
 
+    def _read_checkpoint(self, folder: Path) -> dict:
+        """Every file of a checkpoint, read and checked against this run's model before anything is changed: a
+        `CheckpointError` names a damaged file, a `UserError` a checkpoint of another model."""
+        problem = checkpoint_problem(folder)
+        if problem: raise E.CheckpointError(f"{folder} is not a complete checkpoint: {problem}")
+        parts = {"state": E.read_json(folder / "trainer_state.json", "training state"),
+                 "model": E.load_safetensors(folder / "model.safetensors"), "ema": E.torch_load(folder / "ema.pt"),
+                 "optimizer": E.torch_load(folder / "optimizer.pt"), "scheduler": E.torch_load(folder / "scheduler.pt")}
+        from sit_workbench.checkpoint import _shape_hint
+        own = {k: tuple(v.shape) for k, v in self.ema.state_dict().items()}
+        for name in ("model", "ema"):
+            sd = parts[name]
+            if not isinstance(sd, dict): raise E.CheckpointError(f"{folder}: {name} holds no state dict")
+            if set(sd) != set(own):
+                raise E.UserError(f"{folder} was written by another model: its weights' names differ from this run's "
+                                  f"(e.g. {sorted(set(sd) ^ set(own))[:3]}); resume it with the config it was trained "
+                                  "with, or use another output_dir")
+            for k, want in own.items():
+                got = tuple(sd[k].shape)
+                if got != want:
+                    raise E.UserError(f"{folder} was written by another model: {k!r} is {got} there and {want} in this "
+                                      f"run ({_shape_hint(k, want, got)}); resume it with the config it was trained "
+                                      "with, or use another output_dir")
+        return parts
+
     def load(self, folder: Path):
         "Restore weights, EMA, optimizer, scheduler, data position and random generators from a checkpoint."
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         folder = Path(folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
+        parts = self._read_checkpoint(folder)
+        state = parts["state"]
         full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw, load_file(str(folder / "model.safetensors")), options=full)
-        set_model_state_dict(self.ema, torch.load(folder / "ema.pt", weights_only=True), options=full)
-        set_optimizer_state_dict(self.raw, self.opt, torch.load(folder / "optimizer.pt", weights_only=True), options=full)
-        self.sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        set_model_state_dict(self.raw, parts["model"], options=full)
+        set_model_state_dict(self.ema, parts["ema"], options=full)
+        set_optimizer_state_dict(self.raw, self.opt, parts["optimizer"], options=full)
+        self.sched.load_state_dict(parts["scheduler"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
         rngs = state["rng"]
@@ -379,17 +374,41 @@ class Trainer:
         self.last_checkpoint = folder
         return state
 
-    def _resume_target(self):
+    def _resume_targets(self) -> tuple[list[Path], bool]:
+        "Checkpoints to try, newest first, and whether a damaged one may be skipped for the one before."
         r = self.cfg.resume_from_checkpoint
-        if r is None: return latest_checkpoint(self.out)
-        if r == "latest":
-            found = latest_checkpoint(self.out)
-            if found is None: raise FileNotFoundError(f"resume_from_checkpoint='latest' but {self.out} holds no checkpoint")
-            return found
+        if r is None or r == "latest":
+            found = list_checkpoints(self.out)
+            if r == "latest" and not found:
+                raise FileNotFoundError(f"resume_from_checkpoint='latest' but {self.out} holds no checkpoint")
+            newest = int(CHECKPOINT_RE.match(found[-1].name).group(1)) if found else -1
+            for p in _numbered(self.out):   # newer folders that are not complete: damaged, or killed while pruning
+                if int(CHECKPOINT_RE.match(p.name).group(1)) > newest:
+                    problem = checkpoint_problem(p)
+                    if problem and (p / COMPLETE).is_file(): self._warn(f"skipping the damaged checkpoint {p}: {problem}")
+            return found[::-1], True
         p = Path(r)
-        if not (p / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint={r!r} is not a complete checkpoint (no trainer_state.json)")
-        return p
+        problem = checkpoint_problem(p)
+        if problem: raise E.CheckpointError(f"resume_from_checkpoint={r!r} is not a complete checkpoint: {problem}")
+        return [p], False
+
+    def _resume(self):
+        "Load the newest usable checkpoint (skipping damaged ones, with a warning naming each); the one loaded or None."
+        targets, may_skip = self._resume_targets()
+        for target in targets:
+            try:
+                self.load(target)
+                return target
+            except E.CheckpointError as e:
+                if not may_skip: raise
+                self._warn(f"skipping the damaged checkpoint {target}: {e}")
+        if targets:
+            raise E.CheckpointError(f"none of the checkpoints in {self.out} can be read ({', '.join(p.name for p in targets)}): "
+                                    "remove them to start afresh, or set resume_from_checkpoint")
+        return None
+
+    def _warn(self, msg):
+        if self.env.main: print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def _say(self, msg):
         if self.env.main: tqdm.write(msg) if self.progress else print(msg, flush=True)
@@ -407,9 +426,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_partial_checkpoints(self.out)
         if env.distributed: dist.barrier()
-        target = self._resume_target()
+        target = self._resume()
         if target is not None:
-            self.load(target)
             self._say(f"resumed from {target} (step {self.step} of {self.max_steps})")
         log = JsonlLog(self.out / "log.jsonl", keep_until=self.step) if env.main else None
         tb = _tensorboard(self.out, cfg) if env.main else None
@@ -502,10 +520,10 @@ def _tensorboard(out, cfg):
 def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema", progress=True):
     "`L_t` of a checkpoint's model (EMA by default) on its run's training data, saved as `velocity_loss.json` there."
     from sit_workbench.config import config_from_dict
-    from sit_workbench.model import load_sit
+    from sit_workbench.checkpoint import load_sit
     from sit_workbench.transport import estimate_velocity_loss
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = E.read_json(checkpoint / "trainer_state.json", "training state")
     cfg = config_from_dict(state["config"])
     tr = Trainer(cfg, env=DistEnv(), progress=False)
     tr.data = tr._build_data()
@@ -518,35 +536,3 @@ def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema",
     prof = estimate_velocity_loss(build_transport(cfg.model_config), model, batches(), num_bins=num_bins, progress=progress)
     prof.save(checkpoint)
     return prof
-
-# %% ../nbs/08_train.ipynb
-def export_official(checkpoint, out_path) -> Path:
-    "A checkpoint folder of ours as an official-format `.pt` (`model`, `ema`, `opt` left empty, `args`)."
-    import argparse
-    from sit_workbench.model import load_state_dict
-    checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    cfg = state["config"]; mc, dc = cfg["model_config"], cfg["dataset_config"]
-    name = json.loads((checkpoint / "config.json").read_text()).get("model_name") or \
-        f"SiT-custom(depth={mc['depth']}, hidden={mc['hidden_size']}, patch={mc['patch_size']})"
-    args = argparse.Namespace(model=name, image_size=dc["image_size"], num_classes=mc["num_classes"],
-                              global_seed=cfg["seed"], path_type=mc["path_type"], prediction=mc["prediction"],
-                              loss_weight=mc["loss_weight"], train_eps=mc["train_eps"], sample_eps=mc["sample_eps"],
-                              vae=mc["vae_path"], cfg_scale=mc["cfg_scale"], global_batch_size=None,
-                              train_steps=state["step"])
-    blob = {"model": load_state_dict(checkpoint, prefer="model"), "ema": load_state_dict(checkpoint, prefer="ema"),
-            "opt": {}, "args": args}
-    out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp"); torch.save(blob, tmp); os.replace(tmp, out_path)
-    return out_path
-
-def import_official(pt_path, out_dir, model="SiT-XL/2") -> Path:
-    "An official `.pt` (raw state dict or train.py's dict) as a folder `load_sit` reads; the architecture is read off the tensors."
-    from sit_workbench.model import SiT_models, load_into, load_state_dict, save_pretrained
-    from sit_workbench.cli import infer_config
-    sd, ema_sd = load_state_dict(pt_path, prefer="model"), load_state_dict(pt_path, prefer="ema")
-    with torch.device("meta"): net = SiT_models[model](**infer_config(sd, model))
-    load_into(net, sd, assign=True)
-    out = save_pretrained(net, out_dir)
-    torch.save(ema_sd, Path(out) / "ema.pt")
-    return Path(out)

@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLossProfile,
                                         check_diffusion_form, expand_t_like_x)
-from .solvers import MULTISTEP_METHODS, data_prediction, multistep_solve, time_grid
+from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_sde_multistep,
+                                   fixed_step_grid, multistep_sampler)
 
 # %% auto 0
 __all__ = ['PATH_TYPES', 'PREDICTIONS', 'LOSS_WEIGHTS', 'TIME_SAMPLERS', 'SDE_EPS', 'SDE_METHODS', 'LAST_STEPS',
-           'ADAPTIVE_METHODS', 'FIXED_METHODS', 'ODE_METHODS', 'ODE_MULTISTEP', 'SDE_MULTISTEP', 'DIVERGENCES',
-           'ModelType', 'PathType', 'WeightType', 'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport',
-           'create_transport', 'SampleFn', 'Sampler', 'estimate_velocity_loss']
+           'ADAPTIVE_METHODS', 'FIXED_METHODS', 'ODE_METHODS', 'DIVERGENCES', 'ModelType', 'PathType', 'WeightType',
+           'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport', 'create_transport', 'Sampler',
+           'estimate_velocity_loss']
 
 # %% ../nbs/03_transport.ipynb
 class ModelType(enum.Enum):
@@ -166,6 +167,12 @@ class Transport:
         if self.model_type == ModelType.SCORE: return self.path_sampler.score_to_velocity(out, x, t)
         return self.path_sampler.noise_to_velocity(out, x, t)
 
+    def denoise(self, x, t, score):
+        "Tweedie's formula: the posterior mean of the data, `E[x1 | x_t = x] = (x + sigma_t^2 score) / alpha_t`."
+        t = expand_t_like_x(t, x)
+        a, sig = self.path_sampler.compute_alpha_t(t)[0], self.path_sampler.compute_sigma_t(t)[0]
+        return x / a + sig ** 2 / a * score
+
     def score_from_output(self, out, x, t):
         if self.model_type == ModelType.SCORE: return out
         if self.model_type == ModelType.VELOCITY: return self.path_sampler.velocity_to_score(out, x, t)
@@ -184,13 +191,6 @@ class Transport:
             out = model(x, t, **kwargs); _check_output(out, x)
             return self.score_from_output(out, x, t)
         return score
-
-def _check_output(out, x):
-    if not torch.is_tensor(out) or out.shape != x.shape:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(f"the model returned {shape} for an input of shape {tuple(x.shape)}; "
-                         "a transport model must return a tensor shaped like its input (learn_sigma models "
-                         "must drop their variance channels, as SiT.forward does)")
 
 # %% ../nbs/03_transport.ipynb
 def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
@@ -215,36 +215,11 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
                      sample_eps=sample_eps, path=path, time_sampler=time_sampler)
 
 # %% ../nbs/03_transport.ipynb
-class _ModelCall:
-    def __init__(self, model, kwargs, lo, hi):
-        self.model, self.kwargs, self.lo, self.hi, self.nfe = model, kwargs, min(lo, hi), max(lo, hi), 0
-    def __call__(self, x, t):
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        t = (t.expand(x.shape[0]) if t.ndim == 0 else t).clamp(self.lo, self.hi)
-        out = self.model(x, t, **self.kwargs)
-        _check_output(out, x)
-        self.nfe += 1
-        return out, t
-
-class SampleFn:
-    "A sampling function `fn(x, model, **model_kwargs)`; after each call `fn.nfe` holds its network evaluations."
-    def __init__(self, run, t0, t1, description):
-        self._run, self.t0, self.t1, self.description, self.nfe = run, t0, t1, description, None
-    def __call__(self, x, model, **model_kwargs):
-        call = _ModelCall(model, model_kwargs, self.t0, self.t1)
-        out = self._run(x, call)
-        self.nfe = call.nfe
-        return out
-    def __repr__(self): return f"SampleFn({self.description}, t: {self.t0:g} -> {self.t1:g}, last nfe={self.nfe})"
-
-# %% ../nbs/03_transport.ipynb
 SDE_METHODS = ("Euler", "Heun")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams")
 ODE_METHODS = ADAPTIVE_METHODS + FIXED_METHODS
-ODE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if not m.startswith("sde-"))   # see sit_workbench.solvers
-SDE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if m.startswith("sde-"))
 DIVERGENCES = ("rademacher", "gaussian", "exact")
 
 def _check_choice(value, choices, what):
@@ -280,6 +255,10 @@ def _divergence(v, x, probe):
 class Sampler:
     "Samplers for a `Transport` (official API): `sample_ode`, `sample_sde`, `sample_ode_likelihood`."
     def __init__(self, transport: Transport):
+        if not isinstance(transport, Transport):
+            from sit_workbench.errors import UserError
+            raise UserError(f"Sampler needs a Transport (e.g. Sampler(create_transport('Linear', 'velocity'))), got "
+                            f"{transport!r} ({type(transport).__name__})")
         self.transport = transport
         self.drift = transport.get_drift()
         self.score = transport.get_score()
@@ -295,16 +274,11 @@ class Sampler:
                    schedule="uniform", schedule_dir=None):
         """An SDE sampler `fn(x, model, **model_kwargs) -> list of num_steps tensors` (`[-1]` is the sample).
 
-        `eta` and `velocity_loss` (a `VelocityLossProfile`) are used by `diffusion_form='w_KL_eta'` only.
-        `sampling_method='sde-dpm++2m'` (the SBDM diffusion, norm 1) is the multistep solver of `sit_workbench.solvers`:
-        it reaches the data end exactly (no `last_step`), on the time grid `schedule` (see `solvers.time_grid`)."""
-        if sampling_method in SDE_MULTISTEP:
-            if diffusion_form != "SBDM" or diffusion_norm != 1.0:
-                raise ValueError(f"{sampling_method!r} solves the SDE with diffusion_form='SBDM' and diffusion_norm=1 "
-                                 f"only, got {diffusion_form!r} x {diffusion_norm}")
-            return self._multistep(sampling_method, num_steps, schedule, schedule_dir, progress)
+        `eta` and `velocity_loss` (a `VelocityLossProfile`) are used by `diffusion_form='w_KL_eta'` only;
+        `schedule` by 'sde-dpm++2m' only (SBDM, norm 1: see `sit_workbench.solvers`, no `last_step`)."""
         _check_choice(sampling_method, SDE_METHODS + SDE_MULTISTEP, "SDE sampling_method")
-        if schedule != "uniform": raise ValueError(f"schedule={schedule!r} needs a multistep SDE method ({', '.join(SDE_MULTISTEP)})")
+        if check_sde_multistep(sampling_method, diffusion_form, diffusion_norm, schedule):
+            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress)
         check_diffusion_form(diffusion_form)
         _check_choice(last_step, LAST_STEPS, "last_step")
         _check_steps(num_steps)
@@ -358,30 +332,22 @@ class Sampler:
         if last_step is None: return x
         if last_step == "Mean": return x + sde_drift(call, x, t1)[0] * size
         if last_step == "Euler": return x + self._fields(call, x, t1, need_score=False)[0] * size
-        _, s, t = self._fields(call, x, t1)           # Tweedie: E[x1 | x_t1] = (x + sigma^2 s) / alpha
-        t = expand_t_like_x(t, x)
-        a, sig = self.transport.path_sampler.compute_alpha_t(t)[0], self.transport.path_sampler.compute_sigma_t(t)[0]
-        return x / a + sig ** 2 / a * s
+        _, s, t = self._fields(call, x, t1)
+        return self.transport.denoise(x, t, s)
 
     def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False,
                    schedule="uniform", schedule_dir=None):
-        """An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution).
-
-        `sampling_method` may also be a multistep solver of `sit_workbench.solvers` ('dpm++2m', 'dpm++3m', 'unipc',
-        'unipc3': num_steps - 1 evaluations). `schedule` places the `num_steps` time points of the fixed-step and
-        multistep methods: 'uniform' (default), 'logsnr', 'shift:S', 'optimized:NAME' (from `schedule_dir`) or times."""
+        """An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution);
+        also the multistep `ODE_MULTISTEP` and, for fixed steps, a `schedule` (`sit_workbench.solvers.time_grid`)."""
         _check_choice(sampling_method, ODE_METHODS + ODE_MULTISTEP, "ODE sampling_method")
         _check_steps(num_steps)
         if sampling_method in ODE_MULTISTEP:
-            if reverse: raise ValueError(f"{sampling_method!r} integrates from noise to data only (reverse=False)")
-            return self._multistep(sampling_method, num_steps, schedule, schedule_dir, progress)
+            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse)
         if atol <= 0 or rtol <= 0: raise ValueError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
-        custom = not (isinstance(schedule, str) and schedule == "uniform")
-        if custom and (sampling_method in ADAPTIVE_METHODS or reverse):
-            raise ValueError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True, reverse=reverse)
-        grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, schedule_dir) if custom else None
+        grid = fixed_step_grid(schedule, sampling_method in ADAPTIVE_METHODS, reverse, t0, t1, num_steps,
+                               tr.path_sampler, schedule_dir)
         def run(x, call):
             ts = _time_grid(t0, t1, num_steps, x) if grid is None else grid.to(x.device, _time_grid(0, 1, 2, x).dtype)
             bar = tqdm(total=1.0, disable=not progress, desc="ODE", leave=False, bar_format="{l_bar}{bar}| t={postfix}")
@@ -394,18 +360,6 @@ class Sampler:
             bar.close()
             return out
         return SampleFn(run, t0, t1, f"ODE {sampling_method}, {num_steps} points" + (", reverse" if reverse else ""))
-
-    def _multistep(self, method, num_steps, schedule, schedule_dir, progress):
-        "A `SampleFn` running `solvers.multistep_solve` on the ODE interval (one evaluation per step)."
-        tr = self.transport
-        t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
-        grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, schedule_dir)
-        prediction = tr.model_type.name.lower()
-        def run(x, call):
-            def denoise(y, t): return data_prediction(tr.path_sampler, prediction, call(y, t)[0], y, t)
-            with torch.no_grad(): return multistep_solve(denoise, x, grid, tr.path_sampler, method, progress)
-        name = schedule if isinstance(schedule, str) else "custom"
-        return SampleFn(run, t0, t1, f"{method}, {num_steps} points, schedule {name}")
 
     def sample_ode_likelihood(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3,
                             divergence="rademacher", progress=False):
