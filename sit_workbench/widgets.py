@@ -27,14 +27,14 @@ from .checkpoint import load_sit
 from .sample import VAE_SCALE, generate, image_grid
 from .checkpoint import load_vae
 from .train import build_transport
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, run_model_config
 from .transport import FIXED_METHODS, LAST_STEPS, ODE_METHODS, SDE_METHODS, Sampler, create_transport
 
 # %% auto 0
-__all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'find_path', 'default_checkpoint', 'Loaded', 'load_checkpoint',
-           'Request', 'parse_classes', 'make_sample_fn', 'guidance_kwargs', 'Cancelled', 'Watch', 'to_png', 'set_png',
-           'Result', 'sample_grid', 'guidance_scales', 'sample_guidance_row', 'Trajectory', 'predicted_x1',
-           'solve_trajectory', 'Job', 'Jobs', 'Debouncer', 'error_text', 'SamplerPanel', 'CFGExplorer',
+__all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'find_path', 'default_checkpoint', 'run_defaults', 'Loaded',
+           'load_checkpoint', 'Request', 'parse_classes', 'make_sample_fn', 'guidance_kwargs', 'Cancelled', 'Watch',
+           'to_png', 'set_png', 'Result', 'sample_grid', 'guidance_scales', 'sample_guidance_row', 'Trajectory',
+           'predicted_x1', 'solve_trajectory', 'Job', 'Jobs', 'Debouncer', 'error_text', 'SamplerPanel', 'CFGExplorer',
            'trajectory_figure', 'plotly_bundle', 'TrajectoryScrubber']
 
 # %% ../nbs/12_widgets.ipynb
@@ -55,6 +55,19 @@ def default_checkpoint() -> Path | None:
     if os.environ.get(CHECKPOINT_ENV): return find_path(os.environ[CHECKPOINT_ENV])
     run = find_path(DEFAULT_RUN)
     return latest_checkpoint(run) if run.is_dir() else None
+
+def run_defaults(checkpoint) -> dict:
+    """The sampler panel's defaults from a checkpoint's training run (a run folder: its latest checkpoint): every class
+    (up to 16), the run's guidance scale, guided channels (all in pixel space); `{}` when there is no run."""
+    try:
+        p = find_path(checkpoint)
+        if p.is_dir() and not (p / "config.json").is_file() and latest_checkpoint(p) is not None: p = latest_checkpoint(p)
+        run = run_model_config(p)
+    except (OSError, ValueError): return {}
+    if not run: return {}
+    n = int(run.get("num_classes") or 10)
+    return dict(classes=f"0-{n - 1}" if n <= 16 else "0-7", cfg_scale=float(run.get("cfg_scale") or 4.0),
+                cfg_channels=3 if run.get("vae_path") else None)
 
 def _short(path) -> str:
     "A path as the panel shows it: relative to the project root when it is inside."
@@ -427,11 +440,14 @@ def _labelled(text, widget, width="9em"):
 
 class SamplerPanel(W.VBox, _Messages):
     "Sampler and guidance controls, Generate and Cancel, a progress bar and the grid."
-    def __init__(self, checkpoint=None, classes="0-9", per_class=3, cfg_scale=2.0, mode="ODE", method="heun2",
+    def __init__(self, checkpoint=None, classes=None, per_class=3, cfg_scale=None, mode="ODE", method="heun2",
                  num_steps=26, seed=0, device=None):
+        "`classes`, `cfg_scale` and the guided channels default to the checkpoint's run (`run_defaults`)."
         super().__init__()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ck = default_checkpoint() if checkpoint is None else checkpoint
+        run = {"classes": "0-9", "cfg_scale": 4.0, "cfg_channels": 3, **(run_defaults(ck) if ck else {})}
+        classes, cfg_scale = run["classes"] if classes is None else classes, run["cfg_scale"] if cfg_scale is None else cfg_scale
         style, wide = {"description_width": "9em"}, W.Layout(width="34em")
         self.checkpoint = W.Text(value=_short(ck) if ck else "", description="checkpoint", style=style,
                                  placeholder="a checkpoint folder, a run folder or a .pt file", layout=W.Layout(width="48em"))
@@ -444,7 +460,7 @@ class SamplerPanel(W.VBox, _Messages):
         self.cfg_interval = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05,
                                                description="guided for t in", continuous_update=False, style=style,
                                                layout=wide)
-        self.cfg_channels = W.ToggleButtons(options=_CHANNELS, value=3, style={"button_width": "10.5em"})
+        self.cfg_channels = W.ToggleButtons(options=_CHANNELS, value=run["cfg_channels"], style={"button_width": "10.5em"})
         self.mode = W.ToggleButtons(options=["ODE", "SDE"], value=mode, style={"button_width": "8em"})
         self.method = W.Dropdown(options=ODE_METHODS if mode == "ODE" else SDE_METHODS, value=method,
                                  description="method", style=style)
