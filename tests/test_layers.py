@@ -10,7 +10,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones above
     ("evaluation", {"digits", "evaluate"}),
     ("studies", {"studies.zoo", "studies.path_length", "studies.nfe", "studies.diffusion_coefficient",
                  "studies.design_space", "studies.convergence"}),
-    ("front ends", {"cli", "widgets", "demo", "pipeline"}),
+    ("front ends", {"cli", "explore", "widgets", "demo", "pipeline"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 
