@@ -58,11 +58,14 @@ class DigitsClassifier(nn.Module):
         self.head = nn.Linear(FEATURE_DIM, 10)
         self.test_accuracy: Optional[float] = None  # set by `train_classifier` and `load_or_train_classifier`
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        "The last convolutional map `[N, 128, 4, 4]` (what `features` flattens; REPA's digits encoder reads it as tokens)."
         h = F.gelu(self.conv1(x))
         h = F.max_pool2d(F.gelu(self.conv2(h)), 2)
-        h = F.gelu(self.conv3(h))
-        return F.gelu(self.fc(h.flatten(1)))
+        return F.gelu(self.conv3(h))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc(self.feature_map(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
