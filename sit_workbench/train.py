@@ -203,12 +203,14 @@ class _StopFlag:
 
 # %% ../nbs/08_train.ipynb
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None, progress: bool = True):
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None, progress: bool = True,
+                 encoder=None):
         validate(cfg)
         self.cfg, self.progress = cfg, progress
         self.env = env or init_distributed()
         self.out = Path(cfg.output_dir)
         self._dataset = dataset
+        self._encoder, self.repa = encoder, None   # REPA: an encoder module overriding cfg.repa_encoder; the term
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -233,6 +235,9 @@ class Trainer:
         else:
             self.model = raw
         self.raw, self.ema = raw, ema
+        if cfg.repa_encoder is not None or self._encoder is not None:   # REPA: hook, encoder, projector (repa.py)
+            from sit_workbench.repa import setup_alignment
+            self.repa, self.repa_projector = setup_alignment(cfg, raw, env, self._encoder)
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model
         self.transport = build_transport(mcfg)
         self.data = self._build_data()
@@ -242,6 +247,8 @@ class Trainer:
                              f"{cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps}")
         self.max_steps = total_steps(cfg, self.steps_per_epoch)
         self.opt, self.sched = build_optimizer(raw, cfg, self.max_steps)
+        if self.repa is not None:   # REPA: the projector's AdamW, same hyperparameters and schedule
+            self.repa_opt, self.repa_sched = build_optimizer(self.repa.projector, cfg, self.max_steps)
         self.noise = torch.Generator().manual_seed(cfg.seed)   # shared by all processes: global-batch draws
         self.autocast = ((lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext)
         return self
@@ -264,6 +271,11 @@ class Trainer:
             ds = D.build_dataset(dcfg, in_channels=3 if mcfg.vae_path is not None else mcfg.in_channels)
             if mcfg.vae_path is not None:
                 self.vae = D.load_vae(mcfg.vae_path, env.device).requires_grad_(False)
+        if self.repa is not None and cfg.repa_feature_cache:   # REPA: encoder features cached once per image
+            from sit_workbench.repa import with_feature_cache
+            pixels = ds if not self.latent else D.build_dataset(dcfg, in_channels=3)
+            ds = with_feature_cache(ds, pixels, self.repa.encoder, cfg.repa_feature_cache, dcfg.random_flip, env,
+                                    self.progress)
         return D.make_loader(ds, cfg.per_device_train_batch_size, env.rank, env.world_size, cfg.seed,
                              num_workers=cfg.dataloader_num_workers,
                              pin_memory=cfg.dataloader_pin_memory and env.device.type == "cuda")
@@ -274,14 +286,19 @@ class Trainer:
         from sit_workbench import data as D
         env, dcfg = self.env, self.cfg.dataset_config
         aug = D.augment_generator(self.cfg.seed, step, micro)
+        cached = batch[-1] if self.repa is not None and self.cfg.repa_feature_cache else None   # REPA
+        if cached is not None: batch = batch[:-1]
         if self.latent:
+            mask = D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size) if dcfg.random_flip else None
             x, y = D.latents_from_cache_batch(batch, generator=aug, rank=env.rank, world_size=env.world_size,
-                                             flip_mask=D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size)
-                                             if dcfg.random_flip else None)
+                                             flip_mask=mask)
+            self._repa_source = (None, cached, mask)   # REPA: what the encoder targets come from
             return x.to(env.device), y.to(env.device)
         x, y = batch
-        if dcfg.random_flip: x, _ = D.flip_batch(x, aug, env.rank, env.world_size)
+        mask = None
+        if dcfg.random_flip: x, mask = D.flip_batch(x, aug, env.rank, env.world_size)
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        self._repa_source = (x, cached, mask)   # REPA: the clean pixels, before the VAE
         if self.vae is not None:
             with torch.no_grad():
                 x = D.encode_images(self.vae, x, generator=aug, rank=env.rank, world_size=env.world_size)
@@ -300,13 +317,19 @@ class Trainer:
     def _micro_step(self, batch, step, micro, sync):
         x1, y = self._prepare(batch, step, micro)
         x0, t, drop = self._global_draws(x1)
-        if hasattr(self.model, "set_requires_gradient_sync"): self.model.set_requires_gradient_sync(sync)  # FSDP2
-        ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
-        with ctx:
+        repa = self.repa
+        target = repa.targets(*self._repa_source).to(x1.device) if repa is not None else None   # REPA
+        with contextlib.ExitStack() as ctx:
+            for m in [self.model] + ([self.repa_projector] if repa is not None else []):
+                if hasattr(m, "set_requires_gradient_sync"): m.set_requires_gradient_sync(sync)  # FSDP2
+                if not sync and hasattr(m, "no_sync"): ctx.enter_context(m.no_sync())           # DDP
             with self.autocast():
                 loss = self.transport.training_losses_at(self.forward, x1, x0, t,
                                                          dict(y=y, force_drop_ids=drop))["loss"].float().mean()
-            (loss / self.cfg.gradient_accumulation_steps).backward()
+                align = repa.loss(target, self.repa_projector) if repa is not None else None   # REPA
+            total = loss if align is None else loss + repa.lam * align
+            (total / self.cfg.gradient_accumulation_steps).backward()
+        if align is not None: self._aligns.append(align.detach())
         return loss.detach()
 
     def train_step(self, batches) -> float:
@@ -314,14 +337,20 @@ class Trainer:
         backward, the divergence check, clipping, AdamW, the schedule, the EMA. Returns the mean loss."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         self.opt.zero_grad(set_to_none=True)
+        if self.repa is not None: self.repa_opt.zero_grad(set_to_none=True); self._aligns = []   # REPA
         loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
         loss = float(_all_reduce_mean(loss, self.env))
+        if self.repa is not None:   # REPA: the alignment loss of the step, logged beside the transport loss
+            self.last_align = float(_all_reduce_mean(sum(self._aligns) / accum, self.env))
+            if not math.isfinite(self.last_align): loss = self.last_align
         if not math.isfinite(loss):
             where = self.last_checkpoint or "none yet"
             raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}; stopped without saving. "
                                    f"Last good checkpoint: {where}")
-        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.max_grad_norm)
+        params = list(self.raw.parameters()) + (list(self.repa.projector.parameters()) if self.repa else [])  # REPA
+        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.opt.step(); self.sched.step()
+        if self.repa is not None: self.repa_opt.step(); self.repa_sched.step()   # REPA
         update_ema(self.ema, self.raw, cfg.ema_decay)
         self.step += 1
         return loss
@@ -338,6 +367,9 @@ class Trainer:
         "Write `checkpoint-{step}` atomically (all processes take part in gathering; the first writes)."
         env = self.env
         model_sd, ema_sd, opt_sd = self._state_dicts()
+        if self.repa is not None:   # REPA: every process takes part in gathering the projector too
+            from sit_workbench.repa import projector_state, write_projector
+            proj = projector_state(self.repa.projector, self.repa_opt, self.repa_sched)
         rng = _rng_state(self.noise)
         rngs = [None] * env.world_size
         if env.distributed: dist.all_gather_object(rngs, rng)
@@ -351,6 +383,7 @@ class Trainer:
             if tmp.exists(): shutil.rmtree(tmp)
             mcfg = dict(self.raw.config if hasattr(self.raw, "config") else {})
             _write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
+            if self.repa is not None: write_projector(tmp, proj)   # REPA: own files, never exported
             commit_checkpoint(tmp, final, self.cfg.save_total_limit)
         if env.distributed: dist.barrier()
         self.last_checkpoint = final
@@ -368,6 +401,9 @@ class Trainer:
         set_model_state_dict(self.ema, torch.load(folder / "ema.pt", weights_only=True), options=full)
         set_optimizer_state_dict(self.raw, self.opt, torch.load(folder / "optimizer.pt", weights_only=True), options=full)
         self.sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        if self.repa is not None:   # REPA
+            from sit_workbench.repa import load_projector
+            load_projector(folder, self.repa.projector, self.repa_opt, self.repa_sched)
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
         rngs = state["rng"]
@@ -430,6 +466,7 @@ class Trainer:
                     now = time.perf_counter(); sps = (self.step - steps_last) / max(now - t_last, 1e-9)
                     row = {"step": self.step, "epoch": self.data.state_dict()["epoch"], "loss": sum(window) / len(window),
                            "lr": self.sched.get_last_lr()[0], "steps_per_sec": sps, "images_per_sec": sps * gbatch * accum}
+                    if self.repa is not None: row["repa_align"] = self.last_align   # REPA: the last step's
                     if log: log.write(row)
                     if tb: [tb.add_scalar(f"train/{k}", v, self.step) for k, v in row.items() if k != "step"]
                     bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{sps:.1f}", img_s=f"{row['images_per_sec']:.0f}")
@@ -453,11 +490,11 @@ class Trainer:
         return {"status": status, "step": self.step, "max_steps": self.max_steps,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None, "output_dir": str(self.out)}
 
-def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, dataset=None, encoder=None) -> dict:
     "Train (or resume) as `cfg` says, in this process or in the torchrun process group it belongs to."
     env = init_distributed()
     try:
-        return Trainer(cfg, env, dataset=dataset, progress=progress).train()
+        return Trainer(cfg, env, dataset=dataset, progress=progress, encoder=encoder).train()
     finally:
         if env.distributed and dist.is_initialized(): dist.destroy_process_group()
 
