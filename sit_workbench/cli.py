@@ -251,7 +251,8 @@ def cmd_sample_eval(args):
     sample_eval_main(args)   # prints the metrics
 
 # %% ../nbs/05_cli.ipynb
-STUDIES = {"path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space"}
+STUDIES = {"path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space",
+           "repa": "repa_study"}  # representation alignment on the digits (nbs/21_repa.ipynb)
 
 def study_parser(p):
     p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/15-18)")

@@ -16,7 +16,7 @@ from .zoo import ZOO, get_setting, load_results, project_root, save_results
 
 # %% auto 0
 __all__ = ['STUDY', 'MODEL', 'REPA_DIGITS', 'OBJECTIVES', 'LADDERS', 'SEEDS', 'WARMUP', 'run_dir', 'run_config', 'measure_run',
-           'summarise', 'paired_differences', 'steps_to_reach', 'run_study', 'plot_study']
+           'summarise', 'paired_differences', 'steps_to_reach', 'run_study', 'plot_study', 'verdict']
 
 # %% ../nbs/21_repa.ipynb
 STUDY = "repa"
@@ -104,23 +104,26 @@ def steps_to_reach(rows, objective, target) -> float | None:
             return float(math.exp(math.log(s0) + w * (math.log(s1) - math.log(s0))))
     return None
 
-def run_study(setting="full", progress=True, up_to=None) -> dict:
-    """Both arms on every training seed, rung by rung up the ladder (to `up_to` steps if given), so that the lower
-    rungs are complete first; measured rungs are kept in each run folder, so a rerun continues. Saved and returned."""
+def run_study(setting="full", progress=True, up_to=None, seeds=None) -> dict:
+    """Both arms on each training seed (`seeds`, default `SEEDS`) up the ladder (to `up_to` steps if given): first
+    every seed to the second-highest rung, then every seed to the top, so that a shorter budget still gives whole
+    comparisons. Measured rungs are kept in each run folder, so a rerun continues. Saved and returned."""
     from sit_workbench.zoo import _classifier
     s = get_setting(setting)
     ladder = [k for k in LADDERS[s.name] if up_to is None or k <= up_to]
-    clf = _classifier()
-    for steps in ladder:
-        runs = [r for seed in SEEDS[s.name] for obj in OBJECTIVES
-                for r in measure_run(obj, seed, s, up_to=steps, clf=clf)]
-        if progress: print(f"{steps} steps: " + ", ".join(f"{r['objective']} seed {r['seed']}: {r['digits_fid']:.2f}"
-                                                          for r in runs if r["steps"] == steps), flush=True)
+    seeds, clf = tuple(SEEDS[s.name] if seeds is None else seeds), _classifier()
+    for cap in sorted({ladder[max(0, len(ladder) - 2)], ladder[-1]}):
+        for seed in seeds:
+            for obj in OBJECTIVES:
+                got = measure_run(obj, seed, s, up_to=cap, clf=clf)
+                if progress: print(f"{obj} seed {seed}: " + ", ".join(f"{r['steps']}: {r['digits_fid']:.2f}" for r in got),
+                                   flush=True)
+    runs = [r for seed in seeds for obj in OBJECTIVES for r in measure_run(obj, seed, s, up_to=ladder[-1], clf=clf)]
     rows = summarise(runs)
     plain = {r["steps"]: r for r in rows if r["objective"] == "plain"}
     ref_steps = 1500 if 1500 in plain else ladder[-1]
     reach = steps_to_reach(rows, "repa", plain[ref_steps]["digits_fid"])
-    path = save_results(STUDY, s, rows, model=MODEL, repa=REPA_DIGITS, ladder=ladder, seeds=list(SEEDS[s.name]),
+    path = save_results(STUDY, s, rows, model=MODEL, repa=REPA_DIGITS, ladder=ladder, seeds=list(seeds),
                         reference_steps=ref_steps, repa_steps_to_reference=reach, paired=paired_differences(runs),
                         runs=runs)
     return json.loads(path.read_text())
@@ -149,3 +152,26 @@ def plot_study(results, path=None):
     fig.tight_layout()
     if path is not None: fig.savefig(path)
     return fig
+
+# %% ../nbs/21_repa.ipynb
+def verdict(results) -> str:
+    "What the results say, in words, with the numbers quoted from `results`."
+    rows, ref = results["rows"], results["reference_steps"]
+    plain = {r["steps"]: r for r in rows if r["objective"] == "plain"}
+    repa = {r["steps"]: r for r in rows if r["objective"] == "repa"}
+    target, reach = plain[ref]["digits_fid"], results["repa_steps_to_reference"]
+    out = [f"Plain training reaches digits-FID {target:.2f} ± {plain[ref]['digits_fid_std']:.2f} at {ref} steps "
+           + (f"(mean ± std over {len(results['seeds'])} seeds)" if len(results["seeds"]) > 1 else
+              "(one seed; ± is the bootstrap error)") + f"; with alignment it is {repa[ref]['digits_fid']:.2f} ± "
+           f"{repa[ref]['digits_fid_std']:.2f} there."]
+    if reach is None: out.append("With alignment the model reaches the plain model's value at no rung of the ladder.")
+    else: out.append(f"With alignment the model reaches the plain model's {ref}-step value at about {reach:.0f} steps "
+                     f"({ref / reach:.2f}x fewer, interpolating log-linearly between rungs).")
+    for p in results["paired"]:
+        err = f" ± {p['sem']:.2f} (standard error over {p['seeds']} seeds)" if p["seeds"] > 1 else " (one seed)"
+        out.append(f"At {p['steps']} steps the paired difference (REPA minus plain, same seed) is "
+                   f"{p['fid_difference']:+.2f}{err}.")
+    half = reach is not None and reach <= ref / 2
+    out.append(f"By the issue's criterion (the plain model's {ref}-step digits-FID in at most half the steps) alignment "
+               + ("helps here." if half else "does not help here."))
+    return " ".join(out)

@@ -211,6 +211,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._dataset = dataset
         self._encoder, self.repa = encoder, None   # REPA: an encoder module overriding cfg.repa_encoder; the term
+        if encoder is not None and cfg.repa_encoder is None:
+            raise ValueError("an encoder module was passed but repa_encoder is null: set repa_encoder to a name for "
+                             "it (the run's config records it)")
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -235,7 +238,7 @@ class Trainer:
         else:
             self.model = raw
         self.raw, self.ema = raw, ema
-        if cfg.repa_encoder is not None or self._encoder is not None:   # REPA: hook, encoder, projector (repa.py)
+        if cfg.repa_encoder is not None:   # REPA: hook, encoder, projector (repa.py)
             from sit_workbench.repa import setup_alignment
             self.repa, self.repa_projector = setup_alignment(cfg, raw, env, self._encoder)
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model

@@ -1,0 +1,176 @@
+"""Representation alignment (REPA) in the trainer: exact resume, the features cache, export without the projector,
+DDP/FSDP2 against one process, latent-space training with a timm encoder, the offline error."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sit_workbench.config import config_from_dict, config_to_dict, digits_config, save_config
+from sit_workbench.model import SiT, load_sit
+from sit_workbench.repa import PROJECTOR_FILE, PROJECTOR_OPT_FILE, TimmEncoder
+from sit_workbench.train import export_official, read_log, train
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+REPA = dict(depth=2, hidden_size=32, num_heads=2, warmup_steps=0, logging_steps=1, save_total_limit=None,
+            per_device_train_batch_size=16, repa_encoder="digits", repa_block=1, repa_projector_dim=32,
+            repa_lambda=0.5)
+
+
+def files(folder):
+    folder = Path(folder)
+    return {"model": load_file(str(folder / "model.safetensors")),
+            "ema": torch.load(folder / "ema.pt", weights_only=True),
+            "projector": load_file(str(folder / PROJECTOR_FILE)),
+            "projector_opt": torch.load(folder / PROJECTOR_OPT_FILE, weights_only=True)["optimizer"]["state"]}
+
+
+def assert_equal_tensors(a, b):
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a: assert_equal_tensors(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_with_alignment_is_bit_exact(tmp_path, accum):
+    kw = dict(REPA, max_steps=6, save_steps=3, gradient_accumulation_steps=accum)
+    train(digits_config(**kw, output_dir=str(tmp_path / "a")), progress=False)
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    res = train(digits_config(**kw, output_dir=str(tmp_path / "b")), progress=False)
+    assert res["step"] == 6
+    assert_equal_tensors(files(tmp_path / "a" / "checkpoint-6"), files(tmp_path / "b" / "checkpoint-6"))
+    ra, rb = read_log(tmp_path / "a" / "log.jsonl"), read_log(tmp_path / "b" / "log.jsonl")
+    assert [(r["loss"], r["repa_align"]) for r in ra] == [(r["loss"], r["repa_align"]) for r in rb]
+    assert all(-1 <= r["repa_align"] <= 1 for r in ra)
+
+
+def test_alignment_trains_the_projector_and_lowers_the_alignment_loss(tmp_path):
+    res = train(digits_config(**{**REPA, "learning_rate": 3e-3}, max_steps=40, save_steps=40,
+                              output_dir=str(tmp_path / "r")), progress=False)
+    log = read_log(tmp_path / "r" / "log.jsonl")
+    first, last = sum(r["repa_align"] for r in log[:5]) / 5, sum(r["repa_align"] for r in log[-5:]) / 5
+    assert last < first - 0.1, (first, last)
+    # the same seed without alignment starts from the same weights and draws the same data and noise
+    plain = train(digits_config(**{k: v for k, v in REPA.items() if not k.startswith("repa_")}, learning_rate=3e-3,
+                                max_steps=1, save_steps=1, output_dir=str(tmp_path / "p")), progress=False)
+    assert read_log(tmp_path / "p" / "log.jsonl")[0]["loss"] == log[0]["loss"]
+    assert not (Path(plain["checkpoint"]) / PROJECTOR_FILE).exists()
+    assert (Path(res["checkpoint"]) / PROJECTOR_FILE).is_file()
+
+
+def test_features_cache_gives_the_on_the_fly_run(tmp_path):
+    kw = dict(REPA, max_steps=4, save_steps=4)
+    train(digits_config(**kw, output_dir=str(tmp_path / "fly")), progress=False)
+    train(digits_config(**kw, output_dir=str(tmp_path / "cached"), repa_feature_cache=str(tmp_path / "feats")),
+          progress=False)
+    assert (tmp_path / "feats" / "meta.json").is_file()
+    a, b = files(tmp_path / "fly" / "checkpoint-4"), files(tmp_path / "cached" / "checkpoint-4")
+    for part in ("model", "projector"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-5, atol=1e-6)
+
+
+def test_export_drops_the_projector_and_loads_strictly(tmp_path):
+    res = train(digits_config(**REPA, max_steps=2, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
+    ck = Path(res["checkpoint"])
+    assert (ck / PROJECTOR_FILE).is_file()
+    blob = torch.load(export_official(ck, tmp_path / "official.pt"), weights_only=False)
+    net = SiT(**load_sit(ck).config)   # the official layout (keys and shapes of github.com/willisma/SiT)
+    for part in ("model", "ema"):
+        assert not any("projector" in k for k in blob[part])
+        net.load_state_dict(blob[part], strict=True)
+    assert set(load_sit(ck).state_dict()) == set(net.state_dict())
+
+
+def test_resuming_a_plain_checkpoint_with_alignment_fails_clearly(tmp_path):
+    plain = {k: v for k, v in REPA.items() if not k.startswith("repa_")}
+    train(digits_config(**plain, max_steps=2, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
+    with pytest.raises(FileNotFoundError, match="saved without representation alignment"):
+        train(digits_config(**REPA, max_steps=4, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
+
+
+def test_an_encoder_module_needs_a_name(tmp_path):
+    from sit_workbench.train import Trainer
+    with pytest.raises(ValueError, match="repa_encoder is null"):
+        Trainer(digits_config(output_dir=str(tmp_path)), encoder=torch.nn.Identity())
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
+    steps = 4
+    for name, batch, extra in (("one", 32, {}), ("two", 16, {"fsdp": fsdp})):
+        save_config(digits_config(**{**REPA, "per_device_train_batch_size": batch}, max_steps=steps, save_steps=steps,
+                                  gradient_accumulation_steps=2, output_dir=str(tmp_path / name), **extra),
+                    tmp_path / f"{name}.yaml")
+    cmd = [str(BIN / "sit-workbench"), "train", "--no-progress", "--config"]
+    subprocess.run(cmd + [str(tmp_path / "one.yaml")], check=True, env=ENV, capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          *cmd, str(tmp_path / "two.yaml")], env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one, two = read_log(tmp_path / "one" / "log.jsonl"), read_log(tmp_path / "two" / "log.jsonl")
+    for key in ("loss", "repa_align"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]),
+                                   rtol=1e-5, atol=1e-6)
+    a, b = files(tmp_path / "one" / f"checkpoint-{steps}"), files(tmp_path / "two" / f"checkpoint-{steps}")
+    for part in ("model", "projector"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=1e-5)
+
+
+def _image_folder(root, n_per_class=6, size=32):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["cats", "dogs"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = (torch.rand(size, size, 3, generator=g) * 100 + 100 * c).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["encoder-on-the-fly", "features-cache"])
+def test_latent_space_with_a_timm_encoder_from_a_local_file(tmp_path, cached):
+    """The ImageNet path at toy scale: pixels -> a small random VAE's latents for the SiT, and the same (flipped)
+    pixels -> a timm ViT loaded from a local weights file (resized to its 32 px input) for the alignment targets."""
+    import timm
+    from safetensors.torch import save_file
+    from sit_workbench.data import tiny_vae
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    d = config_to_dict(digits_config(**{**REPA, "per_device_train_batch_size": 4}, max_steps=3, save_steps=3))
+    d["model_config"].update(vae_path=str(tmp_path / "vae"), input_size=4, in_channels=4, num_classes=2)
+    d["dataset_config"].update(dataset_format="imagefolder", dataset_path=str(_image_folder(tmp_path / "images")),
+                               image_size=32, random_flip=True, latent_cache=str(tmp_path / "latents"))
+    d.update(output_dir=str(tmp_path / "run"), repa_encoder="vit_tiny_patch16_224", repa_encoder_resolution=32,
+             repa_encoder_weights=str(tmp_path / "vit.safetensors"),
+             repa_feature_cache=str(tmp_path / "feats") if cached else None)
+    res = train(config_from_dict(d), progress=False)
+    assert res["status"] == "finished" and res["step"] == 3
+    log = read_log(tmp_path / "run" / "log.jsonl")
+    assert all(-1 <= r["repa_align"] <= 1 for r in log)
+    assert load_file(str(Path(res["checkpoint"]) / PROJECTOR_FILE))["4.weight"].shape == (192, 32)  # ViT-Ti width
+    if cached:
+        assert (tmp_path / "feats" / "meta.json").is_file()
+
+
+def test_timm_encoder_without_network_says_how_to_pass_a_file(monkeypatch):
+    import timm
+    real = timm.create_model
+    def offline(name, pretrained=False, **kw):
+        if pretrained and "pretrained_cfg_overlay" not in kw:
+            raise OSError("We couldn't connect to 'https://huggingface.co'")
+        return real(name, pretrained=pretrained, **kw)
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match="repa_encoder_weights: /path/to/encoder.safetensors"):
+        TimmEncoder("vit_tiny_patch16_224", resolution=32)
