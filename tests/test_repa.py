@@ -49,7 +49,8 @@ def test_resume_with_alignment_is_bit_exact(tmp_path, accum):
     assert res["step"] == 6
     assert_equal_tensors(files(tmp_path / "a" / "checkpoint-6"), files(tmp_path / "b" / "checkpoint-6"))
     ra, rb = read_log(tmp_path / "a" / "log.jsonl"), read_log(tmp_path / "b" / "log.jsonl")
-    assert [(r["loss"], r["repa_align"]) for r in ra] == [(r["loss"], r["repa_align"]) for r in rb]
+    # run b's log starts at the resumed step (the copied checkpoint carries no log)
+    assert [(r["loss"], r["repa_align"]) for r in ra[3:]] == [(r["loss"], r["repa_align"]) for r in rb]
     assert all(-1 <= r["repa_align"] <= 1 for r in ra)
 
 
