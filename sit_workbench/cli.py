@@ -12,34 +12,20 @@ from pathlib import Path
 
 import torch
 
-from .model import SiT, SiT_models, load_into, load_sit, load_state_dict, resolve_checkpoint
-from .sample import generate, load_vae, save_grid
+from .checkpoint import load_sit, load_state_dict, load_vae, resolve_checkpoint, sit_from_state_dict
+from .model import SiT_models
+from .sample import generate, save_grid
 from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_METHODS, SDE_METHODS)
 from .interpolants import DIFFUSION_FORMS, VelocityLossProfile
+from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, check_finite, read_json
 
 # %% auto 0
-__all__ = ['STUDIES', 'infer_config', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample',
-           'train_parser', 'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser',
-           'cmd_demo', 'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
+__all__ = ['STUDIES', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample', 'train_parser',
+           'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo',
+           'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
            'cmd_sample_eval', 'study_parser', 'cmd_study', 'make_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb
-def infer_config(state_dict, model_name):
-    "SiT constructor arguments (`input_size`, `in_channels`, `num_classes`, `learn_sigma`) read off a state dict."
-    if model_name not in SiT_models:
-        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(SiT_models)}")
-    p = int(model_name.rsplit("/", 1)[1])
-    try:
-        tokens = state_dict["pos_embed"].shape[1]
-        in_channels = state_dict["x_embedder.proj.weight"].shape[1]
-        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
-        out = state_dict["final_layer.linear.weight"].shape[0]
-    except KeyError as e:
-        raise ValueError(f"the checkpoint has no {e.args[0]!r}: is it a SiT checkpoint?") from None
-    grid = round(tokens ** 0.5)
-    return dict(input_size=grid * p, in_channels=in_channels, num_classes=rows - 1,
-                learn_sigma=out == 2 * p * p * in_channels)
-
 def _randomise_zero_init(model, std=0.02, seed=0):
     "Give the adaLN-Zero and output layers small random weights, so an untrained model's output is not all zeros."
     g = torch.Generator().manual_seed(seed)
@@ -58,10 +44,8 @@ def build_model(args):
         return _randomise_zero_init(m, seed=args.seed).eval()
     ckpt = args.ckpt or f"SiT-XL-2-{args.image_size}x{args.image_size}.pt"
     path = resolve_checkpoint(ckpt)
-    if path.is_dir(): return load_sit(path)
-    sd = load_state_dict(path)
-    with torch.device("meta"): m = SiT_models[args.model](**infer_config(sd, args.model))
-    return load_into(m, sd, assign=True).eval()
+    if path.is_dir(): return check_finite(load_sit(path), f"checkpoint {path}")
+    return sit_from_state_dict(check_finite(load_state_dict(path), f"checkpoint {path}"), args.model)
 
 # %% ../nbs/05_cli.ipynb
 def _none_or_str(v): return None if v in ("None", "none") else v
@@ -79,7 +63,7 @@ def transport_from_args(args):
     run = {}
     ckpt = getattr(args, "ckpt", None)
     if ckpt and (Path(ckpt) / "trainer_state.json").is_file():
-        run = json.loads((Path(ckpt) / "trainer_state.json").read_text())["config"]["model_config"]
+        run = read_json(Path(ckpt) / "trainer_state.json", "training state")["config"]["model_config"]
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else run.get(name, default)
     return create_transport(pick("path_type", "Linear"), pick("prediction", "velocity"), pick("loss_weight", None),
                             pick("train_eps", None), pick("sample_eps", None))
@@ -153,28 +137,45 @@ def cmd_train(args):
     from sit_workbench.train import train
     cfg = load_config(args.config) if args.config else digits_config()
     if args.set: cfg = apply_overrides(cfg, args.set)
-    res = train(cfg, progress=not args.no_progress)
+    encoder = None
+    if cfg.repa_encoder == "digits":   # REPA's digits encoder is a digits classifier (the evaluation layer)
+        from sit_workbench.digits import load_digits_encoder
+        encoder = load_digits_encoder()
+    res = train(cfg, progress=not args.no_progress, encoder=encoder)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
+    if res["status"] == "preempted": sys.exit(EXIT_PREEMPTED)   # saved; a scheduler tells this from a finished run
     return res
 
 def export_parser(p):
-    p.add_argument("checkpoint", help="a checkpoint folder of ours (checkpoint-N)")
-    p.add_argument("out", help="the official-format .pt to write")
+    p.add_argument("checkpoint", help="a checkpoint folder of ours (checkpoint-N); with --format diffusers also an "
+                                      "official .pt")
+    p.add_argument("out", help="the official-format .pt to write (--format diffusers: the pipeline folder)")
+    p.add_argument("--format", choices=["official", "diffusers"], default="official",
+                   help="official: train.py's {model, ema, opt, args} .pt; diffusers: a SiTPipeline folder")
+    p.add_argument("--model", default="SiT-XL/2", help="--format diffusers, official .pt: the architecture")
+    p.add_argument("--vae", default="auto", help="--format diffusers: auto (the run's; 'ema' for an official .pt), "
+                                                 "none, ema, mse, or a local AutoencoderKL folder")
     p.set_defaults(func=cmd_export)
 
 def cmd_export(args):
-    from sit_workbench.train import export_official
+    if args.format == "diffusers":
+        from sit_workbench.pipeline import export_diffusers
+        vae = None if args.vae.lower() == "none" else args.vae
+        print(f"wrote {export_diffusers(args.checkpoint, args.out, model=args.model, vae=vae)}")
+        return
+    from sit_workbench.checkpoint import export_official
     print(f"wrote {export_official(args.checkpoint, args.out)}")
 
 def import_parser(p):
     p.add_argument("pt", help="an official .pt checkpoint")
     p.add_argument("out", help="folder to write (model.safetensors, ema.pt, config.json)")
-    p.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
+    p.add_argument("--model", help=f"one of {', '.join(SiT_models)} (default: what the file records, else read off "
+                                   "its tensors)")
     p.set_defaults(func=cmd_import)
 
 def cmd_import(args):
-    from sit_workbench.train import import_official
+    from sit_workbench.checkpoint import import_official
     print(f"wrote {import_official(args.pt, args.out, args.model)}")
 
 # %% ../nbs/05_cli.ipynb
@@ -251,21 +252,24 @@ def cmd_sample_eval(args):
     sample_eval_main(args)   # prints the metrics
 
 # %% ../nbs/05_cli.ipynb
-STUDIES = {"path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space",
-           "repa": "repa_study"}  # representation alignment on the digits (nbs/21_repa.ipynb)
+STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient",
+           "design-space": "design_space", "repa": "repa"}
 
 def study_parser(p):
-    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/15-18)")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18, 21)")
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
-                   help="quick: 150-step models, 200 samples; full: the committed results")
+                   help="quick: 75/150-step models, 200 samples; full: the committed results")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                   help="convergence only: the zoo cells to train (default: all; two processes can share the zoo)")
     p.set_defaults(func=cmd_study)
 
 def cmd_study(args):
     import importlib
-    from sit_workbench.zoo import results_path
+    from sit_workbench.studies.zoo import results_path
     for name in (STUDIES if args.name == "all" else [args.name]):
-        mod = importlib.import_module(f"sit_workbench.{STUDIES[name]}")
-        res = mod.run_study(args.setting, progress=True)
+        mod = importlib.import_module(f"sit_workbench.studies.{STUDIES[name]}")
+        kw = {"models": args.models} if args.models and name == "convergence" else {}
+        res = mod.run_study(args.setting, progress=True, **kw)
         print(f"{name}: wrote {results_path(mod.STUDY, args.setting)} ({len(res['rows'])} rows)", flush=True)
 
 # %% ../nbs/05_cli.ipynb
@@ -275,7 +279,7 @@ def make_parser():
     demo_parser(sub.add_parser("demo", help="train a small SiT on the bundled digits, sample, score (minutes on a CPU)"))
     sample_parser(sub.add_parser("sample", help="sample a grid of images from a SiT checkpoint"))
     train_parser(sub.add_parser("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
-    export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt"))
+    export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt (--format diffusers: a pipeline)"))
     import_parser(sub.add_parser("import", help="turn an official .pt into a checkpoint folder"))
     submit_parser(sub.add_parser("submit", help="submit the training to SLURM with submitit (or run it in local processes)"))
     velocity_loss_parser(sub.add_parser("velocity-loss", help="measure L_t of a checkpoint (for --diffusion-form w_KL_eta)"))
@@ -284,11 +288,13 @@ def make_parser():
     return p
 
 def main(argv=None):
-    "Entry point of the `sit-workbench` command: errors are printed as one line, not a traceback."
+    """Entry point of the `sit-workbench` command. A user error (bad input, a damaged or missing file, a full disk)
+    is printed as one line and exits with status 2 (`EXIT_USER_ERROR`); `train` stopped by SIGTERM/SIGUSR1 exits with
+    143 (`EXIT_PREEMPTED`) after saving its checkpoint; anything else is a bug and keeps its traceback."""
     args = make_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:   # UserError is a ValueError; DiskFullError an OSError
         print(f"sit-workbench {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     return 0

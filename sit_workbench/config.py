@@ -292,7 +292,8 @@ def load_config(path_or_dict) -> TrainConfig:
     if isinstance(path_or_dict, TrainConfig): return validate(copy.deepcopy(path_or_dict))
     if isinstance(path_or_dict, (dict, list)): return config_from_dict(path_or_dict)
     path = Path(path_or_dict)
-    d = yaml.safe_load(path.read_text())
+    from sit_workbench.errors import read_yaml
+    d = read_yaml(path, "config file")
     if d is None: raise ValueError(f"{path}: the file is empty")
     try: return config_from_dict(d)
     except ValueError as e: raise ValueError(f"{path}: {e}") from None

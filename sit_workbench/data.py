@@ -4,29 +4,24 @@
 
 # %% ../nbs/07_data.ipynb 3
 from __future__ import annotations
-import hashlib
 import io
-import json
 import math
 import os
 import re
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .sample import OFFICIAL_VAES, VAE_SCALE
+from .paths import looks_local
 
 # %% auto 0
-__all__ = ['DEFAULT_MAX_BAD_IMAGES', 'IMAGE_COLUMNS', 'LABEL_COLUMNS', 'FORMATS', 'DIGITS_SEED', 'TINY_VAE_FACTOR',
-           'CACHE_VERSION', 'center_crop_arr', 'to_tensor', 'BadImageWarning', 'RobustImageDataset',
-           'ImageFolderDataset', 'cell_to_pil', 'TableImageDataset', 'load_table', 'digits_indices', 'digits_split',
-           'DigitsDataset', 'build_dataset', 'augment_generator', 'draw_flip_mask', 'flip_batch', 'ResumableSampler',
-           'ResumableLoader', 'make_loader', 'load_vae', 'tiny_vae', 'encode_distribution', 'encode_images',
-           'vae_identity', 'build_latent_cache', 'LatentDataset', 'latents_from_cache_batch']
+__all__ = ['DEFAULT_MAX_BAD_IMAGES', 'IMAGE_COLUMNS', 'LABEL_COLUMNS', 'FORMATS', 'DIGITS_SEED', 'center_crop_arr', 'to_tensor',
+           'BadImageWarning', 'RobustImageDataset', 'ImageFolderDataset', 'cell_to_pil', 'TableImageDataset',
+           'load_table', 'digits_indices', 'digits_split', 'DigitsDataset', 'build_dataset', 'augment_generator',
+           'draw_flip_mask', 'flip_batch', 'ResumableSampler', 'ResumableLoader', 'make_loader']
 
 # %% ../nbs/07_data.ipynb
 def center_crop_arr(pil_image, image_size):
@@ -210,10 +205,6 @@ class TableImageDataset(RobustImageDataset):
 # %% ../nbs/07_data.ipynb
 FORMATS = ("imagefolder", "hf_dataset", "arrow", "parquet", "digits")
 
-def _looks_local(path):
-    s = str(path)
-    return s.startswith(("/", ".", "~")) or "\\" in s or s.count("/") > 1
-
 def _table_files(path, ext, split):
     p = _existing(path, f"{ext} dataset_path")
     if p.is_file(): return [p]
@@ -263,7 +254,7 @@ def load_table(dataset_format, path, split="train"):
                     raise ValueError(f"{p} is neither a save_to_disk folder nor a folder that datasets.load_dataset "
                                      f"can read ({type(e).__name__}: {e})") from None
         elif p.exists(): raise ValueError(f"hf_dataset dataset_path {p} is a file; give the save_to_disk folder")
-        elif _looks_local(path): raise FileNotFoundError(f"hf_dataset dataset_path: no such folder: {p}")
+        elif looks_local(path): raise FileNotFoundError(f"hf_dataset dataset_path: no such folder: {p}")
         else: ds = _from_hub(str(path), split)
         return _pick_split(ds, split, str(path))
     if dataset_format == "arrow":
@@ -431,212 +422,3 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0
     "A `ResumableLoader`: this rank's `batch_size` samples of each global batch of `batch_size * world_size`."
     sampler = ResumableSampler(len(dataset), batch_size, rank, world_size, seed, drop_last)
     return ResumableLoader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
-
-# %% ../nbs/07_data.ipynb
-TINY_VAE_FACTOR = 8
-
-def _vae_hint():
-    return ("Point model_config.vae_path at a local copy of the VAE (a folder with config.json and the weights): "
-            "on a machine with network access run `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir "
-            "sd-vae-ft-ema`, copy the folder here and set model_config.vae_path to its path.")
-
-def load_vae(vae_path, device="cpu"):
-    "diffusers' `AutoencoderKL` from `vae_path` ('ema', 'mse', a hub id or a local folder), in eval mode; None for 'none'."
-    if vae_path is None or str(vae_path).lower() == "none": return None
-    source = OFFICIAL_VAES.get(str(vae_path), str(vae_path))
-    p = Path(source).expanduser()
-    if not p.exists() and _looks_local(source):
-        raise RuntimeError(f"could not load the VAE {str(vae_path)!r}: there is no folder {p}. {_vae_hint()}")
-    from diffusers.models import AutoencoderKL
-    kwargs = {"subfolder": "vae"} if (p / "vae" / "config.json").exists() and not (p / "config.json").exists() else {}
-    try: vae = AutoencoderKL.from_pretrained(str(p) if p.exists() else source, **kwargs)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise RuntimeError(f"could not load or download the VAE {source!r} ({type(e).__name__}: {msg}). "
-                           f"{_vae_hint()}") from None
-    return vae.to(device).eval().requires_grad_(False)
-
-def tiny_vae(seed=0):
-    "A small random `AutoencoderKL` (3 -> 4 channels, downsampling by `TINY_VAE_FACTOR` = 8) for tests."
-    from diffusers.models import AutoencoderKL
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
-                            latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=32)
-    vae.register_to_config(_name_or_path=f"tiny_vae(seed={seed})")
-    return vae.eval().requires_grad_(False)
-
-def encode_distribution(vae, x):
-    "The VAE posterior of images `x` in [-1, 1], scaled like the latents: `(mean, std) * 0.18215`."
-    with torch.no_grad():
-        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean * VAE_SCALE, dist.std * VAE_SCALE
-
-def encode_images(vae, x, sample=True, generator=None, rank=0, world_size=1):
-    "Latents `vae.encode(x).latent_dist.sample() * 0.18215` (the mean with `sample=False`)."
-    with torch.no_grad():
-        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-        if not sample: return dist.mean * VAE_SCALE
-        device = "cpu" if generator is not None and generator.device.type == "cpu" else dist.mean.device
-        noise = _global_draw(torch.randn, dist.mean.shape, generator, rank, world_size, device=device,
-                             dtype=dist.mean.dtype).to(dist.mean.device)
-        return (dist.mean + dist.std * noise) * VAE_SCALE
-
-# %% ../nbs/07_data.ipynb
-CACHE_VERSION = 1
-_META, _PLAN = "meta.json", "plan.json"
-
-def _shard_name(k): return f"shard-{k:05d}.safetensors"
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass  # not every platform lets a directory be opened or synced
-
-def _atomic_write(path, data: bytes):
-    "Write `data` to `path` so that `path` never exists half-written: temporary file, fsync, rename."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-def vae_identity(vae):
-    "The VAE's name, a hash of its config and a hash of its encoder weights (what the latents depend on)."
-    cfg = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    h = hashlib.sha256()
-    for name, t in vae.state_dict().items():
-        if name.startswith(("encoder.", "quant_conv.")):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return {"name": vae.config.get("_name_or_path") or None,
-            "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "encoder_hash": h.hexdigest()[:16]}
-
-def _json_bytes(obj): return (json.dumps(obj, indent=1, default=str) + "\n").encode()
-
-def _check_plan(old, new, folder, complete=False):
-    keys = ("version", "count", "dtype", "encoder_hash", "image_size") + (() if complete else ("shard_size",))
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    if diff:
-        raise ValueError(f"the latent cache in {folder} was started with other settings ("
-                         + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
-                         + "); use another folder, or delete this one to start over")
-
-# %% ../nbs/07_data.ipynb
-def build_latent_cache(dataset, vae, folder, batch_size=64, device="cpu", progress=True, shard_size=4096,
-                       dtype=torch.float32, num_workers=0):
-    "Encode every image of `dataset` and its flip into a latent cache in `folder` (resumable); returns the meta dict."
-    from safetensors.torch import save as st_save, safe_open
-    from tqdm.auto import tqdm
-    folder = Path(folder)
-    n = len(dataset)
-    if n == 0: raise ValueError("the dataset is empty")
-    plan = {"version": CACHE_VERSION, "count": n, "shard_size": int(shard_size), "dtype": str(dtype).split(".")[-1],
-            **vae_identity(vae), "scale": VAE_SCALE, "image_size": getattr(dataset, "image_size", None),
-            "dataset_path": getattr(dataset, "path", None)}
-    if (folder / _META).exists():
-        meta = json.loads((folder / _META).read_text())
-        _check_plan(meta, plan, folder, complete=True)
-        return meta
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / _PLAN).exists(): _check_plan(json.loads((folder / _PLAN).read_text()), plan, folder)
-    else: _atomic_write(folder / _PLAN, _json_bytes(plan))
-    for tmp in folder.glob("*.tmp"): tmp.unlink()
-    num_shards = math.ceil(n / shard_size)
-    todo = [k for k in range(num_shards) if not (folder / _shard_name(k)).exists()]
-    remaining = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
-    vae = vae.to(device).eval()
-    with tqdm(total=n, initial=n - remaining, disable=not progress, desc="latent cache", unit="img") as bar:
-        for k in todo:
-            lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)),
-                                                 batch_size=batch_size, shuffle=False, num_workers=num_workers)
-            means, stds, labels = [], [], []
-            for x, y in loader:
-                b = x.shape[0]
-                x = x.to(device)
-                mean, std = encode_distribution(vae, torch.cat([x, x.flip(-1)]))
-                means.append(torch.stack([mean[:b], mean[b:]], 1).to("cpu", dtype))
-                stds.append(torch.stack([std[:b], std[b:]], 1).to("cpu", dtype))
-                labels.append(torch.as_tensor(y, dtype=torch.long))
-                bar.update(b)
-            tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                       "label": torch.cat(labels), "index": torch.arange(lo, hi)}
-            _atomic_write(folder / _shard_name(k), st_save(tensors, metadata={"first": str(lo), "count": str(hi - lo)}))
-    with safe_open(str(folder / _shard_name(0)), framework="pt") as f:
-        latent_shape = f.get_slice("mean").get_shape()[2:]
-    labels_seen = getattr(dataset, "num_classes", None)
-    meta = {**plan, "complete": True, "num_shards": num_shards, "latent_shape": list(latent_shape),
-            "scaled": True, "flips": ["none", "horizontal"], "num_classes": labels_seen,
-            "stores": "mean and std of the VAE posterior times scale, for the image and its horizontal flip",
-            "bad_items": list(getattr(dataset, "bad_items", []))}
-    _atomic_write(folder / _META, _json_bytes(meta))
-    (folder / _PLAN).unlink(missing_ok=True)
-    return meta
-
-# %% ../nbs/07_data.ipynb
-class LatentDataset(torch.utils.data.Dataset):
-    "A complete latent cache written by `build_latent_cache`: items `(mean [2, C, h, w], std [2, C, h, w], label)`."
-    max_open = 32
-    def __init__(self, folder, in_memory=False):
-        folder = _existing(folder, "latent cache")
-        if not (folder / _META).exists():
-            done = len(list(folder.glob("shard-*.safetensors")))
-            raise RuntimeError(f"the latent cache {folder} is incomplete (no {_META}; {done} shards written): run "
-                               "build_latent_cache again with the same dataset and VAE to finish it (it resumes)")
-        self.folder, self.meta = folder, json.loads((folder / _META).read_text())
-        if self.meta.get("version") != CACHE_VERSION:
-            raise RuntimeError(f"the latent cache {folder} has format version {self.meta.get('version')}, this "
-                               f"code reads version {CACHE_VERSION}; rebuild it")
-        self.count, self.shard_size = self.meta["count"], self.meta["shard_size"]
-        self.files = [folder / _shard_name(k) for k in range(self.meta["num_shards"])]
-        missing = [f.name for f in self.files if not f.exists()]
-        if missing: raise RuntimeError(f"the latent cache {folder} lacks shards {missing[:3]}; rebuild it")
-        self.latent_shape, self.num_classes = tuple(self.meta["latent_shape"]), self.meta.get("num_classes")
-        self._handles, self._data = OrderedDict(), None
-        if in_memory:
-            from safetensors.torch import load_file
-            parts = [load_file(str(f)) for f in self.files]
-            self._data = {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std", "label")}
-
-    def __len__(self): return self.count
-
-    def _handle(self, k):
-        from safetensors import safe_open
-        if k in self._handles: self._handles.move_to_end(k)
-        else:
-            if len(self._handles) >= self.max_open: self._handles.popitem(last=False)
-            self._handles[k] = safe_open(str(self.files[k]), framework="pt")
-        return self._handles[k]
-
-    def __getitem__(self, i):
-        if not -self.count <= i < self.count: raise IndexError(f"index {i} out of range for {self.count} items")
-        i %= self.count
-        if self._data is not None: return self._data["mean"][i], self._data["std"][i], int(self._data["label"][i])
-        k, j = divmod(i, self.shard_size)
-        f = self._handle(k)
-        return f.get_slice("mean")[j], f.get_slice("std")[j], int(f.get_slice("label")[j:j + 1][0])
-
-    def __getstate__(self):  # open files don't travel to DataLoader workers; each opens its own
-        state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()
-        return state
-
-def latents_from_cache_batch(batch, flip_mask=None, generator=None, sample=True, rank=0, world_size=1):
-    "`(latents [B, C, h, w], labels)` from a `LatentDataset` batch: flipped where `flip_mask`, `mean + std * noise`."
-    mean, std, labels = batch
-    b = mean.shape[0]
-    which = torch.zeros(b, dtype=torch.long) if flip_mask is None else flip_mask.to("cpu").long()
-    rows, which = torch.arange(b, device=mean.device), which.to(mean.device)
-    m, s = mean[rows, which].float(), std[rows, which].float()
-    if not sample: return m, labels
-    device = generator.device if generator is not None else m.device
-    noise = _global_draw(torch.randn, m.shape, generator, rank, world_size, device=device).to(m.device)
-    return m + s * noise, labels

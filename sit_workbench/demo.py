@@ -12,7 +12,7 @@ import torch
 
 from .config import TrainConfig, digits_config
 from .digits import class_conditional_accuracy, load_or_train_classifier
-from .model import load_sit
+from .checkpoint import load_sit
 from .sample import generate, save_grid
 from .train import build_transport, plot_loss, train
 from .transport import Sampler

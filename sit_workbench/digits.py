@@ -22,13 +22,15 @@ from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from .model import cache_dir as default_cache_dir
+from .paths import cache_dir as default_cache_dir
+from .repa import FrozenEncoder
 
 # %% auto 0
-__all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'digits_arrays', 'DigitsClassifier',
-           'augment_digits', 'classifier_predict', 'classifier_features', 'classifier_accuracy',
+__all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'REPA_ENCODER_SEED', 'digits_arrays',
+           'DigitsClassifier', 'augment_digits', 'classifier_predict', 'classifier_features', 'classifier_accuracy',
            'class_conditional_accuracy', 'train_classifier', 'save_classifier', 'load_classifier',
-           'load_or_train_classifier', 'gaussian_stats', 'frechet_distance', 'digits_fid']
+           'load_or_train_classifier', 'DigitsEncoder', 'load_digits_encoder', 'gaussian_stats', 'frechet_distance',
+           'fid_from_features', 'digits_fid']
 
 # %% ../nbs/09_digits.ipynb
 @functools.lru_cache(maxsize=1)
@@ -215,6 +217,30 @@ def load_or_train_classifier(cache_dir=None, device="cpu", verbose: bool = False
     return clf.to(device).eval()
 
 # %% ../nbs/09_digits.ipynb
+REPA_ENCODER_SEED = 1   # the judge (digits-FID, accuracy) is the seed-0 classifier
+
+class DigitsEncoder(FrozenEncoder):
+    "A frozen `DigitsClassifier`'s last feature map as tokens: images `[B, 1, 8, 8]` in [-1, 1] -> `[B, 16, 128]`."
+    def __init__(self, clf: DigitsClassifier, name: str = "digits"):
+        super().__init__()
+        self.clf = clf.eval().requires_grad_(False)
+        self.dim, self.name = clf.conv3.out_channels, name
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clf.feature_map(x.float()).flatten(2).transpose(1, 2)
+
+def load_digits_encoder(seed: int = REPA_ENCODER_SEED, cache=None) -> DigitsEncoder:
+    "The digits classifier trained with `seed` (cached in `cache_dir()/repa_digits_encoder_seed{seed}`) as REPA's encoder."
+    folder = Path(cache).expanduser() if cache is not None else default_cache_dir() / f"repa_digits_encoder_seed{seed}"
+    clf = load_classifier(folder)
+    if clf is None:
+        clf = train_classifier(seed=seed)
+        try: save_classifier(clf, folder)
+        except OSError as e: warnings.warn(f"could not cache the digits encoder in {folder}: {e}")
+    return DigitsEncoder(clf, name=f"digits-seed{seed}")
+
+# %% ../nbs/09_digits.ipynb
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     "Mean and (unbiased) covariance of `features` `[N, D]`, in float64."
     f = torch.as_tensor(features).detach().cpu().double().numpy()
@@ -237,9 +263,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     d = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
     return float(max(d, 0.0))
 
+def fid_from_features(f1, f2) -> float:
+    "FID between two feature sets `[N, D]`: the Fréchet distance of their Gaussian fits."
+    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+
 def digits_fid(clf: DigitsClassifier, samples, reference=None) -> float:
     "Fréchet distance between the classifier's features of `samples` and of `reference` (default: the test split)."
     if reference is None: reference = digits_arrays("test")[0]
     if torch.isnan(_as_images(samples)).any(): return float("inf")
-    f1, f2 = classifier_features(clf, samples), classifier_features(clf, reference)
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+    return fid_from_features(classifier_features(clf, samples), classifier_features(clf, reference))

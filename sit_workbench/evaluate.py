@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .digits import frechet_distance, gaussian_stats
+from .digits import fid_from_features, frechet_distance, gaussian_stats
 
 # %% auto 0
-__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'DIGITS_SAMPLER', 'to_uint8_nhwc', 'check_adm_images',
-           'write_adm_npz', 'read_adm_npz', 'sample_labels', 'sample_noise', 'make_sample_fn', 'sample_batch',
-           'shard_path', 'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint',
-           'inception_weights_path', 'ensure_inception_weights', 'inception_extractor', 'inception_features',
-           'fid_from_features', 'inception_score', 'precision_recall', 'imagenet_metrics', 'bootstrap_fid',
-           'digits_metrics', 'evaluate_digits_model', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll',
-           'sampler_error', 'add_sample_eval_args', 'sample_eval_main']
+__all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'DIGITS_SAMPLER', 'to_uint8_nhwc',
+           'check_adm_images', 'write_adm_npz', 'read_adm_npz', 'sample_labels', 'sample_noise', 'make_sample_fn',
+           'sample_batch', 'shard_path', 'model_fingerprint', 'file_sha256', 'checkpoint_identity', 'claim_out_dir',
+           'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint', 'inception_weights_path',
+           'ensure_inception_weights', 'inception_extractor', 'inception_features', 'inception_score',
+           'precision_recall', 'imagenet_metrics', 'bootstrap_fid', 'digits_metrics', 'evaluate_digits_model',
+           'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll', 'sampler_error', 'add_sample_eval_args',
+           'sample_eval_main']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
@@ -82,10 +83,18 @@ def sample_noise(indices, shape, seed=0) -> torch.Tensor:
 
 def make_sample_fn(transport, mode="ode", **sampler_kwargs):
     "`Sampler(transport).sample_ode(**kw)` (mode 'ode') or `.sample_sde(**kw)` (mode 'sde')."
+    import inspect
+    from sit_workbench.errors import UserError
     from sit_workbench.transport import Sampler
     if mode not in ("ode", "sde"): raise ValueError(f"mode must be 'ode' or 'sde', not {mode!r}")
     s = Sampler(transport)
-    return s.sample_ode(**sampler_kwargs) if mode == "ode" else s.sample_sde(**sampler_kwargs)
+    method = s.sample_ode if mode == "ode" else s.sample_sde
+    valid = [k for k in inspect.signature(method).parameters]
+    unknown = [k for k in sampler_kwargs if k not in valid]
+    if unknown:
+        raise UserError(f"unknown {mode.upper()} sampler option(s) {', '.join(map(repr, unknown))}; the options are "
+                        f"{', '.join(valid)}")
+    return method(**sampler_kwargs)
 
 @torch.no_grad()
 def sample_batch(model, sample_fn, labels, z, cfg_scale=1.0, vae=None, device="cpu", cfg_channels=3, cfg_interval=None):
@@ -104,6 +113,66 @@ def sample_batch(model, sample_fn, labels, z, cfg_scale=1.0, vae=None, device="c
 
 def shard_path(out_dir, start) -> Path: return Path(out_dir) / f"samples_{start:07d}.npz"
 
+MANIFEST = "manifest.json"
+
+def _jsonable(d):
+    "`d` with values JSON cannot hold (e.g. a `VelocityLossProfile`) written as their `repr`."
+    return {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else repr(v) for k, v in d.items()}
+
+def model_fingerprint(model) -> str:
+    "A short hash of a model's weights (shapes, sums and sums of squares of every tensor: one pass, one sync)."
+    import hashlib
+    items = sorted(model.state_dict().items())
+    with torch.no_grad():
+        stats = torch.stack([torch.stack([v.double().sum(), v.double().square().sum()]) for _, v in items]).cpu()
+    h = hashlib.sha256(repr([(k, tuple(v.shape)) for k, v in items]).encode() + stats.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def file_sha256(path, chunk=1 << 24) -> str:
+    "SHA-256 of a file's content."
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
+
+def checkpoint_identity(checkpoint, vae=None) -> dict:
+    "What identifies a checkpoint's samples: its path and the SHA-256 of the weight file `load_sit` reads (EMA first)."
+    p = Path(checkpoint)
+    if p.is_dir():
+        f = next((p / n for n in ("ema.safetensors", "ema.pt", "model.safetensors") if (p / n).is_file()), None)
+    else: f = p
+    return {"checkpoint": str(checkpoint), "weights_file": f.name if f else None,
+            "checkpoint_sha256": file_sha256(f) if f else None, "vae": None if vae is None else str(vae)}
+
+def _differences(old, new) -> list[str]:
+    keys = [k for k in new if k != "checkpoint"] + [k for k in old if k not in new]
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+
+def claim_out_dir(out_dir, manifest, overwrite=False, rank=0, world_size=1, shard_size=1000):
+    """Make `out_dir` hold samples of `manifest` only: written when new; kept when equal (the shards are resumed);
+    otherwise a `UserError` naming the differences. With `overwrite` the old shards are deleted first, whatever they
+    were (each process deletes its own; process 0 the merged file, metrics and manifest)."""
+    from sit_workbench.errors import UserError, read_json
+    out_dir = Path(out_dir); path = out_dir / MANIFEST
+    shards = sorted(out_dir.glob("samples_*.npz"))
+    old = read_json(path, "sample manifest") if path.is_file() else None
+    if overwrite:
+        for s in shards:
+            start = int(s.stem.split("_")[1])
+            if (start // shard_size) % world_size == rank or start % shard_size: s.unlink(missing_ok=True)
+        if rank == 0:
+            for name in ("samples.npz", "metrics.json", MANIFEST): (out_dir / name).unlink(missing_ok=True)
+    elif old is not None and _differences(old, manifest) == []: return manifest
+    elif old is not None or shards or (out_dir / "samples.npz").exists():
+        what = ("; ".join(_differences(old, manifest)) if old is not None else
+                f"{len(shards)} shards without a {MANIFEST} (made by an older version or another tool)")
+        raise UserError(f"--out-dir {out_dir} holds samples made with other settings ({what}); they would be reported "
+                        "as this run's. Use another --out-dir, or --overwrite to delete them and start afresh")
+    # every process writes it (the same text, atomically): a process that starts late finds its peers' shards with it
+    tmp = path.with_name(f"{MANIFEST}.tmp{rank}"); tmp.write_text(json.dumps(manifest, indent=2) + "\n"); os.replace(tmp, path)
+    return manifest
+
 def _dist_env():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -118,9 +187,14 @@ def merge_shards(out_dir, n, shard_size, out_name="samples.npz") -> Path:
 
 def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, cfg_scale=1.0, cfg_channels=3,
                      cfg_interval=None, vae=None, seed=0, shard_size=1000, batch_size=None, device="cpu",
-                     rank=None, world_size=None, wait_s=24 * 3600, progress=False) -> dict:
+                     rank=None, world_size=None, wait_s=24 * 3600, progress=False, identity=None,
+                     overwrite=False) -> dict:
     """Draw `n` samples of `model` into ADM-format shards in `out_dir` (resumable; this process's share under
-    torchrun), and on process 0 merge them into `out_dir/samples.npz`. Returns a summary dict."""
+    torchrun), and on process 0 merge them into `out_dir/samples.npz`. Returns a summary dict.
+
+    `out_dir/manifest.json` records what the shards are (`identity`, e.g. the checkpoint's hash, else a fingerprint
+    of the weights; seed, sampler, guidance, counts): a rerun resumes only with the same manifest, and refuses
+    otherwise unless `overwrite` (then the old shards are deleted)."""
     if n < 1 or shard_size < 1: raise ValueError(f"n and shard_size must be positive, got {n}, {shard_size}")
     r, w = _dist_env()
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
@@ -128,6 +202,11 @@ def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, 
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     sample_fn = make_sample_fn(transport, mode, **(sampler or {}))
     model = model.to(device).eval()
+    manifest = {**(identity or {"model": model_fingerprint(model)}), "num_samples": n, "seed": seed, "mode": mode,
+                "sampler": _jsonable(sampler or {}), "cfg_scale": cfg_scale, "cfg_channels": cfg_channels,
+                "cfg_interval": list(cfg_interval) if cfg_interval else None, "shard_size": shard_size,
+                "vae": identity.get("vae") if identity else type(vae).__name__ if vae is not None else None}
+    claim_out_dir(out_dir, manifest, overwrite, rank, world_size, shard_size)
     num_classes = getattr(model, "num_classes", 0) or 0
     conditional = num_classes > 0
     labels = sample_labels(n, num_classes, seed) if conditional else torch.zeros(n, dtype=torch.long)
@@ -153,7 +232,8 @@ def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, 
         made.append(start)
         if progress: print(f"[rank {rank}] wrote {p.name} ({stop}/{n})", flush=True)
     res = {"out_dir": str(out_dir), "n": n, "made": made, "skipped": skipped, "nfe": nfe, "rank": rank,
-           "world_size": world_size, "seconds": round(time.perf_counter() - t0, 2), "samples": None}
+           "world_size": world_size, "seconds": round(time.perf_counter() - t0, 2), "samples": None,
+           "manifest": manifest}
     if rank == 0:
         deadline = time.time() + wait_s
         while not all(shard_path(out_dir, s).is_file() for s in starts):
@@ -166,20 +246,24 @@ def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, 
 def load_run_config(checkpoint):
     "The `TrainConfig` of the run a checkpoint folder belongs to (from its `trainer_state.json`)."
     from sit_workbench.config import config_from_dict
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    from sit_workbench.errors import read_json
+    state = read_json(Path(checkpoint) / "trainer_state.json", "training state")
     return config_from_dict(state["config"])
 
 def sample_checkpoint(checkpoint, out_dir, n, *, mode="ode", sampler=None, cfg_scale=None, vae="auto", **kwargs) -> dict:
     """`generate_samples` for a checkpoint folder: transport from its run config, EMA weights, its VAE (`vae='auto'`;
     or a name/path, or None), `cfg_scale` defaulting to the run's."""
-    from sit_workbench.model import load_sit
-    from sit_workbench.sample import load_vae
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.checkpoint import load_vae
     from sit_workbench.train import build_transport
+    from sit_workbench.errors import check_finite
     cfg = load_run_config(checkpoint)
     mc = cfg.model_config
     device = kwargs.get("device", "cpu")
-    model = load_sit(checkpoint)
-    v = load_vae(mc.vae_path if vae == "auto" else vae, device)
+    model = check_finite(load_sit(checkpoint), f"checkpoint {checkpoint}")
+    vae_name = mc.vae_path if vae == "auto" else vae
+    v = load_vae(vae_name, device)
+    kwargs.setdefault("identity", checkpoint_identity(checkpoint, vae_name))
     if cfg_scale is None: cfg_scale = getattr(mc, "cfg_scale", 1.0) or 1.0
     if mc.vae_path is None and "cfg_channels" not in kwargs: kwargs["cfg_channels"] = None   # pixel space: all channels
     return generate_samples(model, build_transport(mc), out_dir, n, mode=mode, sampler=sampler, cfg_scale=cfg_scale,
@@ -191,7 +275,7 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 def inception_weights_path() -> Path:
     "`$SIT_WORKBENCH_CACHE/weights-inception-2015-12-05-6726825d.pth` (default cache: `~/.cache/sit_workbench`)."
-    from sit_workbench.model import cache_dir
+    from sit_workbench.paths import cache_dir
     return cache_dir() / INCEPTION_FILE
 
 def ensure_inception_weights(timeout=60.0) -> Path:
@@ -237,10 +321,6 @@ def inception_features(images_uint8_nhwc, batch_size=100, device="cpu", extracto
             out["2048"].append(p.double().cpu()); out["logits_unbiased"].append(l.double().cpu())
             out["spatial"].append(extractor.spatial.double().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
-
-def fid_from_features(f1, f2) -> float:
-    "FID between two feature sets `[N, D]`: the Fréchet distance of their Gaussian fits."
-    return frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
 
 def inception_score(logits, splits=10) -> tuple[float, float]:
     "Inception Score (mean, std over `splits`) from Inception logits, as torch-fidelity computes it."
@@ -316,7 +396,7 @@ def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0,
 def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
                                clf=None, bootstrap=0) -> dict:
     "`evaluate_digits_model` on a digits checkpoint folder (its EMA weights and its run's transport)."
-    from sit_workbench.model import load_sit
+    from sit_workbench.checkpoint import load_sit
     from sit_workbench.train import build_transport
     cfg = load_run_config(checkpoint)
     return evaluate_digits_model(load_sit(checkpoint), build_transport(cfg.model_config), n, sampler, cfg_scale, seed,
@@ -376,6 +456,8 @@ def add_sample_eval_args(p):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ref-batch", default=None, help="ADM reference .npz for FID/IS (e.g. VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--no-eval", action="store_true", help="only sample")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete shards in --out-dir made with other settings (default: refuse, naming the differences)")
     return p
 
 def sample_eval_main(args) -> dict:
@@ -386,12 +468,18 @@ def sample_eval_main(args) -> dict:
     if args.cfg_interval: kw["cfg_interval"] = tuple(args.cfg_interval)
     if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    from sit_workbench.errors import UserError
+    try: sampler = json.loads(args.sampler)
+    except json.JSONDecodeError as e: raise UserError(f"--sampler {args.sampler!r} is not JSON ({e}); give e.g. "
+                                                      '\'{"sampling_method": "dopri5", "num_steps": 250}\'') from None
+    if not isinstance(sampler, dict): raise UserError(f"--sampler must be a JSON object of sampler options, got {args.sampler!r}")
     res = sample_checkpoint(args.checkpoint, args.out_dir, args.num_samples, mode=args.mode,
-                            sampler=json.loads(args.sampler), cfg_scale=args.cfg_scale,
+                            sampler=sampler, cfg_scale=args.cfg_scale,
                             vae=None if args.vae == "none" else args.vae, seed=args.seed, shard_size=args.shard_size,
-                            batch_size=args.batch_size, device=args.device, progress=True, **kw)
+                            batch_size=args.batch_size, device=args.device, progress=True,
+                            overwrite=getattr(args, "overwrite", False), **kw)
     if rank != 0: return res
-    metrics = {"samples": res["samples"], "nfe": res["nfe"]}
+    metrics = {"samples": res["samples"], "nfe": res["nfe"], "measured": res["manifest"]}
     if not args.no_eval:
         cfg = load_run_config(args.checkpoint)
         if cfg.dataset_config.dataset_format == "digits":

@@ -5,16 +5,8 @@
 # %% ../nbs/00_model.ipynb 2
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import pickle
-import shutil
-import tempfile
-import urllib.request
-from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +15,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # %% auto 0
-__all__ = ['SIT_SIZES', 'SiT_models', 'PRETRAINED_URLS', 'modulate', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder',
-           'PatchEmbed', 'softmax_attention', 'Attention', 'Mlp', 'SiTBlock', 'FinalLayer', 'sincos_1d', 'sincos_2d',
-           'SiT', 'SiT_XL_2', 'SiT_XL_4', 'SiT_XL_8', 'SiT_L_2', 'SiT_L_4', 'SiT_L_8', 'SiT_B_2', 'SiT_B_4', 'SiT_B_8',
-           'SiT_S_2', 'SiT_S_4', 'SiT_S_8', 'count_params', 'infer_model_name', 'forward_flops',
-           'CheckpointDownloadError', 'cache_dir', 'download_pretrained', 'resolve_checkpoint', 'load_state_dict',
-           'load_into', 'save_pretrained', 'load_sit']
+__all__ = ['SIT_SIZES', 'SiT_models', 'modulate', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder', 'PatchEmbed',
+           'softmax_attention', 'Attention', 'Mlp', 'SiTBlock', 'FinalLayer', 'sincos_1d', 'sincos_2d', 'SiT',
+           'SiT_XL_2', 'SiT_XL_4', 'SiT_XL_8', 'SiT_L_2', 'SiT_L_4', 'SiT_L_8', 'SiT_B_2', 'SiT_B_4', 'SiT_B_8',
+           'SiT_S_2', 'SiT_S_4', 'SiT_S_8', 'count_params', 'infer_model_name', 'forward_flops']
 
 # %% ../nbs/00_model.ipynb
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -311,12 +301,15 @@ class SiT(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return x, t, y
 
-    def forward(self, x: torch.Tensor, t, y, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, in_channels, input_size, input_size) latents; t: (N,) times in [0, 1] (or a scalar);
         y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size).
         `force_drop_ids` (N,): 1 where the label is replaced by the null class; given, it replaces the random class
         dropout of training mode (the trainer draws it for the whole global batch, so that runs split across
         processes see the same dropout)."""
+        if y is None:
+            raise ValueError(f"SiT.forward needs y, one integer class label per sample (shape (N,)); for unconditional "
+                             f"outputs pass the null class, y = torch.full((N,), {self.null_class})")
         x, t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and tuple(force_drop_ids.shape) != (x.shape[0],):
             raise ValueError(f"force_drop_ids must have shape ({x.shape[0]},), got {tuple(force_drop_ids.shape)}")
@@ -446,244 +439,3 @@ def forward_flops(model: SiT, batch: int = 1) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         shadow(x, t, y)
     return counter.get_total_flops() // batch
-
-# %% ../nbs/00_model.ipynb
-PRETRAINED_URLS = {
-    "SiT-XL-2-256x256.pt": "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
-                           "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
-}
-
-
-class CheckpointDownloadError(RuntimeError):
-    "A named checkpoint could not be downloaded."
-
-
-def cache_dir() -> Path:
-    "Where named checkpoints are downloaded: `$SIT_WORKBENCH_CACHE`, else `~/.cache/sit_workbench`."
-    env = os.environ.get("SIT_WORKBENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sit_workbench"
-
-
-def download_pretrained(name: str, timeout: float = 60.0) -> Path:
-    "Path of the named official checkpoint in `cache_dir()`, downloading it first if needed."
-    if name not in PRETRAINED_URLS:
-        raise ValueError(f"unknown checkpoint name {name!r}; known: {sorted(PRETRAINED_URLS)}")
-    dest = cache_dir() / name
-    if dest.is_file():
-        return dest
-    url, tmp = PRETRAINED_URLS[name], None
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-            expected = resp.headers.get("Content-Length")
-            shutil.copyfileobj(resp, f, length=1 << 20)
-            size = f.tell()
-        if expected is not None and size != int(expected):
-            raise OSError(f"incomplete download: got {size} of {expected} bytes")
-        os.replace(tmp, dest)
-        tmp = None
-    except Exception as e:
-        raise CheckpointDownloadError(
-            f"Could not download the checkpoint {name!r} from {url} ({type(e).__name__}: {e}). "
-            f"Are you offline? Download it manually from that URL and pass the local path instead, e.g. "
-            f"`--ckpt /path/to/{name}` on the command line or `load_sit('/path/to/{name}')` / "
-            f"`load_state_dict('/path/to/{name}')` in Python (or place it at {dest})."
-        ) from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
-
-
-def resolve_checkpoint(path_or_name: Union[str, os.PathLike]) -> Path:
-    "An existing local path as is; a named official checkpoint from the cache (downloaded if needed); else `FileNotFoundError`."
-    path = Path(path_or_name).expanduser()
-    if path.exists():
-        return path
-    name = str(path_or_name)
-    if name in PRETRAINED_URLS:
-        legacy = Path("pretrained_models") / name  # where the official scripts put it
-        return legacy if legacy.is_file() else download_pretrained(name)
-    raise FileNotFoundError(
-        f"No checkpoint found at '{path}' (absolute: {path.absolute()}). Pass an existing .pt/.safetensors file, "
-        f"a directory written by save_pretrained, or one of the named checkpoints {sorted(PRETRAINED_URLS)}.")
-
-# %% ../nbs/00_model.ipynb
-def _strip_prefixes(sd: dict) -> dict:
-    "Remove wrapper prefixes (`module.` from DDP, `_orig_mod.` from torch.compile) shared by all keys."
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _torch_load_weights_only(path: Path):
-    "torch.load with weights_only=True, allowing argparse.Namespace; pickles needing other code are refused."
-    try:
-        if hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        if hasattr(torch.serialization, "add_safe_globals"):
-            torch.serialization.add_safe_globals([argparse.Namespace])
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" in str(e).lower():
-            raise ValueError(
-                f"Refusing to load '{path}': it is a pickle that references code ({str(e).splitlines()[-1][:200]}). "
-                "sit_workbench refuses to unpickle code because that can run arbitrary commands. If you trust the file, "
-                "convert it once to plain tensors, e.g. `sd = torch.load(path, weights_only=False)['ema']; "
-                "safetensors.torch.save_file(sd, 'model.safetensors')`, and load that instead.") from None
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt or not a checkpoint?): {e}") from None
-    except (EOFError, RuntimeError) as e:
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or not a checkpoint?): {e}") from None
-
-
-def _select_state_dict(obj, prefer: str, path) -> dict:
-    "Pick the tensors out of a loaded `.pt`: a raw state dict, or the `ema`/`model` entry of a training checkpoint."
-    if not isinstance(obj, dict):
-        raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
-    order = ("ema", "model") if prefer == "ema" else ("model", "ema")
-    for key in order:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"'{path}' does not look like a SiT state dict: non-tensor entries {bad[:5]} "
-                         "(expected a raw state dict or a dict with 'model'/'ema' state dicts)")
-    return dict(obj)
-
-
-def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") -> dict:
-    """Tensors of a SiT checkpoint as a plain dict: an official `.pt` (raw, or train.py's {model, ema, opt, args}),
-    a `.safetensors` file, a `save_pretrained` directory, or the name `'SiT-XL-2-256x256.pt'`.
-    `prefer` ('ema' or 'model') picks between EMA and raw weights when both are present."""
-    if prefer not in ("ema", "model"):
-        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
-    path = resolve_checkpoint(path_or_name)
-    if path.is_dir():
-        # save_pretrained writes ema.safetensors; training checkpoints keep the EMA as ema.pt
-        names = ["ema.safetensors", "ema.pt", "model.safetensors"]
-        if prefer == "model":
-            names = names[2:] + names[:2]
-        found = [path / n for n in names if (path / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"'{path}' is a directory without model.safetensors/ema.safetensors/ema.pt "
-                                    "(expected a directory written by save_pretrained or a training checkpoint)")
-        path = found[0]
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path), device="cpu")
-    else:
-        sd = _select_state_dict(_torch_load_weights_only(path), prefer, path)
-    return _strip_prefixes(sd)
-
-# %% ../nbs/00_model.ipynb
-def _shape_hint(key: str, want: tuple, got: tuple) -> str:
-    "A likely cause for a shape mismatch between model (`want`) and checkpoint (`got`) at `key`."
-    if key == "pos_embed":
-        if want[-1] != got[-1]:
-            return f"hidden size differs ({want[-1]} vs {got[-1]}): the checkpoint is a different model size"
-        g = int(round(got[1] ** 0.5))
-        return (f"the checkpoint has a {g}x{g} token grid, the model {int(round(want[1] ** 0.5))}x"
-                f"{int(round(want[1] ** 0.5))}: wrong input_size (latent size = image_size // 8) or patch_size")
-    if key.startswith("final_layer.linear") and want[1:] == got[1:]:
-        if got[0] == 2 * want[0]:
-            return "the checkpoint predicts a learned sigma: build the model with learn_sigma=True"
-        if want[0] == 2 * got[0]:
-            return "the checkpoint has no learned-sigma outputs: build the model with learn_sigma=False"
-    if key == "y_embedder.embedding_table.weight" and want[1:] == got[1:]:
-        return (f"the checkpoint has {got[0]} label rows (num_classes, plus 1 null class when class_dropout_prob > 0); "
-                f"the model has {want[0]}")
-    if key.startswith("x_embedder.proj.weight") and want[0] == got[0]:
-        return "wrong in_channels or patch_size"
-    return "the model configuration differs from the checkpoint's (size, patch size, mlp_ratio?)"
-
-
-def load_into(model: nn.Module, state_dict: dict, assign: bool = False) -> nn.Module:
-    """Strictly load `state_dict` into `model`; a `ValueError` names the first mismatched key and both shapes, or the
-    missing/unexpected keys. `assign=True` adopts the tensors (cast to the model's dtypes), e.g. for meta models."""
-    sd = _strip_prefixes(dict(state_dict))
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        msg = "checkpoint does not match the model:"
-        if missing:
-            msg += f" {len(missing)} missing keys (first: {missing[:5]});"
-        if unexpected:
-            msg += f" {len(unexpected)} unexpected keys (first: {unexpected[:5]});"
-        blocks = lambda keys: {int(k.split('.')[1]) for k in keys if k.startswith('blocks.')}
-        if blocks(missing) or blocks(unexpected):
-            n_ck = len(blocks(k for k in sd))
-            msg += f" the checkpoint has {n_ck} blocks and the model {len(blocks(own))}: wrong depth / model size?"
-        else:
-            msg += " is this a SiT checkpoint?"
-        raise ValueError(msg)
-    for k, v in own.items():
-        want, got = tuple(v.shape), tuple(sd[k].shape)
-        if want != got:
-            raise ValueError(f"shape mismatch for '{k}': model expects {want} but the checkpoint has {got}. "
-                             f"Hint: {_shape_hint(k, want, got)}.")
-    if assign:
-        sd = {k: v.to(dtype=own[k].dtype).contiguous() for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True, assign=True)
-    else:
-        model.load_state_dict(sd, strict=True)
-    return model
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    "The bare module inside DDP / torch.compile wrappers."
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: Union[nn.Module, dict, None] = None) -> Path:
-    "Write `model.safetensors`, `ema.safetensors` (if `ema` is given, a module or state dict) and `config.json` into `directory`."
-    from safetensors.torch import save_file
-    model = _unwrap(model)
-    if not hasattr(model, "config"):
-        raise ValueError("save_pretrained needs a SiT model (with a .config dict)")
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors = lambda sd: {k: v.detach().to("cpu").contiguous() for k, v in _strip_prefixes(dict(sd)).items()}
-    sd = tensors(model.state_dict())
-    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
-    if ema is not None:
-        ema_sd = tensors(_unwrap(ema).state_dict() if isinstance(ema, nn.Module) else ema)
-        if set(ema_sd) != set(sd):
-            raise ValueError("ema state dict keys differ from the model's")
-        save_file(ema_sd, str(d / "ema.safetensors"), metadata={"format": "pt"})
-    config = dict(model.config)
-    name = getattr(model, "model_name", None) or infer_model_name(config)
-    if name:
-        config["model_name"] = name
-    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return d
-
-
-def load_sit(path_or_name: Union[str, os.PathLike], model: str = "SiT-XL/2", prefer: str = "ema", **model_kwargs) -> SiT:
-    """A SiT in eval mode with the checkpoint's weights. For `save_pretrained` directories the architecture comes from
-    `config.json` (`model_kwargs` override it); otherwise `SiT_models[model](**model_kwargs)` is built."""
-    path = resolve_checkpoint(path_or_name)
-    if path.is_dir() and (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        name = config.pop("model_name", None)
-        config.update(model_kwargs)
-        build = lambda: SiT(**config)
-    else:
-        if model not in SiT_models:
-            raise ValueError(f"unknown model {model!r}; choose one of {list(SiT_models)}")
-        name = model
-        build = lambda: SiT_models[model](**model_kwargs)
-    sd = load_state_dict(path, prefer=prefer)
-    with torch.device("meta"):  # skip the random init: every tensor comes from the checkpoint
-        net = build()
-    load_into(net, sd, assign=True)
-    net.model_name = name or infer_model_name(net.config)
-    return net.eval()

@@ -7,20 +7,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UserError
+
 # %% auto 0
-__all__ = ['DIGITS_ENCODER_SEED', 'PROJECTOR_FILE', 'PROJECTOR_OPT_FILE', 'FEATURES_VERSION', 'alignment_loss', 'build_projector',
-           'HiddenCapture', 'match_tokens', 'DigitsEncoder', 'load_digits_encoder', 'TimmEncoder', 'ModuleEncoder',
-           'build_encoder', 'Alignment', 'setup_alignment', 'projector_state', 'write_projector', 'load_projector',
-           'encoder_identity', 'build_feature_cache', 'FeatureDataset', 'select_flip', 'with_feature_cache']
+__all__ = ['FEATURES_VERSION', 'alignment_loss', 'build_projector', 'HiddenCapture', 'match_tokens', 'FrozenEncoder',
+           'TimmEncoder', 'ModuleEncoder', 'build_encoder', 'Alignment', 'setup_alignment', 'projector_state',
+           'check_projector', 'restore_projector', 'encoder_identity', 'build_feature_cache', 'FeatureDataset',
+           'select_flip']
 
 # %% ../nbs/08a_repa.ipynb
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,34 +85,11 @@ def match_tokens(z: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return g.flatten(2).transpose(1, 2).to(z.dtype)
 
 # %% ../nbs/08a_repa.ipynb
-class _Frozen(nn.Module):
-    "A module that stays in eval mode and without gradients."
+class FrozenEncoder(nn.Module):
+    "Base of the encoders: stays in eval mode and without gradients; subclasses set `dim` (token width) and `name`."
+    dim: int
+    name: str
     def train(self, mode: bool = True): return super().train(False)
-
-class DigitsEncoder(_Frozen):
-    "A frozen `DigitsClassifier`'s last feature map as tokens: images `[B, 1, 8, 8]` in [-1, 1] -> `[B, 16, 128]`."
-    def __init__(self, clf, name="digits"):
-        super().__init__()
-        self.clf = clf.eval().requires_grad_(False)
-        self.dim, self.name = clf.conv3.out_channels, name
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.clf.feature_map(x.float()).flatten(2).transpose(1, 2)
-
-DIGITS_ENCODER_SEED = 1   # the evaluator (digits-FID, accuracy) is the seed-0 classifier
-
-def load_digits_encoder(seed: int = DIGITS_ENCODER_SEED, cache=None) -> DigitsEncoder:
-    "The digits classifier trained with `seed`, cached in `cache_dir()/repa_digits_encoder_seed{seed}`, as an encoder."
-    from sit_workbench.digits import load_classifier, save_classifier, train_classifier
-    from sit_workbench.model import cache_dir
-    folder = Path(cache).expanduser() if cache is not None else cache_dir() / f"repa_digits_encoder_seed{seed}"
-    clf = load_classifier(folder)
-    if clf is None:
-        clf = train_classifier(seed=seed)
-        try: save_classifier(clf, folder)
-        except OSError as e: warnings.warn(f"could not cache the digits encoder in {folder}: {e}")
-    return DigitsEncoder(clf, name=f"digits-seed{seed}")
 
 # %% ../nbs/08a_repa.ipynb
 def _timm_create(timm, name, resolution, **kw):
@@ -126,7 +105,7 @@ def _offline_error(name, err):
         "`safetensors.torch.save_file(model.state_dict(), 'encoder.safetensors')`, or the hub's "
         "`model.safetensors`), copy the file here and pass it as `repa_encoder_weights: /path/to/encoder.safetensors`")
 
-class TimmEncoder(_Frozen):
+class TimmEncoder(FrozenEncoder):
     """A timm vision model as a frozen patch-token encoder: `[-1, 1]` images -> `[0, 1]` -> the model's mean/std ->
     bicubic resize to `resolution` -> `forward_features`, prefix tokens dropped (CNN maps flattened)."""
     def __init__(self, name: str, weights=None, resolution: Optional[int] = None, pretrained: bool = True):
@@ -134,7 +113,7 @@ class TimmEncoder(_Frozen):
         import timm
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
-            raise ValueError(f"repa_encoder: {name!r} is not a timm model name" +
+            raise UserError(f"repa_encoder: {name!r} is not a timm model name" +
                              (f"; close names: {', '.join(close)}" if close else "") +
                              " (or use 'digits', or pass an encoder module)")
         kw = dict(num_classes=0)
@@ -172,7 +151,7 @@ class TimmEncoder(_Frozen):
         if f.ndim == 4: return f.flatten(2).transpose(1, 2)
         return f[:, self.num_prefix:]
 
-class ModuleEncoder(_Frozen):
+class ModuleEncoder(FrozenEncoder):
     "Any module mapping images `[B, C, H, W]` in [-1, 1] to tokens `[B, N, D]`, frozen; `dim` from one probe image."
     def __init__(self, module: nn.Module, image_shape, name: Optional[str] = None):
         super().__init__()
@@ -183,31 +162,39 @@ class ModuleEncoder(_Frozen):
             out = module(torch.zeros(1, *image_shape, device=p.device if p is not None else "cpu"))
         if not isinstance(out, torch.Tensor) or out.ndim != 3:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"an encoder module must return tokens [B, N, D]; {self.name} returned {got}")
+            raise UserError(f"an encoder module must return tokens [B, N, D]; {self.name} returned {got}")
         self.dim = int(out.shape[-1])
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.module(x)
 
 def build_encoder(spec, image_shape, weights=None, resolution=None, device="cpu") -> nn.Module:
-    "An encoder from `spec`: `'digits'`, a timm model name, or a module (wrapped unless it is one of ours)."
-    if isinstance(spec, (DigitsEncoder, TimmEncoder, ModuleEncoder)): enc = spec
+    """An encoder from `spec`: a timm model name, or a module (a `FrozenEncoder` with a `dim` as it is, any other one
+    wrapped in `ModuleEncoder`). `'digits'` is passed as a module by the caller (see above)."""
+    if isinstance(spec, FrozenEncoder) and isinstance(getattr(spec, "dim", None), int): enc = spec
     elif isinstance(spec, nn.Module): enc = ModuleEncoder(spec, image_shape)
-    elif spec == "digits": enc = load_digits_encoder()
+    elif spec == "digits":
+        raise UserError("repa_encoder 'digits' is the digits classifier, which the trainer does not build: pass it, "
+                        "`train(cfg, encoder=sit_workbench.digits.load_digits_encoder())` (`sit-workbench train` "
+                        "does this for you)")
     elif isinstance(spec, str) and spec.strip(): enc = TimmEncoder(spec, weights=weights, resolution=resolution)
-    else: raise ValueError(f"repa_encoder must be 'digits', a timm model name or an encoder module, got {spec!r}")
+    else: raise UserError(f"repa_encoder must be 'digits', a timm model name or an encoder module, got {spec!r}")
     return enc.to(device).eval()
 
 # %% ../nbs/08a_repa.ipynb
 class Alignment:
-    "The REPA term of a training step for `model`: encoder targets, the hook on block `block`, the projector, `lam`."
+    "REPA's term in the trainer for `model`: the encoder, the hook on block `block`, the projector and `lam`."
     def __init__(self, model: nn.Module, encoder: nn.Module, block: int, lam: float, projector_dim: int = 2048,
                  seed: int = 0):
-        if not (isinstance(lam, (int, float)) and lam > 0): raise ValueError(f"repa_lambda must be positive, got {lam!r}")
+        if not (isinstance(lam, (int, float)) and lam > 0): raise UserError(f"repa_lambda must be positive, got {lam!r}")
         self.encoder, self.lam = encoder, float(lam)
         self.capture = HiddenCapture(model, block)
         self.num_tokens = model.x_embedder.num_patches
         self.projector = build_projector(model.pos_embed.shape[-1], encoder.dim, projector_dim, seed=seed)
+        self.step_projector = self.projector     # as the step calls it (DDP-wrapped under torchrun)
+        self.opt = self.sched = None             # set by the trainer (`build_optimizer`)
+        self.cached, self.last = False, None     # batches carry cached features; the last step's alignment loss
+        self._features, self._target, self._aligns = None, None, []
 
     @torch.no_grad()
     def targets(self, pixels: Optional[torch.Tensor] = None, cached: Optional[torch.Tensor] = None,
@@ -218,65 +205,92 @@ class Alignment:
         else: raise ValueError("the alignment targets need the clean pixels or cached encoder features")
         return match_tokens(z.float(), self.num_tokens)
 
-    def loss(self, targets: torch.Tensor, projector: Optional[nn.Module] = None) -> torch.Tensor:
-        "The alignment loss of the last forward pass (block `k`'s hidden states through `projector`) against `targets`."
-        h = self.capture.pop()
-        return alignment_loss((projector or self.projector)(h), targets.to(h.device))
+    def split(self, batch):
+        "The batch without its cached features (kept for `keep`) when the data carries them; else the batch."
+        if not self.cached: return batch
+        self._features = batch[-1]
+        return batch[:-1]
 
-def setup_alignment(cfg, model: nn.Module, env, encoder=None):
-    """`(Alignment, projector as the step calls it)` for the trainer: the encoder from `encoder` or `cfg.repa_encoder`
-    on `env.device`, the projector wrapped like the model (DDP, or FSDP2's `fully_shard`)."""
+    def keep(self, pixels: Optional[torch.Tensor], flip_mask: Optional[torch.Tensor] = None):
+        "Compute this micro-batch's targets: the clean (flipped) `pixels`, or the cached features of the flips drawn."
+        cached, self._features = self._features, None
+        self._target = self.targets(None if cached is not None else pixels, cached, flip_mask)
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        "The alignment loss of the last forward pass (block `k`'s hidden states through the projector) against `targets`."
+        h = self.capture.pop()
+        return alignment_loss(self.step_projector(h), targets.to(h.device))
+
+    def term(self) -> torch.Tensor:
+        "`lam` x the alignment loss of the last forward pass against the kept targets (recorded for `end_step`)."
+        align = self.loss(self._target)
+        self._target = None
+        self._aligns.append(align.detach())
+        return self.lam * align
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=True); self._aligns = []
+
+    def end_step(self, env) -> float:
+        "The step's alignment loss: the mean over its micro-batches and over the processes (kept in `last`)."
+        a = torch.stack(self._aligns).mean()
+        if env.distributed: dist.all_reduce(a); a /= env.world_size
+        self.last = float(a)
+        return self.last
+
+    def step(self):
+        self.opt.step(); self.sched.step()
+
+    def with_feature_cache(self, dataset, pixels, folder, flips: bool, env, progress: bool = True):
+        "`FeatureDataset(dataset, folder)`, the first process building the cache from the `pixels` dataset first."
+        if not (Path(folder) / "meta.json").is_file() and env.main:
+            build_feature_cache(pixels, self.encoder, folder, flips=flips, device=env.device, progress=progress)
+        if env.distributed: dist.barrier()
+        self.cached = True
+        return FeatureDataset(dataset, folder)
+
+def setup_alignment(cfg, model: nn.Module, env, encoder=None) -> Alignment:
+    """The `Alignment` of a run: the encoder from `encoder` (a module) or `cfg.repa_encoder` (a timm name) on
+    `env.device`, the projector on it too, wrapped like the model (DDP, or FSDP2's `fully_shard`)."""
     mc, dc = cfg.model_config, cfg.dataset_config
     channels = 3 if mc.vae_path is not None else mc.in_channels
     enc = build_encoder(encoder if encoder is not None else cfg.repa_encoder, (channels, dc.image_size, dc.image_size),
                         weights=cfg.repa_encoder_weights, resolution=cfg.repa_encoder_resolution, device=env.device)
     al = Alignment(model, enc, cfg.repa_block, cfg.repa_lambda, cfg.repa_projector_dim, seed=cfg.seed)
     al.projector.to(env.device)
-    step_projector = al.projector
     if cfg.fsdp and env.distributed:
         from torch.distributed.fsdp import fully_shard
         fully_shard(al.projector)
     elif env.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        step_projector = DDP(al.projector, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return al, step_projector
+        al.step_projector = DDP(al.projector, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return al
 
 # %% ../nbs/08a_repa.ipynb
-PROJECTOR_FILE, PROJECTOR_OPT_FILE = "projector.safetensors", "projector_optimizer.pt"
-
-def projector_state(projector: nn.Module, opt, sched) -> tuple:
-    "Full (gathered, CPU) state dicts of the projector and its optimizer, and the schedule's; every process calls it."
+def projector_state(al: Alignment) -> tuple:
+    """`(weights, optimizer state, schedule state)` of the projector, full (gathered, on the CPU): what
+    `checkpoint.write_checkpoint` takes as `projector`; every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(projector, options=full), get_optimizer_state_dict(projector, opt, options=full),
-            sched.state_dict())
+    return (get_model_state_dict(al.projector, options=full),
+            get_optimizer_state_dict(al.projector, al.opt, options=full), al.sched.state_dict())
 
-def write_projector(folder, state) -> None:
-    "Write `projector_state(...)` into a checkpoint folder (flushed to disk)."
-    import os
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    weights, opt_sd, sched_sd = state
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / PROJECTOR_FILE), metadata={"format": "pt"})
-    torch.save({"optimizer": opt_sd, "scheduler": sched_sd}, folder / PROJECTOR_OPT_FILE)
-    for name in (PROJECTOR_FILE, PROJECTOR_OPT_FILE):
-        fd = os.open(folder / name, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
+def check_projector(al: Alignment, weights: dict, source) -> None:
+    "A `UserError` when saved projector `weights` do not fit this run's projector (another width or encoder)."
+    own = {k: tuple(v.shape) for k, v in al.projector.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if own != got:
+        raise UserError(f"{source} holds a projector of other shapes ({got.get('4.weight')} in its last layer, "
+                        f"{own.get('4.weight')} in this run): resume with the repa_projector_dim and encoder it was "
+                        "trained with, or use another output_dir")
 
-def load_projector(folder, projector: nn.Module, opt, sched) -> None:
-    "Restore the projector, its optimizer and schedule from a checkpoint folder (a clear error when it has none)."
-    from safetensors.torch import load_file
+def restore_projector(al: Alignment, saved: dict) -> None:
+    "Load `checkpoint.read_projector`'s `{weights, optimizer, scheduler}` into the projector, its AdamW and schedule."
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    folder = Path(folder)
-    if not (folder / PROJECTOR_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {PROJECTOR_FILE}: it was saved without representation alignment. "
-                                "Resume it without repa_encoder, or start the aligned run in a new output_dir")
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(projector, load_file(str(folder / PROJECTOR_FILE)), options=full)
-    blob = torch.load(folder / PROJECTOR_OPT_FILE, weights_only=True)
-    set_optimizer_state_dict(projector, opt, blob["optimizer"], options=full)
-    sched.load_state_dict(blob["scheduler"])
+    set_model_state_dict(al.projector, saved["weights"], options=full)
+    set_optimizer_state_dict(al.projector, al.opt, saved["optimizer"], options=full)
+    al.sched.load_state_dict(saved["scheduler"])
 
 # %% ../nbs/08a_repa.ipynb
 FEATURES_VERSION = 1
@@ -298,7 +312,7 @@ def build_feature_cache(dataset, encoder: nn.Module, folder, flips: bool = True,
     shards of `features [n, F, M, D]` in `folder` (resumable; reused when complete); returns the meta dict."""
     from safetensors.torch import save as st_save
     from tqdm.auto import tqdm
-    from sit_workbench.data import _atomic_write, _json_bytes
+    from sit_workbench.latents import _atomic_write, _json_bytes
     folder = Path(folder)
     n = len(dataset)
     if n == 0: raise ValueError("the dataset is empty")
@@ -309,7 +323,7 @@ def build_feature_cache(dataset, encoder: nn.Module, folder, flips: bool = True,
             old = json.loads((folder / name).read_text())
             diff = [k for k in plan if old.get(k) != plan[k]]
             if diff:
-                raise ValueError(f"the features cache in {folder} was made with other settings (" +
+                raise UserError(f"the features cache in {folder} was made with other settings (" +
                                  ", ".join(f"{k}: {old.get(k)!r} there, {plan[k]!r} now" for k in diff) +
                                  "); use another folder, or delete this one")
             if name == "meta.json": return old
@@ -345,7 +359,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.dataset, self.folder = dataset, folder
         self.meta = json.loads((folder / "meta.json").read_text())
         if self.meta["count"] != len(dataset):
-            raise ValueError(f"the features cache {folder} holds {self.meta['count']} images, the dataset {len(dataset)}")
+            raise UserError(f"the features cache {folder} holds {self.meta['count']} images, the dataset {len(dataset)}")
         self.shard_size, self._handles = self.meta["shard_size"], OrderedDict()
 
     def __len__(self): return len(self.dataset)
@@ -373,11 +387,3 @@ def select_flip(features: torch.Tensor, flip_mask: Optional[torch.Tensor] = None
     if features.shape[1] < 2: raise ValueError("the features cache holds no flipped views (built with flips=False)")
     which = flip_mask.to(features.device).long()
     return features[torch.arange(b, device=features.device), which]
-
-def with_feature_cache(dataset, pixels, encoder: nn.Module, folder, flips: bool, env, progress: bool = True):
-    "`FeatureDataset(dataset, folder)`, the first process building the cache from the `pixels` dataset first."
-    import torch.distributed as dist
-    if not (Path(folder) / "meta.json").is_file() and env.main:
-        build_feature_cache(pixels, encoder, folder, flips=flips, device=env.device, progress=progress)
-    if env.distributed: dist.barrier()
-    return FeatureDataset(dataset, folder)

@@ -16,26 +16,10 @@ from PIL import Image
 from .model import SiT
 
 # %% auto 0
-__all__ = ['VAE_SCALE', 'OFFICIAL_VAES', 'load_vae', 'generate', 'image_grid', 'save_grid']
+__all__ = ['VAE_SCALE', 'generate', 'image_grid', 'save_grid']
 
 # %% ../nbs/04_sample.ipynb
 VAE_SCALE = 0.18215
-OFFICIAL_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
-
-def load_vae(name_or_path, device="cpu"):
-    """diffusers' `AutoencoderKL` from 'ema'/'mse' (the official SD VAEs on the Hugging Face hub), a hub id or a
-    local folder; `None` or 'none' for pixel-space models."""
-    if name_or_path is None or str(name_or_path).lower() == "none": return None
-    from diffusers.models import AutoencoderKL
-    source = OFFICIAL_VAES.get(str(name_or_path), str(name_or_path))
-    try:
-        return AutoencoderKL.from_pretrained(source).to(device).eval()
-    except Exception as e:
-        raise RuntimeError(
-            f"could not load the VAE {source!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            "Without network access, download it elsewhere (e.g. `huggingface-cli download stabilityai/sd-vae-ft-ema "
-            "--local-dir sd-vae-ft-ema`), copy the folder here and pass its path (--vae ./sd-vae-ft-ema), or use "
-            "--vae none for a pixel-space model.") from None
 
 # %% ../nbs/04_sample.ipynb
 def generate(model: SiT, sample_fn, labels, cfg_scale=1.0, vae=None, seed=0, device="cpu", **cfg_kwargs):

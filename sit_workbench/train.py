@@ -10,10 +10,8 @@ import dataclasses
 import json
 import math
 import os
-import random
-import re
-import shutil
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,15 +21,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .config import TrainConfig, config_to_dict, validate
+from .checkpoint import CONFIG_VAE_HINT, clean_partial_checkpoints, load_vae
+from .config import TrainConfig, validate
+from . import errors as E
 from .model import SiT, SiTBlock
+from .repa import setup_alignment
+from .resume import Checkpointing
 from .transport import create_transport
 
 # %% auto 0
-__all__ = ['CHECKPOINT_RE', 'DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda',
-           'build_optimizer', 'total_steps', 'list_checkpoints', 'latest_checkpoint', 'commit_checkpoint',
-           'clean_partial_checkpoints', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log', 'plot_loss',
-           'measure_velocity_loss', 'export_official', 'import_official']
+__all__ = ['DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda', 'build_optimizer',
+           'total_steps', 'check_num_classes', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log',
+           'plot_loss', 'measure_velocity_loss']
 
 # %% ../nbs/08_train.ipynb
 @dataclasses.dataclass
@@ -119,67 +120,17 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int | None = None) -> int:
     return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 # %% ../nbs/08_train.ipynb
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+def check_num_classes(dataset, num_classes: int, source=None):
+    """A `UserError` before the first step when the dataset has more classes than the model: label `num_classes` is
+    the null (unconditional) class of classifier-free guidance, and larger labels do not exist."""
+    n = getattr(dataset, "num_classes", None)
+    if n is None or n <= num_classes: return
+    names = getattr(dataset, "classes", None)
+    shown = f" ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''})" if names else ""
+    raise E.UserError(f"the dataset {source or type(dataset).__name__} has {n} classes{shown}, but model_config."
+                      f"num_classes is {num_classes}: label {num_classes} would be trained as the unconditional (null) "
+                      f"class and larger labels do not exist. Set model_config.num_classes: {n}")
 
-def list_checkpoints(output_dir) -> list[Path]:
-    "Complete checkpoints in `output_dir`, oldest first (a folder counts once its `trainer_state.json` exists)."
-    d = Path(output_dir)
-    if not d.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
-             and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-def latest_checkpoint(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def _rng_state(noise_gen: torch.Generator):
-    state = {"python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-             "torch": torch.get_rng_state().tolist(), "noise": noise_gen.get_state().tolist()}
-    if torch.cuda.is_available(): state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-def _set_rng_state(state, noise_gen: torch.Generator):
-    py = state["python"]; random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]; np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    noise_gen.set_state(torch.tensor(state["noise"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-def _write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_state, model_config):
-    "Write every file of a checkpoint into `folder` (a temporary name) and flush each to disk."
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model_sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(ema_sd, folder / "ema.pt")
-    torch.save(opt_sd, folder / "optimizer.pt")
-    torch.save(sched_sd, folder / "scheduler.pt")
-    (folder / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-    (folder / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n")  # last: marks the folder complete
-    for f in folder.iterdir(): _fsync(f)
-    _fsync(folder)
-
-def commit_checkpoint(tmp: Path, final: Path, keep: int | None):
-    "Rename a fully written checkpoint into place, then delete all but the newest `keep` checkpoints."
-    if final.exists(): shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if keep:
-        for old in list_checkpoints(final.parent)[:-keep]: shutil.rmtree(old, ignore_errors=True)
-
-def clean_partial_checkpoints(output_dir):
-    "Remove temporary folders left by a run killed while writing a checkpoint."
-    d = Path(output_dir)
-    if d.is_dir():
-        for p in d.glob(".checkpoint-*.tmp*"): shutil.rmtree(p, ignore_errors=True)
-
-# %% ../nbs/08_train.ipynb
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite."
 
@@ -202,18 +153,17 @@ class _StopFlag:
         if callable(old): old(getattr(signal, self.signal), None)
 
 # %% ../nbs/08_train.ipynb
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None, progress: bool = True,
                  encoder=None):
         validate(cfg)
+        if encoder is not None and cfg.repa_encoder is None:
+            raise E.UserError("an encoder module was passed but repa_encoder is null: set repa_encoder to a name for "
+                              "it (the run's config records it)")
         self.cfg, self.progress = cfg, progress
         self.env = env or init_distributed()
         self.out = Path(cfg.output_dir)
-        self._dataset = dataset
-        self._encoder, self.repa = encoder, None   # REPA: an encoder module overriding cfg.repa_encoder; the term
-        if encoder is not None and cfg.repa_encoder is None:
-            raise ValueError("an encoder module was passed but repa_encoder is null: set repa_encoder to a name for "
-                             "it (the run's config records it)")
+        self._dataset, self._encoder, self.repa = dataset, encoder, None   # REPA: an encoder module; the term
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -238,9 +188,7 @@ class Trainer:
         else:
             self.model = raw
         self.raw, self.ema = raw, ema
-        if cfg.repa_encoder is not None:   # REPA: hook, encoder, projector (repa.py)
-            from sit_workbench.repa import setup_alignment
-            self.repa, self.repa_projector = setup_alignment(cfg, raw, env, self._encoder)
+        if cfg.repa_encoder is not None: self.repa = setup_alignment(cfg, raw, env, self._encoder)   # REPA
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model
         self.transport = build_transport(mcfg)
         self.data = self._build_data()
@@ -250,14 +198,14 @@ class Trainer:
                              f"{cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps}")
         self.max_steps = total_steps(cfg, self.steps_per_epoch)
         self.opt, self.sched = build_optimizer(raw, cfg, self.max_steps)
-        if self.repa is not None:   # REPA: the projector's AdamW, same hyperparameters and schedule
-            self.repa_opt, self.repa_sched = build_optimizer(self.repa.projector, cfg, self.max_steps)
+        if self.repa is not None:   # REPA: the projector's AdamW and schedule, with the model's settings
+            self.repa.opt, self.repa.sched = build_optimizer(self.repa.projector, cfg, self.max_steps)
         self.noise = torch.Generator().manual_seed(cfg.seed)   # shared by all processes: global-batch draws
         self.autocast = ((lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext)
         return self
 
     def _build_data(self):
-        from sit_workbench import data as D
+        from sit_workbench import data as D, latents as L
         cfg, env, mcfg, dcfg = self.cfg, self.env, self.cfg.model_config, self.cfg.dataset_config
         self.vae, self.latent = None, False
         if self._dataset is not None: ds = self._dataset
@@ -265,20 +213,19 @@ class Trainer:
             folder = Path(dcfg.latent_cache)
             if not (folder / "meta.json").is_file():
                 if env.main:
-                    vae = D.load_vae(mcfg.vae_path, env.device)
-                    D.build_latent_cache(D.build_dataset(dcfg, in_channels=3), vae, folder, device=env.device,
+                    vae = load_vae(mcfg.vae_path, env.device, hint=CONFIG_VAE_HINT)
+                    L.build_latent_cache(D.build_dataset(dcfg, in_channels=3), vae, folder, device=env.device,
                                          progress=self.progress)
                 if env.distributed: dist.barrier()
-            ds, self.latent = D.LatentDataset(folder), True
+            ds, self.latent = L.LatentDataset(folder), True
         else:
             ds = D.build_dataset(dcfg, in_channels=3 if mcfg.vae_path is not None else mcfg.in_channels)
             if mcfg.vae_path is not None:
-                self.vae = D.load_vae(mcfg.vae_path, env.device).requires_grad_(False)
-        if self.repa is not None and cfg.repa_feature_cache:   # REPA: encoder features cached once per image
-            from sit_workbench.repa import with_feature_cache
-            pixels = ds if not self.latent else D.build_dataset(dcfg, in_channels=3)
-            ds = with_feature_cache(ds, pixels, self.repa.encoder, cfg.repa_feature_cache, dcfg.random_flip, env,
-                                    self.progress)
+                self.vae = load_vae(mcfg.vae_path, env.device, hint=CONFIG_VAE_HINT)
+        check_num_classes(ds, mcfg.num_classes, dcfg.dataset_path)
+        if self.repa is not None and cfg.repa_feature_cache:   # REPA: the encoder's features, once per image
+            pixels = D.build_dataset(dcfg, in_channels=3) if self.latent else ds
+            ds = self.repa.with_feature_cache(ds, pixels, cfg.repa_feature_cache, dcfg.random_flip, env, self.progress)
         return D.make_loader(ds, cfg.per_device_train_batch_size, env.rank, env.world_size, cfg.seed,
                              num_workers=cfg.dataloader_num_workers,
                              pin_memory=cfg.dataloader_pin_memory and env.device.type == "cuda")
@@ -286,25 +233,23 @@ class Trainer:
     # --- one micro-batch -----------------------------------------------------------------------------
     def _prepare(self, batch, step, micro):
         "Data for this process as model inputs: flips, VAE latents (drawn for the global batch, sliced)."
-        from sit_workbench import data as D
+        from sit_workbench import data as D, latents as L
         env, dcfg = self.env, self.cfg.dataset_config
-        aug = D.augment_generator(self.cfg.seed, step, micro)
-        cached = batch[-1] if self.repa is not None and self.cfg.repa_feature_cache else None   # REPA
-        if cached is not None: batch = batch[:-1]
+        aug, mask = D.augment_generator(self.cfg.seed, step, micro), None
+        if self.repa is not None: batch = self.repa.split(batch)   # REPA: cached features kept aside
         if self.latent:
-            mask = D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size) if dcfg.random_flip else None
-            x, y = D.latents_from_cache_batch(batch, generator=aug, rank=env.rank, world_size=env.world_size,
+            if dcfg.random_flip: mask = D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size)
+            x, y = L.latents_from_cache_batch(batch, generator=aug, rank=env.rank, world_size=env.world_size,
                                              flip_mask=mask)
-            self._repa_source = (None, cached, mask)   # REPA: what the encoder targets come from
+            if self.repa is not None: self.repa.keep(None, mask)   # REPA: targets from the cached features
             return x.to(env.device), y.to(env.device)
         x, y = batch
-        mask = None
         if dcfg.random_flip: x, mask = D.flip_batch(x, aug, env.rank, env.world_size)
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        self._repa_source = (x, cached, mask)   # REPA: the clean pixels, before the VAE
+        if self.repa is not None: self.repa.keep(x, mask)   # REPA: targets from the clean pixels, before the VAE
         if self.vae is not None:
             with torch.no_grad():
-                x = D.encode_images(self.vae, x, generator=aug, rank=env.rank, world_size=env.world_size)
+                x = L.encode_images(self.vae, x, generator=aug, rank=env.rank, world_size=env.world_size)
         return x, y
 
     def _global_draws(self, x):
@@ -320,19 +265,15 @@ class Trainer:
     def _micro_step(self, batch, step, micro, sync):
         x1, y = self._prepare(batch, step, micro)
         x0, t, drop = self._global_draws(x1)
-        repa = self.repa
-        target = repa.targets(*self._repa_source).to(x1.device) if repa is not None else None   # REPA
         with contextlib.ExitStack() as ctx:
-            for m in [self.model] + ([self.repa_projector] if repa is not None else []):
+            for m in [self.model] + ([self.repa.step_projector] if self.repa is not None else []):   # REPA too
                 if hasattr(m, "set_requires_gradient_sync"): m.set_requires_gradient_sync(sync)  # FSDP2
                 if not sync and hasattr(m, "no_sync"): ctx.enter_context(m.no_sync())           # DDP
             with self.autocast():
                 loss = self.transport.training_losses_at(self.forward, x1, x0, t,
                                                          dict(y=y, force_drop_ids=drop))["loss"].float().mean()
-                align = repa.loss(target, self.repa_projector) if repa is not None else None   # REPA
-            total = loss if align is None else loss + repa.lam * align
+                total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
             (total / self.cfg.gradient_accumulation_steps).backward()
-        if align is not None: self._aligns.append(align.detach())
         return loss.detach()
 
     def train_step(self, batches) -> float:
@@ -340,98 +281,21 @@ class Trainer:
         backward, the divergence check, clipping, AdamW, the schedule, the EMA. Returns the mean loss."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         self.opt.zero_grad(set_to_none=True)
-        if self.repa is not None: self.repa_opt.zero_grad(set_to_none=True); self._aligns = []   # REPA
+        if self.repa is not None: self.repa.zero_grad()   # REPA
         loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
         loss = float(_all_reduce_mean(loss, self.env))
-        if self.repa is not None:   # REPA: the alignment loss of the step, logged beside the transport loss
-            self.last_align = float(_all_reduce_mean(sum(self._aligns) / accum, self.env))
-            if not math.isfinite(self.last_align): loss = self.last_align
+        if self.repa is not None and not math.isfinite(self.repa.end_step(self.env)): loss = self.repa.last   # REPA
         if not math.isfinite(loss):
             where = self.last_checkpoint or "none yet"
             raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}; stopped without saving. "
                                    f"Last good checkpoint: {where}")
-        params = list(self.raw.parameters()) + (list(self.repa.projector.parameters()) if self.repa else [])  # REPA
-        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        params = [*self.raw.parameters(), *(self.repa.projector.parameters() if self.repa is not None else ())]
+        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)   # with REPA's projector
         self.opt.step(); self.sched.step()
-        if self.repa is not None: self.repa_opt.step(); self.repa_sched.step()   # REPA
+        if self.repa is not None: self.repa.step()   # REPA
         update_ema(self.ema, self.raw, cfg.ema_decay)
         self.step += 1
         return loss
-
-    # --- state -----------------------------------------------------------------------------------------
-    def _state_dicts(self):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.raw, options=full), get_model_state_dict(self.ema, options=full),
-                get_optimizer_state_dict(self.raw, self.opt, options=full))
-
-    def save(self) -> Path:
-        "Write `checkpoint-{step}` atomically (all processes take part in gathering; the first writes)."
-        env = self.env
-        model_sd, ema_sd, opt_sd = self._state_dicts()
-        if self.repa is not None:   # REPA: every process takes part in gathering the projector too
-            from sit_workbench.repa import projector_state, write_projector
-            proj = projector_state(self.repa.projector, self.repa_opt, self.repa_sched)
-        rng = _rng_state(self.noise)
-        rngs = [None] * env.world_size
-        if env.distributed: dist.all_gather_object(rngs, rng)
-        else: rngs = [rng]
-        final = self.out / f"checkpoint-{self.step}"
-        if env.main:
-            state = {"version": 1, "step": self.step, "max_steps": self.max_steps, "data": self.data.state_dict(),
-                     "world_size": env.world_size, "rng": rngs, "config": config_to_dict(self.cfg),
-                     "time": time.time()}
-            tmp = self.out / f".checkpoint-{self.step}.tmp-{os.getpid()}"
-            if tmp.exists(): shutil.rmtree(tmp)
-            mcfg = dict(self.raw.config if hasattr(self.raw, "config") else {})
-            _write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
-            if self.repa is not None: write_projector(tmp, proj)   # REPA: own files, never exported
-            commit_checkpoint(tmp, final, self.cfg.save_total_limit)
-        if env.distributed: dist.barrier()
-        self.last_checkpoint = final
-        return final
-
-    def load(self, folder: Path):
-        "Restore weights, EMA, optimizer, scheduler, data position and random generators from a checkpoint."
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        folder = Path(folder)
-        state = json.loads((folder / "trainer_state.json").read_text())
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw, load_file(str(folder / "model.safetensors")), options=full)
-        set_model_state_dict(self.ema, torch.load(folder / "ema.pt", weights_only=True), options=full)
-        set_optimizer_state_dict(self.raw, self.opt, torch.load(folder / "optimizer.pt", weights_only=True), options=full)
-        self.sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        if self.repa is not None:   # REPA
-            from sit_workbench.repa import load_projector
-            load_projector(folder, self.repa.projector, self.repa_opt, self.repa_sched)
-        self.data.load_state_dict(state["data"])
-        self.step = state["step"]
-        rngs = state["rng"]
-        if len(rngs) == self.env.world_size: _set_rng_state(rngs[self.env.rank], self.noise)
-        else:   # other process count: the shared stream is the same for all ranks; per-rank streams restart
-            _set_rng_state(rngs[0], self.noise)
-            self._say(f"resuming a {len(rngs)}-process run on {self.env.world_size} processes: the data order and "
-                      "all per-sample noise are unchanged; the results match an uninterrupted run to float precision")
-        self.last_checkpoint = folder
-        return state
-
-    def _resume_target(self):
-        r = self.cfg.resume_from_checkpoint
-        if r is None: return latest_checkpoint(self.out)
-        if r == "latest":
-            found = latest_checkpoint(self.out)
-            if found is None: raise FileNotFoundError(f"resume_from_checkpoint='latest' but {self.out} holds no checkpoint")
-            return found
-        p = Path(r)
-        if not (p / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint={r!r} is not a complete checkpoint (no trainer_state.json)")
-        return p
-
-    def _say(self, msg):
-        if self.env.main: tqdm.write(msg) if self.progress else print(msg, flush=True)
 
     # --- the loop --------------------------------------------------------------------------------------
     def _batches_forever(self):
@@ -446,9 +310,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             clean_partial_checkpoints(self.out)
         if env.distributed: dist.barrier()
-        target = self._resume_target()
+        target = self._resume()
         if target is not None:
-            self.load(target)
             self._say(f"resumed from {target} (step {self.step} of {self.max_steps})")
         log = JsonlLog(self.out / "log.jsonl", keep_until=self.step) if env.main else None
         tb = _tensorboard(self.out, cfg) if env.main else None
@@ -469,7 +332,7 @@ class Trainer:
                     now = time.perf_counter(); sps = (self.step - steps_last) / max(now - t_last, 1e-9)
                     row = {"step": self.step, "epoch": self.data.state_dict()["epoch"], "loss": sum(window) / len(window),
                            "lr": self.sched.get_last_lr()[0], "steps_per_sec": sps, "images_per_sec": sps * gbatch * accum}
-                    if self.repa is not None: row["repa_align"] = self.last_align   # REPA: the last step's
+                    if self.repa is not None: row["repa_align"] = self.repa.last   # REPA: the last step's
                     if log: log.write(row)
                     if tb: [tb.add_scalar(f"train/{k}", v, self.step) for k, v in row.items() if k != "step"]
                     bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{sps:.1f}", img_s=f"{row['images_per_sec']:.0f}")
@@ -494,7 +357,8 @@ class Trainer:
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None, "output_dir": str(self.out)}
 
 def train(cfg: TrainConfig, progress: bool = True, dataset=None, encoder=None) -> dict:
-    "Train (or resume) as `cfg` says, in this process or in the torchrun process group it belongs to."
+    """Train (or resume) as `cfg` says, in this process or in the torchrun process group it belongs to; `encoder`: a
+    module for REPA's `repa_encoder` (the digits encoder must be passed: `digits.load_digits_encoder()`)."""
     env = init_distributed()
     try:
         return Trainer(cfg, env, dataset=dataset, progress=progress, encoder=encoder).train()
@@ -542,10 +406,10 @@ def _tensorboard(out, cfg):
 def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema", progress=True):
     "`L_t` of a checkpoint's model (EMA by default) on its run's training data, saved as `velocity_loss.json` there."
     from sit_workbench.config import config_from_dict
-    from sit_workbench.model import load_sit
+    from sit_workbench.checkpoint import load_sit
     from sit_workbench.transport import estimate_velocity_loss
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = E.read_json(checkpoint / "trainer_state.json", "training state")
     cfg = config_from_dict(state["config"])
     tr = Trainer(cfg, env=DistEnv(), progress=False)
     tr.data = tr._build_data()
@@ -558,35 +422,3 @@ def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema",
     prof = estimate_velocity_loss(build_transport(cfg.model_config), model, batches(), num_bins=num_bins, progress=progress)
     prof.save(checkpoint)
     return prof
-
-# %% ../nbs/08_train.ipynb
-def export_official(checkpoint, out_path) -> Path:
-    "A checkpoint folder of ours as an official-format `.pt` (`model`, `ema`, `opt` left empty, `args`)."
-    import argparse
-    from sit_workbench.model import load_state_dict
-    checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    cfg = state["config"]; mc, dc = cfg["model_config"], cfg["dataset_config"]
-    name = json.loads((checkpoint / "config.json").read_text()).get("model_name") or \
-        f"SiT-custom(depth={mc['depth']}, hidden={mc['hidden_size']}, patch={mc['patch_size']})"
-    args = argparse.Namespace(model=name, image_size=dc["image_size"], num_classes=mc["num_classes"],
-                              global_seed=cfg["seed"], path_type=mc["path_type"], prediction=mc["prediction"],
-                              loss_weight=mc["loss_weight"], train_eps=mc["train_eps"], sample_eps=mc["sample_eps"],
-                              vae=mc["vae_path"], cfg_scale=mc["cfg_scale"], global_batch_size=None,
-                              train_steps=state["step"])
-    blob = {"model": load_state_dict(checkpoint, prefer="model"), "ema": load_state_dict(checkpoint, prefer="ema"),
-            "opt": {}, "args": args}
-    out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp"); torch.save(blob, tmp); os.replace(tmp, out_path)
-    return out_path
-
-def import_official(pt_path, out_dir, model="SiT-XL/2") -> Path:
-    "An official `.pt` (raw state dict or train.py's dict) as a folder `load_sit` reads; the architecture is read off the tensors."
-    from sit_workbench.model import SiT_models, load_into, load_state_dict, save_pretrained
-    from sit_workbench.cli import infer_config
-    sd, ema_sd = load_state_dict(pt_path, prefer="model"), load_state_dict(pt_path, prefer="ema")
-    with torch.device("meta"): net = SiT_models[model](**infer_config(sd, model))
-    load_into(net, sd, assign=True)
-    out = save_pretrained(net, out_dir)
-    torch.save(ema_sd, Path(out) / "ema.pt")
-    return Path(out)

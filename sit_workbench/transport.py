@@ -165,6 +165,12 @@ class Transport:
         if self.model_type == ModelType.SCORE: return self.path_sampler.score_to_velocity(out, x, t)
         return self.path_sampler.noise_to_velocity(out, x, t)
 
+    def denoise(self, x, t, score):
+        "Tweedie's formula: the posterior mean of the data, `E[x1 | x_t = x] = (x + sigma_t^2 score) / alpha_t`."
+        t = expand_t_like_x(t, x)
+        a, sig = self.path_sampler.compute_alpha_t(t)[0], self.path_sampler.compute_sigma_t(t)[0]
+        return x / a + sig ** 2 / a * score
+
     def score_from_output(self, out, x, t):
         if self.model_type == ModelType.SCORE: return out
         if self.model_type == ModelType.VELOCITY: return self.path_sampler.velocity_to_score(out, x, t)
@@ -215,24 +221,66 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
 
 # %% ../nbs/03_transport.ipynb
 class _ModelCall:
+    """The model as samplers call it: times clamped to the interval, evaluations counted, outputs checked for NaN/inf
+    (at once on the CPU; on an accelerator one flag per evaluation, read once by `check`: no sync per evaluation)."""
     def __init__(self, model, kwargs, lo, hi):
         self.model, self.kwargs, self.lo, self.hi, self.nfe = model, kwargs, min(lo, hi), max(lo, hi), 0
+        self._flags = []   # (nfe, t[:1], output finite, input finite) per evaluation off the CPU
     def __call__(self, x, t):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         t = (t.expand(x.shape[0]) if t.ndim == 0 else t).clamp(self.lo, self.hi)
         out = self.model(x, t, **self.kwargs)
         _check_output(out, x)
         self.nfe += 1
+        ok = torch.isfinite(out).all()
+        if out.device.type == "cpu":
+            if not ok: raise _nonfinite_output(self.nfe, t, bool(torch.isfinite(x).all()))
+        else: self._flags.append((self.nfe, t[:1], ok, torch.isfinite(x).all()))
         return out, t
+    def check(self):
+        "Raise a `NonFiniteError` for the first evaluation whose output held NaN or inf."
+        if not self._flags: return
+        ok = torch.stack([f[2] for f in self._flags]).cpu()
+        if bool(ok.all()): return
+        nfe, t, _, x_ok = self._flags[int((~ok).nonzero()[0])]
+        raise _nonfinite_output(nfe, t, bool(x_ok))
+
+def _nonfinite_output(nfe, t, input_finite):
+    from sit_workbench.errors import NonFiniteError
+    why = ("from finite inputs: the model's weights (or its labels / guidance inputs) give non-finite values; is the "
+           "checkpoint from a diverged training run?") if input_finite else \
+          "its input already held NaN or inf: the sampler diverged before this point (more steps, a smaller step size?)"
+    return NonFiniteError(f"the model returned NaN or inf at t={float(t.flatten()[0]):.4g} (network evaluation {nfe} "
+                          f"of this sampler call), {why}")
+
+def _final(out):
+    "The tensors of a sampler's result that are its answer: the last state (and the log-likelihood)."
+    if isinstance(out, tuple): return list(out)
+    return [out[-1]]
+
+def _check_result(out):
+    from sit_workbench.errors import NonFiniteError
+    if not all(bool(torch.isfinite(v).all()) for v in _final(out)):
+        raise NonFiniteError("the sampler's result holds NaN or inf although every model output was finite: the "
+                             "integration diverged (more steps or a smaller step size?)")
 
 class SampleFn:
     "A sampling function `fn(x, model, **model_kwargs)`; after each call `fn.nfe` holds its network evaluations."
     def __init__(self, run, t0, t1, description):
         self._run, self.t0, self.t1, self.description, self.nfe = run, t0, t1, description, None
     def __call__(self, x, model, **model_kwargs):
+        """Run the sampler; a `NonFiniteError` names the time and evaluation where the model first returned NaN/inf
+        (also when that made the solver fail, e.g. torchdiffeq's 'underflow in dt'), or says the result diverged."""
         call = _ModelCall(model, model_kwargs, self.t0, self.t1)
-        out = self._run(x, call)
-        self.nfe = call.nfe
+        try:
+            out = self._run(x, call)
+        except Exception:
+            call.check()   # a non-finite model output is the cause: say that instead
+            raise
+        finally:
+            self.nfe = call.nfe
+        call.check()
+        _check_result(out)
         return out
     def __repr__(self): return f"SampleFn({self.description}, t: {self.t0:g} -> {self.t1:g}, last nfe={self.nfe})"
 
@@ -277,6 +325,10 @@ def _divergence(v, x, probe):
 class Sampler:
     "Samplers for a `Transport` (official API): `sample_ode`, `sample_sde`, `sample_ode_likelihood`."
     def __init__(self, transport: Transport):
+        if not isinstance(transport, Transport):
+            from sit_workbench.errors import UserError
+            raise UserError(f"Sampler needs a Transport (e.g. Sampler(create_transport('Linear', 'velocity'))), got "
+                            f"{transport!r} ({type(transport).__name__})")
         self.transport = transport
         self.drift = transport.get_drift()
         self.score = transport.get_score()
@@ -346,10 +398,8 @@ class Sampler:
         if last_step is None: return x
         if last_step == "Mean": return x + sde_drift(call, x, t1)[0] * size
         if last_step == "Euler": return x + self._fields(call, x, t1, need_score=False)[0] * size
-        _, s, t = self._fields(call, x, t1)           # Tweedie: E[x1 | x_t1] = (x + sigma^2 s) / alpha
-        t = expand_t_like_x(t, x)
-        a, sig = self.transport.path_sampler.compute_alpha_t(t)[0], self.transport.path_sampler.compute_sigma_t(t)[0]
-        return x / a + sig ** 2 / a * s
+        _, s, t = self._fields(call, x, t1)
+        return self.transport.denoise(x, t, s)
 
     def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False):
         "An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution)."

@@ -21,17 +21,20 @@ import torch
 from PIL import Image
 
 from .config import config_from_dict
+from .paths import project_root
 from .interpolants import DIFFUSION_FORMS, VelocityLossProfile, expand_t_like_x
-from .model import load_sit
-from .sample import VAE_SCALE, generate, image_grid, load_vae
-from .train import build_transport, latest_checkpoint
+from .checkpoint import load_sit
+from .sample import VAE_SCALE, generate, image_grid
+from .checkpoint import load_vae
+from .train import build_transport
+from .checkpoint import latest_checkpoint
 from .transport import FIXED_METHODS, LAST_STEPS, ODE_METHODS, SDE_METHODS, Sampler, create_transport
 
 # %% auto 0
-__all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'project_root', 'find_path', 'default_checkpoint', 'Loaded',
-           'load_checkpoint', 'Request', 'parse_classes', 'make_sample_fn', 'guidance_kwargs', 'Cancelled', 'Watch',
-           'to_png', 'set_png', 'Result', 'sample_grid', 'guidance_scales', 'sample_guidance_row', 'Trajectory',
-           'predicted_x1', 'solve_trajectory', 'Job', 'Jobs', 'Debouncer', 'error_text', 'SamplerPanel', 'CFGExplorer',
+__all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'find_path', 'default_checkpoint', 'Loaded', 'load_checkpoint',
+           'Request', 'parse_classes', 'make_sample_fn', 'guidance_kwargs', 'Cancelled', 'Watch', 'to_png', 'set_png',
+           'Result', 'sample_grid', 'guidance_scales', 'sample_guidance_row', 'Trajectory', 'predicted_x1',
+           'solve_trajectory', 'Job', 'Jobs', 'Debouncer', 'error_text', 'SamplerPanel', 'CFGExplorer',
            'trajectory_figure', 'plotly_bundle', 'TrajectoryScrubber']
 
 # %% ../nbs/12_widgets.ipynb
@@ -39,13 +42,6 @@ CHECKPOINT_ENV = "SIT_WIDGETS_CHECKPOINT"
 DEFAULT_RUN = "runs/digits"
 NO_CHECKPOINT = ("No digits checkpoint yet: run `make demo` (about 2.5 minutes on 2 cores) to train one into "
                  "runs/digits, or type the path of a checkpoint above.")
-
-def project_root(start=None) -> Path | None:
-    "The nearest folder at or above `start` (default: the working directory) that holds `settings.ini`."
-    p = Path(start or Path.cwd()).resolve()
-    for d in (p, *p.parents):
-        if (d / "settings.ini").is_file(): return d
-    return None
 
 def find_path(path) -> Path:
     "`path` if it exists (or is absolute), else the same relative path under the project root if it exists there."

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sit_workbench import data as D
-from sit_workbench.data import (BadImageWarning, LatentDataset, ResumableSampler, augment_generator,
-                                build_dataset, build_latent_cache, center_crop_arr, digits_indices, digits_split,
-                                draw_flip_mask, encode_images, flip_batch, latents_from_cache_batch, load_vae,
-                                make_loader, tiny_vae, to_tensor)
+from sit_workbench import latents as L
+from sit_workbench.checkpoint import CONFIG_VAE_HINT, load_vae
+from sit_workbench.data import (BadImageWarning, ResumableSampler, augment_generator, build_dataset, center_crop_arr,
+                                digits_indices, digits_split, draw_flip_mask, flip_batch, make_loader, to_tensor)
+from sit_workbench.latents import LatentDataset, build_latent_cache, encode_images, latents_from_cache_batch, tiny_vae
 
 datasets = pytest.importorskip("datasets")
 
@@ -405,7 +405,7 @@ def test_tiny_vae():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     z = encode_images(a, images(2, 32), sample=False)
-    assert z.shape == (2, 4, 32 // D.TINY_VAE_FACTOR, 32 // D.TINY_VAE_FACTOR)
+    assert z.shape == (2, 4, 32 // L.TINY_VAE_FACTOR, 32 // L.TINY_VAE_FACTOR)
 
 
 def test_encode_images_matches_diffusers(vae):
@@ -428,7 +428,7 @@ def test_latent_cache_round_trip(vae, tmp_path):
     assert (meta["count"], meta["num_shards"], meta["latent_shape"], meta["scale"]) \
         == (7, 3, [4, 2, 2], 0.18215)
     on_disk = json.loads((tmp_path / "c" / "meta.json").read_text())
-    assert on_disk["encoder_hash"] == D.vae_identity(vae)["encoder_hash"] and on_disk["image_size"] == 16
+    assert on_disk["encoder_hash"] == L.vae_identity(vae)["encoder_hash"] and on_disk["image_size"] == 16
     assert not (tmp_path / "c" / "plan.json").exists() and not list((tmp_path / "c").glob("*.tmp"))
     for in_memory in (False, True):
         lat = LatentDataset(tmp_path / "c", in_memory=in_memory)
@@ -495,7 +495,7 @@ def test_latent_cache_float16_and_pickling(vae, tmp_path):
 
 def test_load_vae(vae, tmp_path):
     with pytest.raises(RuntimeError) as e:
-        load_vae(str(tmp_path / "sd-vae-ft-ema"))
+        load_vae(str(tmp_path / "sd-vae-ft-ema"), hint=CONFIG_VAE_HINT)
     msg = str(e.value)
     assert "sd-vae-ft-ema" in msg and "model_config.vae_path" in msg and "huggingface-cli download" in msg
     vae.save_pretrained(str(tmp_path / "tiny"))

@@ -32,7 +32,7 @@ def env(tmp_path_factory):
 
 
 def _model_transport(ckpt):
-    from sit_workbench.model import load_sit
+    from sit_workbench.checkpoint import load_sit
     from sit_workbench.train import build_transport
     return load_sit(ckpt), build_transport(E.load_run_config(ckpt).model_config)
 

@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
+import sit_workbench.checkpoint as CK
 import sit_workbench.model as M
-from sit_workbench.model import (SiT, SiT_models, Attention, count_params, load_into, load_sit,
-                                 load_state_dict, save_pretrained, CheckpointDownloadError)
+from sit_workbench.model import SiT, SiT_models, Attention, count_params
+from sit_workbench.checkpoint import load_into, load_sit, load_state_dict, save_pretrained, CheckpointDownloadError
 
 
 
@@ -341,7 +342,7 @@ def test_missing_path_and_failed_download_messages(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nothing-here.pt"):
         load_state_dict(tmp_path / "nothing-here.pt")
     name = "SiT-XL-2-256x256.pt"
-    monkeypatch.setitem(M.PRETRAINED_URLS, name, "http://127.0.0.1:9/x.pt")
+    monkeypatch.setitem(CK.PRETRAINED_URLS, name, "http://127.0.0.1:9/x.pt")
     monkeypatch.setenv("SIT_WORKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     for fn in (lambda: load_state_dict(name), lambda: load_sit(name)):

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from sit_workbench.config import digits_config, save_config
 from sit_workbench.launch import (collect_results, job_result, job_status, results_table, slurm_available,
                                   submit_sweep, submit_training, tail_log)
-from sit_workbench.model import load_sit
-from sit_workbench.train import latest_checkpoint, list_checkpoints, read_log
+from sit_workbench.checkpoint import latest_checkpoint, list_checkpoints, load_sit
+from sit_workbench.train import read_log
 
 TINY = dict(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, logging_steps=1, save_steps=1000,
             save_total_limit=None, per_device_train_batch_size=16)

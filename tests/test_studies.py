@@ -6,21 +6,45 @@ from pathlib import Path
 
 import pytest
 
-from sit_workbench import design_space, diffusion_coefficient, nfe, path_length
-from sit_workbench.zoo import SETTINGS, load_results
+from sit_workbench.studies import convergence, design_space, diffusion_coefficient, nfe, path_length
+from sit_workbench.studies.zoo import SETTINGS, ZOO, load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = {path_length: 9, nfe: 3 * 2 * (8 + 6 + 5), diffusion_coefficient: 24, design_space: 6}
 
 
+# The four studies of nbs/15-18 were measured on the first zoo: 1,500 steps per cell with a cosine learning rate (the
+# setting below). The convergence study (nbs/14a) showed that budget too short for the noise and score cells; until
+# these four are rerun on the converged models, their results must say which models they measured, and the notebooks
+# and README say so in words.
+FIRST_ZOO = {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(SETTINGS["full"]).items()
+                if k != "ladder"}, "max_steps": 1500}
+
+
+def _setting_dict(s):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()}
+
+
 @pytest.mark.parametrize("mod", list(STUDIES), ids=lambda m: m.STUDY)
-def test_committed_results_match_the_full_setting(mod, monkeypatch):
+def test_committed_results_match_the_first_zoo(mod, monkeypatch):
     monkeypatch.chdir(ROOT)
     res = load_results(mod.STUDY, "full")
-    assert res["setting"] == {k: list(v) if isinstance(v, tuple) else v
-                              for k, v in dataclasses.asdict(SETTINGS["full"]).items()}
+    assert res["setting"] == FIRST_ZOO
     assert len(res["rows"]) == STUDIES[mod]
     assert all(r.get("n") in (None, 1000) for r in res["rows"])
+
+
+def test_convergence_results_match_the_full_setting(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = load_results(convergence.STUDY, "full")
+    assert res["setting"] == _setting_dict(SETTINGS["full"])
+    cells = {r["model"] for r in res["rows"]}
+    assert cells == set(ZOO)
+    for name in ZOO:   # every cell either converged or reached the cap
+        rows = sorted((r for r in res["rows"] if r["model"] == name), key=lambda r: r["steps"])
+        assert [r["steps"] for r in rows] == list(SETTINGS["full"].ladder[:len(rows)])
+        assert rows[-1]["converged"] or rows[-1]["steps"] == SETTINGS["full"].max_steps
+        assert not any(r["converged"] for r in rows[:-1]) and all(r["n"] == 1000 for r in rows)
 
 
 def _readme_section(title):
@@ -44,5 +68,6 @@ def test_readme_quotes_the_committed_numbers(monkeypatch):
         produced |= {v for v in row.values() if isinstance(v, str) and "±" in v}
     for row in design_space.walk_table(load_results("design_space")):
         produced.add(row["digits-FID (ours)"])
+    produced |= {f"{r['digits_fid']:.2f} ± {r['digits_fid_std']:.2f}" for r in load_results("convergence")["rows"]}
     missing = [q for q in quoted if q not in produced]
     assert not missing, f"README numbers not in the committed results: {missing}"

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from sit_workbench.config import digits_config, save_config
-from sit_workbench.model import load_sit, load_state_dict
-from sit_workbench.train import (clean_partial_checkpoints, export_official, import_official, latest_checkpoint,
-                                 list_checkpoints, read_log, train)
+from sit_workbench.checkpoint import (clean_partial_checkpoints, export_official, import_official, latest_checkpoint,
+                                      list_checkpoints, load_sit, load_state_dict)
+from sit_workbench.train import read_log, train
 
 BIN = Path(sys.executable).parent
 TINY = dict(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, logging_steps=1, save_total_limit=None)
@@ -55,7 +55,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 143, out   # EXIT_PREEMPTED: saved, not finished
     assert "preempted" in out and "SIGTERM" in out, out
     stopped = latest_checkpoint(tmp_path / "int")
     k = int(stopped.name.split("-")[1])
@@ -152,7 +152,7 @@ def test_latent_space_training_with_a_local_vae(tmp_path, cache):
     """The ImageNet path at toy scale: images -> diffusers AutoencoderKL latents (a small random VAE saved to a
     folder, as a user's local copy of sd-vae-ft-ema would be) -> SiT; on the fly, or through the latent cache."""
     from sit_workbench.config import config_from_dict, config_to_dict
-    from sit_workbench.data import tiny_vae
+    from sit_workbench.latents import tiny_vae
     data = _image_folder(tmp_path / "images")
     tiny_vae().save_pretrained(tmp_path / "vae")
     d = config_to_dict(digits_config(**TINY, max_steps=3, save_steps=3, per_device_train_batch_size=4))

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from sit_workbench import widgets as Wd
-from sit_workbench.model import SiT, load_sit, save_pretrained
+from sit_workbench.model import SiT
+from sit_workbench.checkpoint import load_sit, save_pretrained
 from sit_workbench.sample import generate
 from sit_workbench.transport import Sampler, create_transport
 

@@ -49,7 +49,8 @@ def browser_ready():
 def _checkpoint(lab):
     """A digits checkpoint in `lab/runs/digits`, as a path relative to `lab`: a copy of the demo's when `make demo`
     wrote one (real digits in the screenshot), else a small run trained here."""
-    from sit_workbench.train import latest_checkpoint, train
+    from sit_workbench.train import train
+    from sit_workbench.checkpoint import latest_checkpoint
     found = latest_checkpoint(ROOT / "runs" / "digits") if (ROOT / "runs" / "digits").is_dir() else None
     if found is not None:
         shutil.copytree(found, lab / "runs" / "digits" / found.name,
