@@ -1,5 +1,6 @@
 """Representation alignment (REPA) in the trainer: exact resume, the features cache, export without the projector,
 DDP/FSDP2 against one process, latent-space training with a timm encoder, the offline error."""
+import json
 import os
 import shutil
 import subprocess
@@ -10,16 +11,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sit_workbench import errors as E
+from sit_workbench.checkpoint import PROJECTOR_FILES, export_official, import_official, load_sit
 from sit_workbench.config import config_from_dict, config_to_dict, digits_config, save_config
-from sit_workbench.model import SiT, load_sit
-from sit_workbench.repa import PROJECTOR_FILE, PROJECTOR_OPT_FILE, TimmEncoder
-from sit_workbench.train import export_official, read_log, train
+from sit_workbench.digits import load_digits_encoder
+from sit_workbench.model import SiT
+from sit_workbench.repa import TimmEncoder
+from sit_workbench.train import Trainer, read_log
+from sit_workbench.train import train as _train
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 REPA = dict(depth=2, hidden_size=32, num_heads=2, warmup_steps=0, logging_steps=1, save_total_limit=None,
             per_device_train_batch_size=16, repa_encoder="digits", repa_block=1, repa_projector_dim=32,
             repa_lambda=0.5)
+
+
+PROJECTOR_FILE, PROJECTOR_OPT_FILE = PROJECTOR_FILES
+
+
+def train(cfg, **kw):
+    "The trainer as `sit-workbench train` calls it: the 'digits' encoder passed in."
+    return _train(cfg, encoder=load_digits_encoder() if cfg.repa_encoder == "digits" else None, **kw)
 
 
 def files(folder):
@@ -80,29 +93,54 @@ def test_features_cache_gives_the_on_the_fly_run(tmp_path):
             torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-5, atol=1e-6)
 
 
+# the official SiT's state-dict names (github.com/willisma/SiT models.py; shared/reference/sit-state-dict-keys.md)
+OFFICIAL_TOP = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
+                "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+                "y_embedder.embedding_table.weight", "final_layer.linear.weight", "final_layer.linear.bias",
+                "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
+OFFICIAL_BLOCK = {"attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "mlp.fc1.weight",
+                  "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "adaLN_modulation.1.weight",
+                  "adaLN_modulation.1.bias"}
+
+
 def test_export_drops_the_projector_and_loads_strictly(tmp_path):
+    from sit_workbench.checkpoint import COMPLETE, checkpoint_problem
     res = train(digits_config(**REPA, max_steps=2, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
     ck = Path(res["checkpoint"])
-    assert (ck / PROJECTOR_FILE).is_file()
-    blob = torch.load(export_official(ck, tmp_path / "official.pt"), weights_only=False)
-    net = SiT(**load_sit(ck).config)   # the official layout (keys and shapes of github.com/willisma/SiT)
-    for part in ("model", "ema"):
-        assert not any("projector" in k for k in blob[part])
+    assert (ck / PROJECTOR_FILE).is_file() and (ck / PROJECTOR_OPT_FILE).is_file()
+    listed = json.loads((ck / COMPLETE).read_text())["files"]
+    assert set(PROJECTOR_FILES) <= set(listed)          # the projector counts for the checkpoint's completeness
+    pt = export_official(ck, tmp_path / "official.pt")
+    blob = torch.load(pt, weights_only=False)
+    official = OFFICIAL_TOP | {f"blocks.{i}.{k}" for i in range(REPA["depth"]) for k in OFFICIAL_BLOCK}
+    net = SiT(**load_sit(ck).config)
+    for part, want in (("model", load_file(str(ck / "model.safetensors"))),
+                       ("ema", torch.load(ck / "ema.pt", weights_only=True))):
+        assert set(blob[part]) == official, sorted(set(blob[part]) ^ official)   # no projector, nothing else
         net.load_state_dict(blob[part], strict=True)
-    assert set(load_sit(ck).state_dict()) == set(net.state_dict())
+        assert all(torch.equal(blob[part][k], want[k]) for k in official)       # the trained weights themselves
+    back = load_sit(import_official(pt, tmp_path / "imported"))                 # and the official file reads back
+    assert all(torch.equal(back.state_dict()[k], blob["ema"][k]) for k in official)
+    with open(ck / PROJECTOR_FILE, "r+b") as f: f.truncate(100)                # a damaged projector: not complete
+    assert "projector.safetensors has 100 bytes" in checkpoint_problem(ck)
 
 
 def test_resuming_a_plain_checkpoint_with_alignment_fails_clearly(tmp_path):
     plain = {k: v for k, v in REPA.items() if not k.startswith("repa_")}
     train(digits_config(**plain, max_steps=2, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
-    with pytest.raises(FileNotFoundError, match="saved without representation alignment"):
+    with pytest.raises(E.UserError, match="saved without representation alignment"):
         train(digits_config(**REPA, max_steps=4, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
+    wide = train(digits_config(**REPA, max_steps=2, save_steps=2, output_dir=str(tmp_path / "wide")), progress=False)
+    with pytest.raises(E.UserError, match="holds a projector of other shapes"):
+        train(digits_config(**{**REPA, "repa_projector_dim": 16}, max_steps=4, save_steps=2,
+                            output_dir=wide["output_dir"]), progress=False)
 
 
-def test_an_encoder_module_needs_a_name(tmp_path):
-    from sit_workbench.train import Trainer
+def test_the_encoder_is_passed_or_named(tmp_path):
     with pytest.raises(ValueError, match="repa_encoder is null"):
         Trainer(digits_config(output_dir=str(tmp_path)), encoder=torch.nn.Identity())
+    with pytest.raises(E.UserError, match=r"load_digits_encoder\(\)"):   # the trainer does not build the classifier
+        _train(digits_config(**REPA, max_steps=1, output_dir=str(tmp_path / "r")), progress=False)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
