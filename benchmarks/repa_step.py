@@ -6,8 +6,8 @@ ratio REPA / plain per setting.
     OMP_WAIT_POLICY=PASSIVE python benchmarks/repa_step.py --settings digits s2-dinov2 --rounds 3
 
 Settings:
-- `digits`: the study of nbs/21_repa.ipynb: the 4-block width-96 digits SiT, batch 96, REPA with the digits-classifier
-  encoder, block 2, projector width 256.
+- `digits`: the two arms of the study of nbs/21_repa.ipynb (`studies.repa.run_config`): the zoo's linear-velocity
+  digits SiT (4 blocks of width 96, batch 96), REPA with the digits-classifier encoder, block 2, projector width 256.
 - `s2-dinov2`: SiT-S/2 on 32x32x3 inputs (a 16x16 token grid, as SiT-XL/2 on 256 px latents), batch 32, REPA with
   DINOv2 ViT-B/14 (timm `vit_base_patch14_dinov2`, inputs resized to 224: 16x16 patch tokens), block 4, projector
   2048. The encoder has random weights (saved to a temporary file and loaded as a local weights file): the machine is
@@ -27,19 +27,21 @@ import time
 import torch
 
 from sit_workbench.config import digits_config
+from sit_workbench.digits import load_digits_encoder
 from sit_workbench.train import DistEnv, Trainer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def digits_setting(repa, cache):
+    "The study's two arms exactly (`studies.repa.run_config`), in a temporary folder."
+    from sit_workbench.config import config_from_dict, config_to_dict
     from sit_workbench.data import DigitsDataset
-    kw = dict(path_type="Linear", prediction="velocity", lr_scheduler_type="constant", warmup_steps=0,
-              max_steps=10 ** 6, output_dir=tempfile.mkdtemp(prefix="repa_step_"))
-    if repa:
-        kw.update(repa_encoder="digits", repa_block=2, repa_lambda=0.5, repa_projector_dim=256,
-                  repa_feature_cache=os.path.join(kw["output_dir"], "feats") if cache else None)
-    return digits_config(**kw), DigitsDataset("train")
+    from sit_workbench.studies.repa import run_config
+    d = config_to_dict(run_config("repa" if repa else "plain", 0, 10 ** 6, "full"))
+    d.update(output_dir=tempfile.mkdtemp(prefix="repa_step_"), warmup_steps=0)
+    if repa and cache: d.update(repa_feature_cache=os.path.join(d["output_dir"], "feats"))
+    return config_from_dict(d), DigitsDataset("train")
 
 
 def s2_dinov2_setting(repa, cache):
@@ -84,7 +86,8 @@ def main():
         trainers = {}
         for arm in ("plain", "repa"):
             cfg, ds = SETTINGS[name](arm == "repa", args.features_cache)
-            tr = Trainer(cfg, env=DistEnv(device=DEVICE), dataset=ds, progress=False).setup()
+            enc = load_digits_encoder() if cfg.repa_encoder == "digits" else None   # passed in, as the CLI does
+            tr = Trainer(cfg, env=DistEnv(device=DEVICE), dataset=ds, progress=False, encoder=enc).setup()
             batches = tr._batches_forever()
             with torch.enable_grad():
                 for _ in range(2): tr.train_step(batches)   # warm-up: optimizer state, allocator, kernels
