@@ -213,3 +213,38 @@ def test_timm_encoder_without_network_says_how_to_pass_a_file(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(RuntimeError, match="repa_encoder_weights: /path/to/encoder.safetensors"):
         TimmEncoder("vit_tiny_patch16_224", resolution=32)
+
+
+def test_study_arms_are_the_zoo_config_but_for_repa():
+    from sit_workbench.studies import repa as study
+    from sit_workbench.studies.zoo import zoo_config
+    zoo = config_to_dict(zoo_config(study.MODEL, "full", 1500))
+    plain, repa = (config_to_dict(study.run_config(o, 1, 1500, "full")) for o in study.OBJECTIVES)
+    assert {k for k in zoo if zoo[k] != plain[k]} == {"seed", "save_steps", "output_dir"}
+    assert (plain["seed"], plain["save_steps"]) == (1, 375)          # a checkpoint at every rung of 375/750/1500/3000
+    assert {k for k in plain if plain[k] != repa[k]} == {"output_dir", *study.REPA_DIGITS}
+    assert "zoo" not in plain["output_dir"] and plain["output_dir"] != repa["output_dir"]
+
+
+def test_study_writes_each_rung_and_continues(tmp_path, monkeypatch):
+    """A study stopped after its first rung (here: run with a one-rung ladder) keeps that rung's rows and continues
+    from the runs' checkpoints; runs and results stay in the folders the environment names."""
+    from sit_workbench.studies import repa as study
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setenv("SIT_WORKBENCH_REPA_RUNS", str(tmp_path / "runs"))
+    first = study.run_study("quick", ladder=(8,), seeds=(0,))
+    assert [(r["objective"], r["steps"]) for r in first["rows"]] == [("plain", 8), ("repa", 8)]
+    res = study.run_study("quick", ladder=(8, 16), seeds=(0,))
+    assert [(r["objective"], r["steps"]) for r in res["rows"]] == [("plain", 8), ("plain", 16), ("repa", 8), ("repa", 16)]
+    assert [r for r in res["rows"] if r["steps"] == 8] == first["rows"]          # measured once, kept
+    for r in res["rows"]:
+        assert {"objective", "seed", "steps", "digits_fid", "digits_fid_std", "accuracy", "n", "seconds"} <= set(r)
+        assert r["n"] == 200 and r["seconds"] > 0 and ("repa_align" in r) == (r["objective"] == "repa")
+    assert (tmp_path / "zoo" / "quick" / "results" / "repa.json").is_file()
+    for arm in ("plain-seed0", "repa-seed0"):   # the 16-step runs resumed from the 8-step checkpoints
+        run = tmp_path / "runs" / "quick" / arm
+        assert (run / "checkpoint-8").is_dir() and (run / "checkpoint-16").is_dir()
+        assert [r["step"] for r in read_log(run / "log.jsonl")] == [8, 16]   # a fresh start would log only 16
+    assert res["ladder"] == [8, 16] and res["config"]["repa_encoder"] is None
+    assert "Not enough rungs measured yet" in study.verdict(res)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import config_from_dict, config_to_dict
-from .zoo import (ZOO, _locked, get_setting, load_results, project_root, results_path,
-                                       save_results, zoo_config)
+from .zoo import (_locked, get_setting, load_results, project_root, results_path, save_results,
+                                       zoo_config)
 
 # %% auto 0
 __all__ = ['STUDY', 'MODEL', 'REPA_DIGITS', 'OBJECTIVES', 'LADDERS', 'SEEDS', 'REFERENCE_STEPS', 'runs_dir', 'run_config',
