@@ -92,18 +92,22 @@ def main():
             with torch.enable_grad():
                 for _ in range(2): tr.train_step(batches)   # warm-up: optimizer state, allocator, kernels
             trainers[arm] = (tr, batches)
-        times = {"plain": [], "repa": []}
+        times, cpu = {"plain": [], "repa": []}, {"plain": [], "repa": []}
         for r in range(args.rounds):
             for arm in (("plain", "repa") if r % 2 == 0 else ("repa", "plain")):
                 tr, batches = trainers[arm]
-                sync(); t0 = time.perf_counter()
+                sync(); t0, c0 = time.perf_counter(), time.process_time()
                 with torch.enable_grad():
                     for _ in range(args.steps): tr.train_step(batches)
                 sync(); times[arm].append((time.perf_counter() - t0) / args.steps)
+                cpu[arm].append((time.process_time() - c0) / args.steps)
         med = {arm: statistics.median(v) for arm, v in times.items()}
+        mcpu = {arm: statistics.median(v) for arm, v in cpu.items()}
         print(f"{name}: plain {1e3 * med['plain']:.1f} ms/step, REPA {1e3 * med['repa']:.1f} ms/step "
               f"(medians of {args.rounds} rounds of {args.steps} steps{', cached features' if args.features_cache else ''}); "
               f"ratio REPA / plain = {med['repa'] / med['plain']:.3f}")
+        print(f"{name}: CPU time of the process: plain {1e3 * mcpu['plain']:.1f} ms/step, REPA {1e3 * mcpu['repa']:.1f} "
+              f"ms/step; ratio REPA / plain = {mcpu['repa'] / mcpu['plain']:.3f} (on a busy machine, what a step costs)")
 
 
 if __name__ == "__main__":
