@@ -248,3 +248,22 @@ def test_study_writes_each_rung_and_continues(tmp_path, monkeypatch):
         assert [r["step"] for r in read_log(run / "log.jsonl")] == [8, 16]   # a fresh start would log only 16
     assert res["ladder"] == [8, 16] and res["config"]["repa_encoder"] is None
     assert "Not enough rungs measured yet" in study.verdict(res)
+
+
+def test_study_refuses_foreign_runs_and_old_results(tmp_path, monkeypatch):
+    from sit_workbench.config import save_config
+    from sit_workbench.studies import repa as study
+    from sit_workbench.studies.zoo import results_path
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setenv("SIT_WORKBENCH_REPA_RUNS", str(tmp_path / "runs"))
+    cfg = study.run_config("plain", 0, 8, "quick", (8,))
+    Path(cfg.output_dir).mkdir(parents=True)
+    save_config(config_from_dict({**config_to_dict(cfg), "learning_rate": 5e-4}), Path(cfg.output_dir) / "config.yaml")
+    with pytest.raises(E.UserError, match="was trained with another config"):
+        study.measure_rung("plain", 0, 8, "quick", (8,))
+    path = results_path(study.STUDY, "quick")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"rows": [{"objective": "plain", "steps": 8, "digits_fid": 1.0}]}))
+    with pytest.raises(E.UserError, match="older version of this study"):
+        study.run_study("quick", ladder=(8,), seeds=(0,))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import config_from_dict, config_to_dict
+from ..errors import UserError
 from .zoo import (_locked, get_setting, load_results, project_root, results_path, save_results,
                                        zoo_config)
 
@@ -65,6 +66,7 @@ def measure_rung(objective, seed, steps, setting="full", ladder=None, clf=None, 
     out = Path(cfg.output_dir)
     ck = out / f"checkpoint-{steps}"
     with _locked(out.parent / f".{out.name}.lock"):
+        _check_run(out, cfg)
         if checkpoint_problem(ck) is not None:
             res = train(cfg, progress=progress, encoder=_encoder() if objective == "repa" else None)
             if res["status"] != "finished" or res["step"] != steps: raise RuntimeError(f"training stopped early: {res}")
@@ -82,6 +84,17 @@ def _losses(run_dir, steps, window=100) -> dict:
     out = {"train_loss": float(np.mean([r["loss"] for r in rows]))}
     if rows and "repa_align" in rows[-1]: out["repa_align"] = float(np.mean([r["repa_align"] for r in rows]))
     return out
+
+def _check_run(out: Path, cfg):
+    "A `UserError` when the run folder `out` was trained with another config than `cfg` (but for its length)."
+    from sit_workbench.config import load_config
+    if not (out / "config.yaml").is_file(): return
+    old, new = (config_to_dict(c) for c in (load_config(out / "config.yaml"), cfg))
+    diff = sorted(k for k in new if k != "max_steps" and old.get(k) != new[k])
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} now" for k in diff)
+        raise UserError(f"{out} was trained with another config ({shown}): move it away or delete it, and run the "
+                        "study again")
 
 def _key(r): return (OBJECTIVES.index(r["objective"]), r["seed"], r["steps"])
 
@@ -105,7 +118,11 @@ def run_study(setting="quick", progress=False, ladder=None, seeds=None) -> dict:
     meta = dict(model=MODEL, repa=REPA_DIGITS, ladder=list(ladder), seeds=list(seeds), reference_steps=REFERENCE_STEPS,
                 config={k: v for k, v in plain.items() if k not in ("output_dir", "seed", "max_steps")})
     path = results_path(STUDY, s)
-    done = {_key(r) for r in json.loads(path.read_text())["rows"]} if path.is_file() else set()
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    if any("seed" not in r for r in rows):
+        raise UserError(f"{path} holds results of an older version of this study (rows without a training seed): "
+                        "move it away or delete it, and run the study again")
+    done = {_key(r) for r in rows}
     for steps in ladder:
         for seed in seeds:
             for obj in OBJECTIVES:
