@@ -162,9 +162,3 @@ class Checkpointing:
             raise E.CheckpointError(f"none of the checkpoints in {self.out} can be read ({', '.join(p.name for p in targets)}): "
                                     "remove them to start afresh, or set resume_from_checkpoint")
         return None
-
-    def _warn(self, msg):
-        if self.env.main: print(f"warning: {msg}", file=sys.stderr, flush=True)
-
-    def _say(self, msg):
-        if self.env.main: tqdm.write(msg) if self.progress else print(msg, flush=True)

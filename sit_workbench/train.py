@@ -297,6 +297,12 @@ class Trainer(Checkpointing):
         self.step += 1
         return loss
 
+    def _warn(self, msg):
+        if self.env.main: print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def _say(self, msg):
+        if self.env.main: tqdm.write(msg) if self.progress else print(msg, flush=True)
+
     # --- the loop --------------------------------------------------------------------------------------
     def _batches_forever(self):
         while True:
