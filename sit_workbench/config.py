@@ -442,6 +442,9 @@ def _check_repa(c: TrainConfig):
     _require(c.repa_encoder_resolution is None or c.repa_encoder_resolution > 0,
              f"repa_encoder_resolution must be null or positive, got {c.repa_encoder_resolution}")
     _require(c.repa_feature_cache is None or c.repa_feature_cache.strip() != "", "repa_feature_cache must be null or a folder")
+    _require(not (m.vae_path is not None and c.dataset_config.latent_cache and c.repa_feature_cache is None),
+             "with dataset_config.latent_cache the trainer never sees the pixels that REPA's encoder reads: set "
+             "repa_feature_cache (the encoder's features, computed once per image like the latents) or latent_cache: null")
     if c.repa_encoder == "digits":
         _require(c.dataset_config.dataset_format == "digits", "repa_encoder 'digits' reads the built-in 8x8 digits; "
                  f"dataset_format is {c.dataset_config.dataset_format!r} (use a timm encoder)")

@@ -179,10 +179,11 @@ def _image_folder(root, n_per_class=6, size=32):
 @pytest.mark.parametrize("cached", [False, True], ids=["encoder-on-the-fly", "features-cache"])
 def test_latent_space_with_a_timm_encoder_from_a_local_file(tmp_path, cached):
     """The ImageNet path at toy scale: pixels -> a small random VAE's latents for the SiT, and the same (flipped)
-    pixels -> a timm ViT loaded from a local weights file (resized to its 32 px input) for the alignment targets."""
+    pixels -> a timm ViT loaded from a local weights file (resized to its 32 px input) for the alignment targets; on
+    the fly (the published recipe: VAE and encoder every step) or from the latent and features caches."""
     import timm
     from safetensors.torch import save_file
-    from sit_workbench.data import tiny_vae
+    from sit_workbench.latents import tiny_vae
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
@@ -190,7 +191,8 @@ def test_latent_space_with_a_timm_encoder_from_a_local_file(tmp_path, cached):
     d = config_to_dict(digits_config(**{**REPA, "per_device_train_batch_size": 4}, max_steps=3, save_steps=3))
     d["model_config"].update(vae_path=str(tmp_path / "vae"), input_size=4, in_channels=4, num_classes=2)
     d["dataset_config"].update(dataset_format="imagefolder", dataset_path=str(_image_folder(tmp_path / "images")),
-                               image_size=32, random_flip=True, latent_cache=str(tmp_path / "latents"))
+                               image_size=32, random_flip=True,   # cached: latents and features; else the VAE runs
+                               latent_cache=str(tmp_path / "latents") if cached else None)
     d.update(output_dir=str(tmp_path / "run"), repa_encoder="vit_tiny_patch16_224", repa_encoder_resolution=32,
              repa_encoder_weights=str(tmp_path / "vit.safetensors"),
              repa_feature_cache=str(tmp_path / "feats") if cached else None)
@@ -222,7 +224,8 @@ def test_study_arms_are_the_zoo_config_but_for_repa():
     plain, repa = (config_to_dict(study.run_config(o, 1, 1500, "full")) for o in study.OBJECTIVES)
     assert {k for k in zoo if zoo[k] != plain[k]} == {"seed", "save_steps", "output_dir"}
     assert (plain["seed"], plain["save_steps"]) == (1, 375)          # a checkpoint at every rung of 375/750/1500/3000
-    assert {k for k in plain if plain[k] != repa[k]} == {"output_dir", *study.REPA_DIGITS}
+    assert {k for k in plain if plain[k] != repa[k]} <= {"output_dir", *study.REPA_DIGITS}
+    assert all(repa[k] == v for k, v in study.REPA_DIGITS.items()) and plain["repa_encoder"] is None
     assert "zoo" not in plain["output_dir"] and plain["output_dir"] != repa["output_dir"]
 
 
@@ -245,7 +248,7 @@ def test_study_writes_each_rung_and_continues(tmp_path, monkeypatch):
     for arm in ("plain-seed0", "repa-seed0"):   # the 16-step runs resumed from the 8-step checkpoints
         run = tmp_path / "runs" / "quick" / arm
         assert (run / "checkpoint-8").is_dir() and (run / "checkpoint-16").is_dir()
-        assert [r["step"] for r in read_log(run / "log.jsonl")] == [8, 16]   # a fresh start would log only 16
+        assert [r["step"] for r in read_log(run / "log.jsonl")] == [1, 8, 16]   # a fresh start: [1, 16]
     assert res["ladder"] == [8, 16] and res["config"]["repa_encoder"] is None
     assert "Not enough rungs measured yet" in study.verdict(res)
 
