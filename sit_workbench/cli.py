@@ -258,7 +258,7 @@ STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "n
 def study_parser(p):
     p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18, 21)")
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
-                   help="quick: 75/150-step models, 200 samples; full: the committed results")
+                   help="quick: 75/150-step models (repa: 20/40), 200 samples; full: the committed results")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help="convergence only: the zoo cells to train (default: all; two processes can share the zoo)")
     p.set_defaults(func=cmd_study)
