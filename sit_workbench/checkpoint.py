@@ -18,17 +18,18 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from .errors import (CheckpointError, writing, load_safetensors, nbytes, read_json, short_cause)
+from .errors import (CheckpointError, writing, load_safetensors, nbytes, read_json, short_cause,
+                                  torch_load)
 from .model import SIT_SIZES, SiT, SiT_models, infer_model_name
 from .paths import cache_dir, looks_local
 
 # %% auto 0
-__all__ = ['PRETRAINED_URLS', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', 'OFFICIAL_VAES', 'VAE_HINT', 'CONFIG_VAE_HINT',
-           'CheckpointDownloadError', 'download_pretrained', 'resolve_checkpoint', 'load_state_dict', 'load_into',
-           'save_pretrained', 'load_sit', 'infer_architecture', 'sit_from_state_dict', 'checkpoint_problem',
-           'list_checkpoints', 'latest_checkpoint', 'write_checkpoint', 'remove_checkpoint', 'prune_checkpoints',
-           'commit_checkpoint', 'clean_partial_checkpoints', 'run_model_config', 'export_official', 'import_official',
-           'load_vae']
+__all__ = ['PRETRAINED_URLS', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', 'PROJECTOR_FILES', 'OFFICIAL_VAES', 'VAE_HINT',
+           'CONFIG_VAE_HINT', 'CheckpointDownloadError', 'download_pretrained', 'resolve_checkpoint', 'load_state_dict',
+           'load_into', 'save_pretrained', 'load_sit', 'infer_architecture', 'sit_from_state_dict',
+           'checkpoint_problem', 'list_checkpoints', 'latest_checkpoint', 'write_checkpoint', 'read_projector',
+           'remove_checkpoint', 'prune_checkpoints', 'commit_checkpoint', 'clean_partial_checkpoints',
+           'run_model_config', 'export_official', 'import_official', 'load_vae']
 
 # %% ../nbs/04a_checkpoint.ipynb
 PRETRAINED_URLS = {
@@ -312,6 +313,7 @@ def sit_from_state_dict(state_dict, model=None, config=None) -> SiT:
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("model.safetensors", "ema.pt", "optimizer.pt", "scheduler.pt", "config.json", "trainer_state.json")
 COMPLETE = "complete.json"   # written last: {"files": {name: size in bytes}}
+PROJECTOR_FILES = ("projector.safetensors", "projector_optimizer.pt")   # REPA's projector: training state only
 
 def checkpoint_problem(folder) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when it is: every file that its `complete.json` lists has
@@ -353,8 +355,9 @@ def _fsync(path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
-def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_state, model_config):
-    "Write every file of a checkpoint into `folder` (a temporary name) and flush each to disk."
+def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_state, model_config, projector=None):
+    """Write every file of a checkpoint into `folder` (a temporary name) and flush each to disk; `projector`:
+    `(weights, optimizer state, schedule state)` of REPA's projector, written to `PROJECTOR_FILES`."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model_sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -363,11 +366,27 @@ def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_s
     torch.save(sched_sd, folder / "scheduler.pt")
     (folder / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state) + "\n")
+    if projector is not None:
+        weights, popt, psched = projector
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / PROJECTOR_FILES[0]),
+                  metadata={"format": "pt"})
+        torch.save({"optimizer": popt, "scheduler": psched}, folder / PROJECTOR_FILES[1])
     for f in folder.iterdir(): _fsync(f)
-    sizes = {n: (folder / n).stat().st_size for n in CHECKPOINT_FILES}
+    names = CHECKPOINT_FILES + (PROJECTOR_FILES if projector is not None else ())
+    sizes = {n: (folder / n).stat().st_size for n in names}
     (folder / COMPLETE).write_text(json.dumps({"files": sizes}) + "\n")   # last: marks the folder complete
     _fsync(folder / COMPLETE)
     _fsync(folder)
+
+def read_projector(folder) -> dict | None:
+    """REPA's projector state of a checkpoint folder, `{"weights", "optimizer", "scheduler"}`, or None when it was
+    saved without alignment (a `CheckpointError` names a damaged file)."""
+    folder = Path(folder)
+    if not (folder / PROJECTOR_FILES[0]).is_file(): return None
+    blob = torch_load(folder / PROJECTOR_FILES[1])
+    if not isinstance(blob, dict) or set(blob) != {"optimizer", "scheduler"}:
+        raise CheckpointError(f"{folder / PROJECTOR_FILES[1]} holds no projector optimizer state")
+    return {"weights": load_safetensors(folder / PROJECTOR_FILES[0]), **blob}
 
 def remove_checkpoint(folder: Path):
     "Delete a checkpoint folder so that it stops counting first: `complete.json`, then `trainer_state.json`, then the rest."

@@ -196,7 +196,11 @@ def cmd_train(args):
     from sit_workbench.train import train
     cfg = load_config(args.config) if args.config else digits_config()
     if args.set: cfg = apply_overrides(cfg, args.set)
-    res = train(cfg, progress=not args.no_progress)
+    encoder = None
+    if cfg.repa_encoder == "digits":   # REPA's digits encoder is a digits classifier (the evaluation layer)
+        from sit_workbench.digits import load_digits_encoder
+        encoder = load_digits_encoder()
+    res = train(cfg, progress=not args.no_progress, encoder=encoder)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
     if res["status"] == "preempted": sys.exit(EXIT_PREEMPTED)   # saved; a scheduler tells this from a finished run
@@ -364,12 +368,13 @@ def sample_eval_main(args) -> dict:
 def cmd_sample_eval(args): sample_eval_main(args)   # prints the metrics
 
 # %% ../nbs/05_cli.ipynb
-STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient", "design-space": "design_space"}
+STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient",
+           "design-space": "design_space", "repa": "repa"}
 
 def study_parser(p):
-    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18)")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18, 21)")
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
-                   help="quick: 75/150-step models, 200 samples; full: the committed results")
+                   help="quick: 75/150-step models (repa: 20/40), 200 samples; full: the committed results")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
                    help="convergence only: the zoo cells to train (default: all; two processes can share the zoo)")
     p.set_defaults(func=cmd_study)

@@ -113,6 +113,14 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = None   # None | "latest" | a checkpoint directory
     trainer_type: str = "sit_trainer"      # only "sit_trainer"
     remove_unused_columns: bool = False    # must be False (accepted for recipe compatibility)
+    # representation alignment (REPA, nbs/08a_repa.ipynb); off while repa_encoder is None
+    repa_encoder: Optional[str] = None     # None | "digits" | a timm model name (e.g. vit_base_patch14_dinov2)
+    repa_encoder_weights: Optional[str] = None     # local weights file of a timm encoder (None: the hub)
+    repa_encoder_resolution: Optional[int] = None  # encoder input side (None: the encoder's own)
+    repa_block: int = 8                    # align the tokens after this block (1-based)
+    repa_lambda: float = 0.5
+    repa_projector_dim: int = 2048
+    repa_feature_cache: Optional[str] = None       # folder of cached encoder features (None: encode every step)
 
 # %% ../nbs/06_config.ipynb
 SECTIONS = {"": TrainConfig, "model_config": ModelConfig, "dataset_config": DatasetConfig}
@@ -420,6 +428,29 @@ def _check_fsdp(c: TrainConfig):
     _require(len(wrap) > 0, "fsdp_config.transformer_layer_cls_to_wrap must name at least one class")
     for i, name in enumerate(wrap): _choice(f"fsdp_config.transformer_layer_cls_to_wrap[{i}]", name, FSDP_WRAP_CLASSES)
 
+def _check_repa(c: TrainConfig):
+    "Representation alignment: settings read only with an encoder, ranges, and what the digits encoder can see."
+    if c.repa_encoder is None:
+        for name in ("repa_encoder_weights", "repa_encoder_resolution", "repa_feature_cache"):
+            _require(getattr(c, name) is None, f"{name} is read only with repa_encoder set; set it to null")
+        return
+    _require(c.repa_encoder.strip() != "", "repa_encoder must be null, 'digits' or a timm model name")
+    m = c.model_config
+    _require(1 <= c.repa_block <= m.depth, f"repa_block must be in [1, {m.depth}] (model_config.depth), got {c.repa_block}")
+    _require(c.repa_lambda > 0, f"repa_lambda must be positive, got {c.repa_lambda}")
+    _require(c.repa_projector_dim > 0, f"repa_projector_dim must be positive, got {c.repa_projector_dim}")
+    _require(c.repa_encoder_resolution is None or c.repa_encoder_resolution > 0,
+             f"repa_encoder_resolution must be null or positive, got {c.repa_encoder_resolution}")
+    _require(c.repa_feature_cache is None or c.repa_feature_cache.strip() != "", "repa_feature_cache must be null or a folder")
+    _require(not (m.vae_path is not None and c.dataset_config.latent_cache and c.repa_feature_cache is None),
+             "with dataset_config.latent_cache the trainer never sees the pixels that REPA's encoder reads: set "
+             "repa_feature_cache (the encoder's features, computed once per image like the latents) or latent_cache: null")
+    if c.repa_encoder == "digits":
+        _require(c.dataset_config.dataset_format == "digits", "repa_encoder 'digits' reads the built-in 8x8 digits; "
+                 f"dataset_format is {c.dataset_config.dataset_format!r} (use a timm encoder)")
+        for name in ("repa_encoder_weights", "repa_encoder_resolution"):
+            _require(getattr(c, name) is None, f"{name} is not read by the 'digits' encoder; set it to null")
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     "Check every field of `cfg` (types, choices, ranges, consistency); raise a `ValueError` or return `cfg`."
     if not isinstance(cfg, TrainConfig): raise TypeError(f"expected a TrainConfig, got {type(cfg).__name__}")
@@ -432,6 +463,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_training(cfg)
     _check_reporting(cfg)
     _check_fsdp(cfg)
+    _check_repa(cfg)
     return cfg
 
 # %% ../nbs/06_config.ipynb

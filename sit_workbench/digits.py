@@ -21,12 +21,14 @@ from safetensors.torch import save_file
 
 from .data import digits_split
 from .paths import cache_dir as default_cache_dir
+from .repa import FrozenEncoder
 
 # %% auto 0
-__all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'digits_arrays', 'DigitsClassifier',
-           'augment_digits', 'classifier_predict', 'classifier_features', 'classifier_accuracy',
+__all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'REPA_ENCODER_SEED', 'digits_arrays',
+           'DigitsClassifier', 'augment_digits', 'classifier_predict', 'classifier_features', 'classifier_accuracy',
            'class_conditional_accuracy', 'train_classifier', 'save_classifier', 'load_classifier',
-           'load_or_train_classifier', 'gaussian_stats', 'frechet_distance', 'fid_from_features', 'digits_fid']
+           'load_or_train_classifier', 'DigitsEncoder', 'load_digits_encoder', 'gaussian_stats', 'frechet_distance',
+           'fid_from_features', 'digits_fid']
 
 # %% ../nbs/09_digits.ipynb
 def digits_arrays(split: str = "train"):
@@ -48,11 +50,14 @@ class DigitsClassifier(nn.Module):
         self.head = nn.Linear(FEATURE_DIM, 10)
         self.test_accuracy: Optional[float] = None  # set by `train_classifier` and `load_or_train_classifier`
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        "The last convolutional map `[N, 128, 4, 4]` (what `features` flattens; REPA's digits encoder reads it as tokens)."
         h = F.gelu(self.conv1(x))
         h = F.max_pool2d(F.gelu(self.conv2(h)), 2)
-        h = F.gelu(self.conv3(h))
-        return F.gelu(self.fc(h.flatten(1)))
+        return F.gelu(self.conv3(h))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.fc(self.feature_map(x).flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -200,6 +205,30 @@ def load_or_train_classifier(cache_dir=None, device="cpu", verbose: bool = False
         except OSError as e:
             warnings.warn(f"could not cache the digits classifier in {directory}: {e}")
     return clf.to(device).eval()
+
+# %% ../nbs/09_digits.ipynb
+REPA_ENCODER_SEED = 1   # the judge (digits-FID, accuracy) is the seed-0 classifier
+
+class DigitsEncoder(FrozenEncoder):
+    "A frozen `DigitsClassifier`'s last feature map as tokens: images `[B, 1, 8, 8]` in [-1, 1] -> `[B, 16, 128]`."
+    def __init__(self, clf: DigitsClassifier, name: str = "digits"):
+        super().__init__()
+        self.clf = clf.eval().requires_grad_(False)
+        self.dim, self.name = clf.conv3.out_channels, name
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clf.feature_map(x.float()).flatten(2).transpose(1, 2)
+
+def load_digits_encoder(seed: int = REPA_ENCODER_SEED, cache=None) -> DigitsEncoder:
+    "The digits classifier trained with `seed` (cached in `cache_dir()/repa_digits_encoder_seed{seed}`) as REPA's encoder."
+    folder = Path(cache).expanduser() if cache is not None else default_cache_dir() / f"repa_digits_encoder_seed{seed}"
+    clf = load_classifier(folder)
+    if clf is None:
+        clf = train_classifier(seed=seed)
+        try: save_classifier(clf, folder)
+        except OSError as e: warnings.warn(f"could not cache the digits encoder in {folder}: {e}")
+    return DigitsEncoder(clf, name=f"digits-seed{seed}")
 
 # %% ../nbs/09_digits.ipynb
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:

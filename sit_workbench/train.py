@@ -10,8 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
 import signal
 import sys
 import time
@@ -23,12 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import (CHECKPOINT_RE, COMPLETE, CONFIG_VAE_HINT, _numbered, checkpoint_problem,
-                                      clean_partial_checkpoints, commit_checkpoint, list_checkpoints, load_vae,
-                                      write_checkpoint)
-from .config import TrainConfig, config_to_dict, validate
+from .checkpoint import CONFIG_VAE_HINT, clean_partial_checkpoints, load_vae
+from .config import TrainConfig, validate
 from . import errors as E
 from .model import SiT, SiTBlock
+from .repa import setup_alignment
+from .resume import Checkpointing
 from .transport import create_transport
 
 # %% auto 0
@@ -122,21 +120,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int | None = None) -> int:
     return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 # %% ../nbs/08_train.ipynb
-def _rng_state(noise_gen: torch.Generator):
-    state = {"python": random.getstate(), "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-             "torch": torch.get_rng_state().tolist(), "noise": noise_gen.get_state().tolist()}
-    if torch.cuda.is_available(): state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-def _set_rng_state(state, noise_gen: torch.Generator):
-    py = state["python"]; random.setstate((py[0], tuple(py[1]), py[2]))
-    npst = state["numpy"]; np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    noise_gen.set_state(torch.tensor(state["noise"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-# %% ../nbs/08_train.ipynb
 def check_num_classes(dataset, num_classes: int, source=None):
     """A `UserError` before the first step when the dataset has more classes than the model: label `num_classes` is
     the null (unconditional) class of classifier-free guidance, and larger labels do not exist."""
@@ -170,13 +153,17 @@ class _StopFlag:
         if callable(old): old(getattr(signal, self.signal), None)
 
 # %% ../nbs/08_train.ipynb
-class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None, progress: bool = True):
+class Trainer(Checkpointing):
+    def __init__(self, cfg: TrainConfig, env: DistEnv | None = None, dataset=None, progress: bool = True,
+                 encoder=None):
         validate(cfg)
+        if encoder is not None and cfg.repa_encoder is None:
+            raise E.UserError("an encoder module was passed but repa_encoder is null: set repa_encoder to a name for "
+                              "it (the run's config records it)")
         self.cfg, self.progress = cfg, progress
         self.env = env or init_distributed()
         self.out = Path(cfg.output_dir)
-        self._dataset = dataset
+        self._dataset, self._encoder, self.repa = dataset, encoder, None   # REPA: an encoder module; the term
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -201,6 +188,7 @@ class Trainer:
         else:
             self.model = raw
         self.raw, self.ema = raw, ema
+        if cfg.repa_encoder is not None: self.repa = setup_alignment(cfg, raw, env, self._encoder)   # REPA
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model
         self.transport = build_transport(mcfg)
         self.data = self._build_data()
@@ -210,6 +198,8 @@ class Trainer:
                              f"{cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps}")
         self.max_steps = total_steps(cfg, self.steps_per_epoch)
         self.opt, self.sched = build_optimizer(raw, cfg, self.max_steps)
+        if self.repa is not None:   # REPA: the projector's AdamW and schedule, with the model's settings
+            self.repa.opt, self.repa.sched = build_optimizer(self.repa.projector, cfg, self.max_steps)
         self.noise = torch.Generator().manual_seed(cfg.seed)   # shared by all processes: global-batch draws
         self.autocast = ((lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if cfg.bf16 else contextlib.nullcontext)
         return self
@@ -233,6 +223,9 @@ class Trainer:
             if mcfg.vae_path is not None:
                 self.vae = load_vae(mcfg.vae_path, env.device, hint=CONFIG_VAE_HINT)
         check_num_classes(ds, mcfg.num_classes, dcfg.dataset_path)
+        if self.repa is not None and cfg.repa_feature_cache:   # REPA: the encoder's features, once per image
+            pixels = D.build_dataset(dcfg, in_channels=3) if self.latent else ds
+            ds = self.repa.with_feature_cache(ds, pixels, cfg.repa_feature_cache, dcfg.random_flip, env, self.progress)
         return D.make_loader(ds, cfg.per_device_train_batch_size, env.rank, env.world_size, cfg.seed,
                              num_workers=cfg.dataloader_num_workers,
                              pin_memory=cfg.dataloader_pin_memory and env.device.type == "cuda")
@@ -242,15 +235,18 @@ class Trainer:
         "Data for this process as model inputs: flips, VAE latents (drawn for the global batch, sliced)."
         from sit_workbench import data as D, latents as L
         env, dcfg = self.env, self.cfg.dataset_config
-        aug = D.augment_generator(self.cfg.seed, step, micro)
+        aug, mask = D.augment_generator(self.cfg.seed, step, micro), None
+        if self.repa is not None: batch = self.repa.split(batch)   # REPA: cached features kept aside
         if self.latent:
+            if dcfg.random_flip: mask = D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size)
             x, y = L.latents_from_cache_batch(batch, generator=aug, rank=env.rank, world_size=env.world_size,
-                                             flip_mask=D.draw_flip_mask(batch[0].shape[0], aug, env.rank, env.world_size)
-                                             if dcfg.random_flip else None)
+                                             flip_mask=mask)
+            if self.repa is not None: self.repa.keep(None, mask)   # REPA: targets from the cached features
             return x.to(env.device), y.to(env.device)
         x, y = batch
-        if dcfg.random_flip: x, _ = D.flip_batch(x, aug, env.rank, env.world_size)
+        if dcfg.random_flip: x, mask = D.flip_batch(x, aug, env.rank, env.world_size)
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        if self.repa is not None: self.repa.keep(x, mask)   # REPA: targets from the clean pixels, before the VAE
         if self.vae is not None:
             with torch.no_grad():
                 x = L.encode_images(self.vae, x, generator=aug, rank=env.rank, world_size=env.world_size)
@@ -269,13 +265,15 @@ class Trainer:
     def _micro_step(self, batch, step, micro, sync):
         x1, y = self._prepare(batch, step, micro)
         x0, t, drop = self._global_draws(x1)
-        if hasattr(self.model, "set_requires_gradient_sync"): self.model.set_requires_gradient_sync(sync)  # FSDP2
-        ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
-        with ctx:
+        with contextlib.ExitStack() as ctx:
+            for m in [self.model] + ([self.repa.step_projector] if self.repa is not None else []):   # REPA too
+                if hasattr(m, "set_requires_gradient_sync"): m.set_requires_gradient_sync(sync)  # FSDP2
+                if not sync and hasattr(m, "no_sync"): ctx.enter_context(m.no_sync())           # DDP
             with self.autocast():
                 loss = self.transport.training_losses_at(self.forward, x1, x0, t,
                                                          dict(y=y, force_drop_ids=drop))["loss"].float().mean()
-            (loss / self.cfg.gradient_accumulation_steps).backward()
+                total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
+            (total / self.cfg.gradient_accumulation_steps).backward()
         return loss.detach()
 
     def train_step(self, batches) -> float:
@@ -283,129 +281,21 @@ class Trainer:
         backward, the divergence check, clipping, AdamW, the schedule, the EMA. Returns the mean loss."""
         cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
         self.opt.zero_grad(set_to_none=True)
+        if self.repa is not None: self.repa.zero_grad()   # REPA
         loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
         loss = float(_all_reduce_mean(loss, self.env))
+        if self.repa is not None and not math.isfinite(self.repa.end_step(self.env)): loss = self.repa.last   # REPA
         if not math.isfinite(loss):
             where = self.last_checkpoint or "none yet"
             raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}; stopped without saving. "
                                    f"Last good checkpoint: {where}")
-        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.max_grad_norm)
+        params = [*self.raw.parameters(), *(self.repa.projector.parameters() if self.repa is not None else ())]
+        if cfg.max_grad_norm: torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)   # with REPA's projector
         self.opt.step(); self.sched.step()
+        if self.repa is not None: self.repa.step()   # REPA
         update_ema(self.ema, self.raw, cfg.ema_decay)
         self.step += 1
         return loss
-
-    # --- state -----------------------------------------------------------------------------------------
-    def _state_dicts(self):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(self.raw, options=full), get_model_state_dict(self.ema, options=full),
-                get_optimizer_state_dict(self.raw, self.opt, options=full))
-
-    def save(self) -> Path:
-        "Write `checkpoint-{step}` atomically (all processes take part in gathering; the first writes)."
-        env = self.env
-        model_sd, ema_sd, opt_sd = self._state_dicts()
-        rng = _rng_state(self.noise)
-        rngs = [None] * env.world_size
-        if env.distributed: dist.all_gather_object(rngs, rng)
-        else: rngs = [rng]
-        final = self.out / f"checkpoint-{self.step}"
-        if env.main:
-            state = {"version": 1, "step": self.step, "max_steps": self.max_steps, "data": self.data.state_dict(),
-                     "world_size": env.world_size, "rng": rngs, "config": config_to_dict(self.cfg),
-                     "time": time.time()}
-            tmp = self.out / f".checkpoint-{self.step}.tmp-{os.getpid()}"
-            if tmp.exists(): shutil.rmtree(tmp)
-            mcfg = dict(self.raw.config if hasattr(self.raw, "config") else {})
-            with E.writing(tmp, final, E.nbytes(model_sd, ema_sd, opt_sd)):   # a full disk: named, tmp removed
-                write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg)
-            commit_checkpoint(tmp, final, self.cfg.save_total_limit)
-        if env.distributed: dist.barrier()
-        self.last_checkpoint = final
-        return final
-
-    def _read_checkpoint(self, folder: Path) -> dict:
-        """Every file of a checkpoint, read and checked against this run's model before anything is changed: a
-        `CheckpointError` names a damaged file, a `UserError` a checkpoint of another model."""
-        problem = checkpoint_problem(folder)
-        if problem: raise E.CheckpointError(f"{folder} is not a complete checkpoint: {problem}")
-        parts = {"state": E.read_json(folder / "trainer_state.json", "training state"),
-                 "model": E.load_safetensors(folder / "model.safetensors"), "ema": E.torch_load(folder / "ema.pt"),
-                 "optimizer": E.torch_load(folder / "optimizer.pt"), "scheduler": E.torch_load(folder / "scheduler.pt")}
-        from sit_workbench.checkpoint import _shape_hint
-        own = {k: tuple(v.shape) for k, v in self.ema.state_dict().items()}
-        for name in ("model", "ema"):
-            sd = parts[name]
-            if not isinstance(sd, dict): raise E.CheckpointError(f"{folder}: {name} holds no state dict")
-            if set(sd) != set(own):
-                raise E.UserError(f"{folder} was written by another model: its weights' names differ from this run's "
-                                  f"(e.g. {sorted(set(sd) ^ set(own))[:3]}); resume it with the config it was trained "
-                                  "with, or use another output_dir")
-            for k, want in own.items():
-                got = tuple(sd[k].shape)
-                if got != want:
-                    raise E.UserError(f"{folder} was written by another model: {k!r} is {got} there and {want} in this "
-                                      f"run ({_shape_hint(k, want, got)}); resume it with the config it was trained "
-                                      "with, or use another output_dir")
-        return parts
-
-    def load(self, folder: Path):
-        "Restore weights, EMA, optimizer, scheduler, data position and random generators from a checkpoint."
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        folder = Path(folder)
-        parts = self._read_checkpoint(folder)
-        state = parts["state"]
-        full = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.raw, parts["model"], options=full)
-        set_model_state_dict(self.ema, parts["ema"], options=full)
-        set_optimizer_state_dict(self.raw, self.opt, parts["optimizer"], options=full)
-        self.sched.load_state_dict(parts["scheduler"])
-        self.data.load_state_dict(state["data"])
-        self.step = state["step"]
-        rngs = state["rng"]
-        if len(rngs) == self.env.world_size: _set_rng_state(rngs[self.env.rank], self.noise)
-        else:   # other process count: the shared stream is the same for all ranks; per-rank streams restart
-            _set_rng_state(rngs[0], self.noise)
-            self._say(f"resuming a {len(rngs)}-process run on {self.env.world_size} processes: the data order and "
-                      "all per-sample noise are unchanged; the results match an uninterrupted run to float precision")
-        self.last_checkpoint = folder
-        return state
-
-    def _resume_targets(self) -> tuple[list[Path], bool]:
-        "Checkpoints to try, newest first, and whether a damaged one may be skipped for the one before."
-        r = self.cfg.resume_from_checkpoint
-        if r is None or r == "latest":
-            found = list_checkpoints(self.out)
-            if r == "latest" and not found:
-                raise FileNotFoundError(f"resume_from_checkpoint='latest' but {self.out} holds no checkpoint")
-            newest = int(CHECKPOINT_RE.match(found[-1].name).group(1)) if found else -1
-            for p in _numbered(self.out):   # newer folders that are not complete: damaged, or killed while pruning
-                if int(CHECKPOINT_RE.match(p.name).group(1)) > newest:
-                    problem = checkpoint_problem(p)
-                    if problem and (p / COMPLETE).is_file(): self._warn(f"skipping the damaged checkpoint {p}: {problem}")
-            return found[::-1], True
-        p = Path(r)
-        problem = checkpoint_problem(p)
-        if problem: raise E.CheckpointError(f"resume_from_checkpoint={r!r} is not a complete checkpoint: {problem}")
-        return [p], False
-
-    def _resume(self):
-        "Load the newest usable checkpoint (skipping damaged ones, with a warning naming each); the one loaded or None."
-        targets, may_skip = self._resume_targets()
-        for target in targets:
-            try:
-                self.load(target)
-                return target
-            except E.CheckpointError as e:
-                if not may_skip: raise
-                self._warn(f"skipping the damaged checkpoint {target}: {e}")
-        if targets:
-            raise E.CheckpointError(f"none of the checkpoints in {self.out} can be read ({', '.join(p.name for p in targets)}): "
-                                    "remove them to start afresh, or set resume_from_checkpoint")
-        return None
 
     def _warn(self, msg):
         if self.env.main: print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -448,6 +338,7 @@ class Trainer:
                     now = time.perf_counter(); sps = (self.step - steps_last) / max(now - t_last, 1e-9)
                     row = {"step": self.step, "epoch": self.data.state_dict()["epoch"], "loss": sum(window) / len(window),
                            "lr": self.sched.get_last_lr()[0], "steps_per_sec": sps, "images_per_sec": sps * gbatch * accum}
+                    if self.repa is not None: row["repa_align"] = self.repa.last   # REPA: the last step's
                     if log: log.write(row)
                     if tb: [tb.add_scalar(f"train/{k}", v, self.step) for k, v in row.items() if k != "step"]
                     bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{sps:.1f}", img_s=f"{row['images_per_sec']:.0f}")
@@ -471,11 +362,12 @@ class Trainer:
         return {"status": status, "step": self.step, "max_steps": self.max_steps,
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None, "output_dir": str(self.out)}
 
-def train(cfg: TrainConfig, progress: bool = True, dataset=None) -> dict:
-    "Train (or resume) as `cfg` says, in this process or in the torchrun process group it belongs to."
+def train(cfg: TrainConfig, progress: bool = True, dataset=None, encoder=None) -> dict:
+    """Train (or resume) as `cfg` says, in this process or in the torchrun process group it belongs to; `encoder`: a
+    module for REPA's `repa_encoder` (the digits encoder must be passed: `digits.load_digits_encoder()`)."""
     env = init_distributed()
     try:
-        return Trainer(cfg, env, dataset=dataset, progress=progress).train()
+        return Trainer(cfg, env, dataset=dataset, progress=progress, encoder=encoder).train()
     finally:
         if env.distributed and dist.is_initialized(): dist.destroy_process_group()
 

@@ -465,3 +465,36 @@ def test_override_errors(items, message):
     with pytest.raises(ValueError) as e:
         apply_overrides(digits_config(), items)
     assert message in str(e.value)
+
+
+def test_repa_config_follows_the_published_recipe():
+    "configs/sit_xl_2_repa.yaml: SiT-XL/2 with REPA's published settings (github.com/sihyun-yu/REPA train.py)."
+    cfg = load_config(CONFIGS / "sit_xl_2_repa.yaml")
+    m = cfg.model_config
+    assert (m.depth, m.hidden_size, m.patch_size, m.input_size, m.path_type, m.prediction) == \
+        (28, 1152, 2, 32, "Linear", "velocity")
+    assert (cfg.repa_encoder, cfg.repa_encoder_resolution, cfg.repa_block, cfg.repa_lambda, cfg.repa_projector_dim) == \
+        ("vit_base_patch14_dinov2", 224, 8, 0.5, 2048)
+    assert cfg.per_device_train_batch_size * 8 * cfg.gradient_accumulation_steps == 256
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.lr_scheduler_type, cfg.warmup_steps, cfg.max_grad_norm) == \
+        (1e-4, 0.0, "constant", 0, 1.0)
+    assert (cfg.max_steps, cfg.ema_decay, m.class_dropout_prob) == (400_000, 0.9999, 0.1)
+    assert 224 // 14 == m.input_size // m.patch_size   # DINOv2's 16x16 patch grid is the model's token grid
+
+
+@pytest.mark.parametrize("items, message", [
+    (["repa_encoder=digits", "repa_block=5"], "repa_block must be in [1, 4]"),
+    (["repa_encoder=digits", "repa_block=2", "repa_lambda=0"], "repa_lambda must be positive"),
+    (["repa_feature_cache=feats"], "repa_feature_cache is read only with repa_encoder set"),
+    (["repa_encoder=digits", "repa_block=2", "repa_encoder_resolution=224"], "not read by the 'digits' encoder"),
+    (["repa_encoder=vit_small_patch14_dinov2", "repa_block=2", "model_config.vae_path=ema", "model_config.in_channels=4",
+      "dataset_config.image_size=64", "dataset_config.dataset_format=imagefolder", "dataset_config.dataset_path=x",
+      "dataset_config.latent_cache=lat"], "set repa_feature_cache"),
+])
+def test_repa_config_errors(items, message):
+    with pytest.raises(ValueError) as e:
+        apply_overrides(digits_config(), items)
+    assert message in str(e.value)
+    ok = [i for i in items if not i.startswith(("repa_lambda", "repa_encoder_resolution", "dataset_config.latent_cache"))]
+    if message != "repa_block must be in [1, 4]" and "feature_cache=" not in items[0]:
+        apply_overrides(digits_config(), ok)   # the same config without the faulty key is valid

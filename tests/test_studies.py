@@ -66,3 +66,17 @@ def test_readme_quotes_the_committed_numbers(monkeypatch):
     produced |= {f"{r['digits_fid']:.2f} ± {r['digits_fid_std']:.2f}" for r in load_results("convergence")["rows"]}
     missing = [q for q in quoted if q not in produced]
     assert not missing, f"README numbers not in the committed results: {missing}"
+
+
+def test_repa_results_are_complete(monkeypatch):
+    "The committed REPA study (nbs/21_repa): every arm, training seed and rung of the full setting, 1,000 samples each."
+    from sit_workbench.studies import repa
+    from sit_workbench.studies.zoo import results_path
+    monkeypatch.chdir(ROOT)
+    path = results_path(repa.STUDY, "full")
+    if not path.is_file(): pytest.skip(f"{path} is not there yet: `sit-workbench study repa --setting full` makes it")
+    res = load_results(repa.STUDY, "full")
+    assert res["ladder"] == list(repa.LADDERS["full"]) and res["seeds"] == list(repa.SEEDS["full"])
+    got = {(r["objective"], r["seed"], r["steps"]) for r in res["rows"]}
+    assert got == {(o, s, st) for o in repa.OBJECTIVES for s in res["seeds"] for st in res["ladder"]}
+    assert all(r["n"] == SETTINGS["full"].num_samples for r in res["rows"])
