@@ -29,7 +29,7 @@ __all__ = ['PRETRAINED_URLS', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', '
            'load_into', 'save_pretrained', 'load_sit', 'infer_architecture', 'sit_from_state_dict',
            'checkpoint_problem', 'list_checkpoints', 'latest_checkpoint', 'write_checkpoint', 'read_projector',
            'remove_checkpoint', 'prune_checkpoints', 'commit_checkpoint', 'clean_partial_checkpoints',
-           'export_official', 'import_official', 'load_vae']
+           'run_model_config', 'export_official', 'import_official', 'load_vae']
 
 # %% ../nbs/04a_checkpoint.ipynb
 PRETRAINED_URLS = {
@@ -416,6 +416,12 @@ def clean_partial_checkpoints(output_dir):
     d = Path(output_dir)
     if d.is_dir():
         for p in d.glob(".checkpoint-*.tmp*"): shutil.rmtree(p, ignore_errors=True)
+
+def run_model_config(checkpoint) -> dict:
+    """The `model_config` of the training run that wrote a checkpoint folder (its `trainer_state.json`: transport,
+    `vae_path`, `cfg_scale`, `num_classes`); `{}` for any other checkpoint (an official `.pt`, a `save_pretrained` folder)."""
+    state = Path(checkpoint) / "trainer_state.json"
+    return dict(read_json(state, "training state").get("config", {}).get("model_config", {})) if state.is_file() else {}
 
 # %% ../nbs/04a_checkpoint.ipynb
 def export_official(checkpoint, out_path) -> Path:

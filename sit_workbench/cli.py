@@ -12,18 +12,22 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_sit, load_state_dict, load_vae, resolve_checkpoint, sit_from_state_dict
+from .checkpoint import (latest_checkpoint, load_sit, load_state_dict, load_vae, resolve_checkpoint,
+                                      run_model_config, sit_from_state_dict)
 from .model import SiT_models
-from .sample import generate, save_grid
-from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_METHODS, SDE_METHODS)
+from .sample import PRESETS, generate, preset, save_grid
+from .transport import (Sampler, create_transport, DIVERGENCES, LAST_STEPS, ODE_METHODS, ODE_MULTISTEP,
+                                     SDE_METHODS, SDE_MULTISTEP)
 from .interpolants import DIFFUSION_FORMS, VelocityLossProfile
-from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, check_finite, read_json
+from .errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError, check_finite
 
 # %% auto 0
-__all__ = ['STUDIES', 'build_model', 'add_transport_args', 'transport_from_args', 'sample_parser', 'cmd_sample', 'train_parser',
-           'cmd_train', 'export_parser', 'cmd_export', 'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo',
-           'submit_parser', 'cmd_submit', 'velocity_loss_parser', 'cmd_velocity_loss', 'sample_eval_parser',
-           'cmd_sample_eval', 'study_parser', 'cmd_study', 'make_parser', 'main']
+__all__ = ['OFFICIAL_CLASSES', 'SAMPLER_DEFAULTS', 'STUDIES', 'build_model', 'checkpoint_arg', 'add_transport_args',
+           'transport_from_args', 'DefaultsFormatter', 'default_classes', 'sampler_options', 'guidance_options',
+           'sample_parser', 'cmd_sample', 'train_parser', 'cmd_train', 'export_parser', 'cmd_export', 'import_parser',
+           'cmd_import', 'demo_parser', 'cmd_demo', 'submit_parser', 'cmd_submit', 'velocity_loss_parser',
+           'cmd_velocity_loss', 'sample_eval_parser', 'sample_eval_main', 'cmd_sample_eval', 'study_parser',
+           'cmd_study', 'make_parser', 'main']
 
 # %% ../nbs/05_cli.ipynb
 def _randomise_zero_init(model, std=0.02, seed=0):
@@ -39,7 +43,8 @@ def build_model(args):
     if args.model not in SiT_models:
         raise ValueError(f"unknown --model {args.model!r}; choose one of {', '.join(SiT_models)}")
     if args.random_init:
-        latent = args.image_size // 8 if args.vae != "none" else args.image_size
+        pixel = args.vae == "none" or (args.vae == "auto" and args.in_channels != 4)
+        latent = args.image_size if pixel else args.image_size // 8
         m = SiT_models[args.model](input_size=latent, in_channels=args.in_channels, num_classes=args.num_classes)
         return _randomise_zero_init(m, seed=args.seed).eval()
     ckpt = args.ckpt or f"SiT-XL-2-{args.image_size}x{args.image_size}.pt"
@@ -47,82 +52,136 @@ def build_model(args):
     if path.is_dir(): return check_finite(load_sit(path), f"checkpoint {path}")
     return sit_from_state_dict(check_finite(load_state_dict(path), f"checkpoint {path}"), args.model)
 
+def checkpoint_arg(ckpt):
+    "`--ckpt` as a path: a run folder (no `config.json`, with checkpoints) stands for its latest checkpoint."
+    p = Path(ckpt)
+    if p.is_dir() and not (p / "config.json").is_file() and latest_checkpoint(p) is not None: return str(latest_checkpoint(p))
+    return ckpt
+
 # %% ../nbs/05_cli.ipynb
 def _none_or_str(v): return None if v in ("None", "none") else v
 
 def add_transport_args(p):
     g = p.add_argument_group("transport (default: the training run's, for a checkpoint of ours; else Linear velocity)")
-    g.add_argument("--path-type", choices=["Linear", "GVP", "VP"])
-    g.add_argument("--prediction", choices=["velocity", "score", "noise"])
-    g.add_argument("--loss-weight", type=_none_or_str, choices=[None, "velocity", "likelihood"])
-    g.add_argument("--sample-eps", type=float)
-    g.add_argument("--train-eps", type=float)
+    g.add_argument("--path-type", choices=["Linear", "GVP", "VP"], help="default: the run's, else Linear")
+    g.add_argument("--prediction", choices=["velocity", "score", "noise"], help="default: the run's, else velocity")
+    g.add_argument("--loss-weight", type=_none_or_str, choices=[None, "velocity", "likelihood"], help="default: the run's, else None")
+    g.add_argument("--sample-eps", type=float, help="default: the run's, else the official one for the path and prediction")
+    g.add_argument("--train-eps", type=float, help="default: the run's, else the official one for the path and prediction")
 
 def transport_from_args(args):
     "The transport the options ask for; unset options come from the checkpoint's training run when there is one."
-    run = {}
-    ckpt = getattr(args, "ckpt", None)
-    if ckpt and (Path(ckpt) / "trainer_state.json").is_file():
-        run = read_json(Path(ckpt) / "trainer_state.json", "training state")["config"]["model_config"]
+    run = run_model_config(args.ckpt) if getattr(args, "ckpt", None) else {}
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else run.get(name, default)
     return create_transport(pick("path_type", "Linear"), pick("prediction", "velocity"), pick("loss_weight", None),
                             pick("train_eps", None), pick("sample_eps", None))
 
+OFFICIAL_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]   # the official sample.py's ImageNet classes
+SAMPLER_DEFAULTS = {   # the official sample.py's
+    "ODE": dict(sampling_method="dopri5", num_steps=250, atol=1e-6, rtol=1e-3),
+    "SDE": dict(sampling_method="Euler", num_steps=250, diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
+                last_step_size=0.04)}
+_OPTION = {"num_steps": "num_sampling_steps"}   # sampler keyword -> option, where they differ
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Each option's help ends with its default, unless the help already says what the default is."
+    def _get_help_string(self, action):
+        h = action.help or ""
+        return h if "default" in h else super()._get_help_string(action)
+
+def default_classes(num_classes) -> list[int]:
+    "Every class of a model with at most 16; the official sample.py's 8 for ImageNet's 1000; else the first 8."
+    if num_classes <= 16: return list(range(max(num_classes, 1)))
+    return list(OFFICIAL_CLASSES) if num_classes == 1000 else list(range(8))
+
+def sampler_options(args, pre=None) -> tuple[str, dict]:
+    """`(mode, sampler keyword arguments)`: each option given, else the preset's (when its mode is the one asked
+    for), else `SAMPLER_DEFAULTS`. The options that a preset sets default to `argparse.SUPPRESS` (absent unless given)."""
+    given = vars(args)
+    mode = args.mode or (pre.mode.upper() if pre else "ODE")
+    kw = dict(SAMPLER_DEFAULTS[mode])
+    if pre is not None and pre.mode.upper() == mode: kw.update(pre.sampler)
+    for name in (*kw, "schedule"):
+        if _OPTION.get(name, name) in given: kw[name] = given[_OPTION.get(name, name)]
+    return mode, kw
+
+def guidance_options(args, pre, run, pixel_space) -> dict:
+    "`cfg_scale`, `cfg_interval`, `cfg_channels`: the option given, else the preset's, else the run's (`cfg_scale`), else the official."
+    scale = args.cfg_scale if args.cfg_scale is not None else pre.cfg_scale if pre else run.get("cfg_scale") or 4.0
+    interval = tuple(args.cfg_interval) if args.cfg_interval else pre.cfg_interval if pre else None
+    channels = None if args.cfg_all_channels else pre.cfg_channels if pre else None if pixel_space else 3
+    return dict(cfg_scale=float(scale), cfg_interval=interval, cfg_channels=channels)
+
 def sample_parser(p):
-    p.add_argument("mode", nargs="?", default="ODE", choices=["ODE", "SDE"], help="probability-flow ODE or SDE")
-    p.add_argument("--model", default="SiT-XL/2", help=f"one of {', '.join(SiT_models)}")
-    p.add_argument("--ckpt", help="checkpoint: official .pt, .safetensors, or a directory of ours "
+    S = argparse.SUPPRESS
+    p.add_argument("mode", nargs="?", choices=["ODE", "SDE"], help="probability-flow ODE or SDE (default: the preset's, else ODE)")
+    p.add_argument("--preset", choices=list(PRESETS), help="published settings (sampler, steps, guidance; see "
+                   "sit_workbench.sample.PRESETS); options given override it (default: none)")
+    p.add_argument("--model", default="SiT-XL/2", help=f"architecture of an official .pt or of --random-init: one of {', '.join(SiT_models)}")
+    p.add_argument("--ckpt", help="checkpoint: official .pt, .safetensors, a checkpoint folder of ours or its run folder "
                                   "(default: the official SiT-XL-2-<size>.pt, downloaded if possible)")
     p.add_argument("--random-init", action="store_true", help="no checkpoint: an untrained model (pipeline check)")
-    p.add_argument("--vae", default="mse", help="ema, mse, a local AutoencoderKL folder, or none (pixel space)")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--vae", default="auto", help="auto (the run's VAE, none for a pixel-space run; mse for another "
+                                                 "4-channel model), ema, mse, a local AutoencoderKL folder, or none")
+    p.add_argument("--image-size", type=int, default=256, help="of the official download and --random-init (a checkpoint knows its own)")
     p.add_argument("--in-channels", type=int, default=4, help="with --random-init only")
     p.add_argument("--num-classes", type=int, default=1000, help="with --random-init only")
-    p.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279])
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"))
-    p.add_argument("--cfg-all-channels", action="store_true", help="guide every channel (official: first 3)")
-    p.add_argument("--num-sampling-steps", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="sample.png")
-    p.add_argument("--scale", type=int, default=1, help="enlarge the PNG this many times")
+    p.add_argument("--classes", type=int, nargs="+", help="one grid row per class (default: every class of a model with "
+                                                          "at most 16, else the official sample.py's 8 ImageNet classes)")
+    p.add_argument("--per-class", type=int, default=4, help="samples per class: the grid's columns")
+    p.add_argument("--cfg-scale", type=float, help="guidance (default: the preset's, else the run's cfg_scale, else 4.0)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("T_LO", "T_HI"),
+                   help="guide only for t in [T_LO, T_HI], t = 0 noise, t = 1 data (default: the preset's, else everywhere)")
+    p.add_argument("--cfg-all-channels", action="store_true", help="guide every channel (default: the preset's, else "
+                                                                   "the first 3 in latent space, as the official code, all in pixel space)")
+    p.add_argument("--num-sampling-steps", type=int, default=S, help="time points (default: the preset's, else 250)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--out", default="sample.png", help="the PNG grid to write")
+    p.add_argument("--scale", type=int, help="enlarge the PNG this many times (default: each image at least 64 pixels wide)")
     add_transport_args(p)
-    g = p.add_argument_group("ODE / SDE")
-    g.add_argument("--sampling-method", help=f"ODE: {', '.join(ODE_METHODS)} (default dopri5); SDE: Euler, Heun (default Euler)")
-    g.add_argument("--atol", type=float, default=1e-6)
-    g.add_argument("--rtol", type=float, default=1e-3)
-    g.add_argument("--diffusion-form", default="sigma", choices=list(DIFFUSION_FORMS))
-    g.add_argument("--diffusion-norm", type=float, default=1.0)
-    g.add_argument("--last-step", type=_none_or_str, default="Mean", choices=list(LAST_STEPS))
-    g.add_argument("--last-step-size", type=float, default=0.04)
+    g = p.add_argument_group("ODE / SDE (a preset's values unless given)")
+    g.add_argument("--sampling-method", default=S, help=f"ODE: {', '.join(ODE_METHODS + ODE_MULTISTEP)} (default: "
+                   f"dopri5); SDE: {', '.join(SDE_METHODS + SDE_MULTISTEP)} (default: Euler)")
+    g.add_argument("--schedule", default=S, help="time grid of the fixed-step and multistep methods: uniform, logsnr, "
+                   "shift:S, optimized:NAME (<ckpt>/schedules/NAME.json) (default: uniform)")
+    g.add_argument("--atol", type=float, default=S, help="default: 1e-6")
+    g.add_argument("--rtol", type=float, default=S, help="default: 1e-3")
+    g.add_argument("--diffusion-form", default=S, choices=list(DIFFUSION_FORMS), help="default: sigma")
+    g.add_argument("--diffusion-norm", type=float, default=S, help="default: 1.0")
+    g.add_argument("--last-step", type=_none_or_str, default=S, choices=list(LAST_STEPS), help="default: Mean")
+    g.add_argument("--last-step-size", type=float, default=S, help="default: 0.04")
     g.add_argument("--eta", type=float, default=0.0, help="eta of --diffusion-form w_KL_eta (needs velocity_loss.json "
                                                            "in the checkpoint: sit-workbench velocity-loss CKPT)")
     p.set_defaults(func=cmd_sample)
 
 def cmd_sample(args):
+    if args.ckpt: args.ckpt = checkpoint_arg(args.ckpt)
+    pre = preset(args.preset) if args.preset else None
+    mode, kw = sampler_options(args, pre)
     sampler = Sampler(transport_from_args(args))
-    if args.mode == "ODE":
-        fn = sampler.sample_ode(sampling_method=args.sampling_method or "dopri5", num_steps=args.num_sampling_steps,
-                                atol=args.atol, rtol=args.rtol)
+    if kw.get("schedule", "").startswith("optimized:") and args.ckpt: kw["schedule_dir"] = Path(args.ckpt) / "schedules"
+    if mode == "ODE": fn = sampler.sample_ode(**kw)
     else:
-        extra = {}
-        if args.diffusion_form == "w_KL_eta":
+        if kw["diffusion_form"] == "w_KL_eta":
             if not args.ckpt: raise ValueError("--diffusion-form w_KL_eta needs --ckpt (a checkpoint folder with velocity_loss.json)")
-            extra = dict(eta=args.eta, velocity_loss=VelocityLossProfile.load(args.ckpt))
-        fn = sampler.sample_sde(sampling_method=args.sampling_method or "Euler", diffusion_form=args.diffusion_form,
-                                diffusion_norm=args.diffusion_norm, last_step=args.last_step,
-                                last_step_size=args.last_step_size, num_steps=args.num_sampling_steps, **extra)
+            kw.update(eta=args.eta, velocity_loss=VelocityLossProfile.load(args.ckpt))
+        fn = sampler.sample_sde(**kw)
     model = build_model(args).to(args.device)
-    if any(c < 0 or c >= model.num_classes for c in args.classes):
+    classes = args.classes or default_classes(model.num_classes)
+    if any(c < 0 or c >= model.num_classes for c in classes):
         raise ValueError(f"--classes must be in [0, {model.num_classes - 1}] for this model")
-    vae = load_vae(args.vae, args.device)
-    cfg = {"cfg_channels": None if args.cfg_all_channels else 3}
-    if args.cfg_interval: cfg["cfg_interval"] = tuple(args.cfg_interval)
-    images, info = generate(model, fn, args.classes, cfg_scale=args.cfg_scale, vae=vae, seed=args.seed,
-                            device=args.device, **cfg)
-    out = save_grid(images, args.out, nrow=min(len(args.classes), 8), scale=args.scale)
-    print(f"wrote {out}: {len(args.classes)} samples, {info['nfe']} network evaluations, {info['seconds']:.1f} s")
+    if args.per_class < 1: raise UserError(f"--per-class must be at least 1, got {args.per_class}")
+    run = run_model_config(args.ckpt) if args.ckpt and not args.random_init else {}
+    vae_name = args.vae if args.vae != "auto" else run.get("vae_path") if run else "mse" if model.in_channels == 4 else None
+    vae = load_vae(vae_name, args.device)
+    guidance = guidance_options(args, pre, run, vae is None)
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    images, info = generate(model, fn, labels, vae=vae, seed=args.seed, device=args.device, **guidance)
+    scale = args.scale or max(1, 64 // images.shape[-1])
+    out = save_grid(images, args.out, nrow=args.per_class, scale=scale)
+    print(f"wrote {out}: {len(labels)} samples, {info['nfe']} network evaluations, {info['seconds']:.1f} s; one row per "
+          f"class {classes}; {fn.description}; guidance {guidance['cfg_scale']:g}" + (f" (preset {pre.name})" if pre else ""))
     return out
 
 # %% ../nbs/05_cli.ipynb
@@ -243,13 +302,70 @@ def cmd_velocity_loss(args):
     print(f"wrote {Path(args.checkpoint) / prof.FILENAME}: {prof}")
 
 def sample_eval_parser(p):
-    from sit_workbench.evaluate import add_sample_eval_args
-    add_sample_eval_args(p)
+    "Options of `sit-workbench sample-eval`."
+    p.add_argument("checkpoint", help="checkpoint folder of a training run (config.json, trainer_state.json)")
+    p.add_argument("--out-dir", required=True, help="folder for the shards and samples.npz (rerun to resume); no default")
+    p.add_argument("--num-samples", type=int, default=50000, help="samples to draw")
+    p.add_argument("--preset", choices=list(PRESETS), help="published settings (see sit_workbench.sample.PRESETS), "
+                   "recorded in the manifest; the options below override it (default: none)")
+    p.add_argument("--mode", choices=["ode", "sde"], help="default: the preset's, else ode")
+    p.add_argument("--sampler", default="{}", help='sampler keyword arguments as JSON over the preset\'s, e.g. \'{"num_steps": 250}\'')
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the preset's, else the run's cfg_scale")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
+                   help="guide only for t in [T_LO, T_HI] (default: the preset's, else everywhere)")
+    p.add_argument("--cfg-channels", default="auto", help="'auto' (the preset's; else 3 in latent space, all in pixel space), 'all' or an int")
+    p.add_argument("--vae", default="auto", help="'auto' (the run's), 'none', a name or a path")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and labels")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per .npz shard")
+    p.add_argument("--batch-size", type=int, default=None, help="default: --shard-size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--ref-batch", default=None, help="ADM reference .npz for FID/IS (e.g. VIRTUAL_imagenet256_labeled.npz; default: none)")
+    p.add_argument("--no-eval", action="store_true", help="only sample")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete shards in --out-dir made with other settings (default: refuse, naming the differences)")
     p.set_defaults(func=cmd_sample_eval)
+    return p
 
-def cmd_sample_eval(args):
-    from sit_workbench.evaluate import sample_eval_main
-    sample_eval_main(args)   # prints the metrics
+def sample_eval_main(args) -> dict:
+    """Sample a checkpoint into ADM shards and `samples.npz` (`evaluate.sample_checkpoint`), then score it; writes and
+    returns `metrics.json` content. A `--preset` gives the mode, sampler and guidance that no option gives."""
+    from sit_workbench.evaluate import (_dist_env, digits_metrics, imagenet_metrics, load_run_config, read_adm_npz,
+                                        sample_checkpoint)
+    rank, _ = _dist_env()
+    pre = preset(args.preset) if args.preset else None
+    mode = args.mode or (pre.mode if pre else "ode")
+    kw = {"preset": args.preset}
+    if args.cfg_channels != "auto": kw["cfg_channels"] = None if args.cfg_channels == "all" else int(args.cfg_channels)
+    elif pre: kw["cfg_channels"] = pre.cfg_channels
+    interval = args.cfg_interval or (pre.cfg_interval if pre else None)
+    if interval: kw["cfg_interval"] = tuple(interval)
+    if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    try: given = json.loads(args.sampler)
+    except json.JSONDecodeError as e: raise UserError(f"--sampler {args.sampler!r} is not JSON ({e}); give e.g. "
+                                                      '\'{"sampling_method": "dopri5", "num_steps": 250}\'') from None
+    if not isinstance(given, dict): raise UserError(f"--sampler must be a JSON object of sampler options, got {args.sampler!r}")
+    sampler = {**(pre.sampler if pre and pre.mode == mode else {}), **given}
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (pre.cfg_scale if pre else None)
+    res = sample_checkpoint(args.checkpoint, args.out_dir, args.num_samples, mode=mode, sampler=sampler,
+                            cfg_scale=cfg_scale, vae=None if args.vae == "none" else args.vae, seed=args.seed,
+                            shard_size=args.shard_size, batch_size=args.batch_size, device=args.device, progress=True,
+                            overwrite=getattr(args, "overwrite", False), **kw)
+    if rank != 0: return res
+    metrics = {"samples": res["samples"], "nfe": res["nfe"], "measured": res["manifest"]}
+    if not args.no_eval:
+        cfg = load_run_config(args.checkpoint)
+        if cfg.dataset_config.dataset_format == "digits":
+            arr, labels = read_adm_npz(res["samples"])
+            x = torch.from_numpy(arr[..., :1]).permute(0, 3, 1, 2).float() / 255
+            metrics.update(digits_metrics(x, labels))
+        if args.ref_batch:
+            metrics.update(imagenet_metrics(res["samples"], args.ref_batch, device=args.device))
+    (Path(args.out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+def cmd_sample_eval(args): sample_eval_main(args)   # prints the metrics
 
 # %% ../nbs/05_cli.ipynb
 STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient",
@@ -276,15 +392,16 @@ def cmd_study(args):
 def make_parser():
     p = argparse.ArgumentParser(prog="sit-workbench", description="Scalable Interpolant Transformers workbench")
     sub = p.add_subparsers(dest="command", required=True)
-    demo_parser(sub.add_parser("demo", help="train a small SiT on the bundled digits, sample, score (minutes on a CPU)"))
-    sample_parser(sub.add_parser("sample", help="sample a grid of images from a SiT checkpoint"))
-    train_parser(sub.add_parser("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
-    export_parser(sub.add_parser("export", help="write a checkpoint folder as an official-format .pt (--format diffusers: a pipeline)"))
-    import_parser(sub.add_parser("import", help="turn an official .pt into a checkpoint folder"))
-    submit_parser(sub.add_parser("submit", help="submit the training to SLURM with submitit (or run it in local processes)"))
-    velocity_loss_parser(sub.add_parser("velocity-loss", help="measure L_t of a checkpoint (for --diffusion-form w_KL_eta)"))
-    sample_eval_parser(sub.add_parser("sample-eval", help="sample N images into an ADM .npz and score them"))
-    study_parser(sub.add_parser("study", help="run an exploratory notebook's study and write its results file"))
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=DefaultsFormatter, **kw)
+    demo_parser(add("demo", help="train a small SiT on the bundled digits, sample, score (minutes on a CPU)"))
+    sample_parser(add("sample", help="sample a grid of images from a SiT checkpoint"))
+    train_parser(add("train", help="train or resume a SiT from a YAML config (torchrun for several processes)"))
+    export_parser(add("export", help="write a checkpoint folder as an official-format .pt (--format diffusers: a pipeline)"))
+    import_parser(add("import", help="turn an official .pt into a checkpoint folder"))
+    submit_parser(add("submit", help="submit the training to SLURM with submitit (or run it in local processes)"))
+    velocity_loss_parser(add("velocity-loss", help="measure L_t of a checkpoint (for --diffusion-form w_KL_eta)"))
+    sample_eval_parser(add("sample-eval", help="sample N images into an ADM .npz and score them"))
+    study_parser(add("study", help="run an exploratory notebook's study and write its results file"))
     return p
 
 def main(argv=None):

@@ -5,7 +5,6 @@
 # %% ../nbs/09_digits.ipynb 3
 from __future__ import annotations
 
-import functools
 import json
 import os
 import tempfile
@@ -19,9 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from .data import digits_split
 from .paths import cache_dir as default_cache_dir
 from .repa import FrozenEncoder
 
@@ -33,18 +31,10 @@ __all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDEC
            'fid_from_features', 'digits_fid']
 
 # %% ../nbs/09_digits.ipynb
-@functools.lru_cache(maxsize=1)
-def _digits_split():
-    d = load_digits()
-    train, test = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0)
-    return d.images, d.target, {"train": train, "test": test}
-
 def digits_arrays(split: str = "train"):
-    "Images `[N, 1, 8, 8]` (float32 in [-1, 1]) and labels (long) of the fixed `'train'` or `'test'` split."
-    if split not in ("train", "test"): raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
-    images, target, idx = _digits_split()
-    x = torch.from_numpy(images[idx[split]] / 16 * 2 - 1).float()[:, None]
-    return x, torch.from_numpy(target[idx[split]]).long()
+    """Images `[N, 1, 8, 8]` (float32 in [-1, 1]) and labels (long) of the fixed `'train'` or `'test'` split
+    (`data.digits_split`), in the split's own order: the order the classifier is trained and scored in."""
+    return digits_split(split, sort=False)
 
 # %% ../nbs/09_digits.ipynb
 FEATURE_DIM = 128

@@ -22,8 +22,7 @@ __all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'D
            'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint', 'inception_weights_path',
            'ensure_inception_weights', 'inception_extractor', 'inception_features', 'inception_score',
            'precision_recall', 'imagenet_metrics', 'bootstrap_fid', 'digits_metrics', 'evaluate_digits_model',
-           'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll', 'sampler_error', 'add_sample_eval_args',
-           'sample_eval_main']
+           'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll', 'sampler_error']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
@@ -188,7 +187,7 @@ def merge_shards(out_dir, n, shard_size, out_name="samples.npz") -> Path:
 def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, cfg_scale=1.0, cfg_channels=3,
                      cfg_interval=None, vae=None, seed=0, shard_size=1000, batch_size=None, device="cpu",
                      rank=None, world_size=None, wait_s=24 * 3600, progress=False, identity=None,
-                     overwrite=False) -> dict:
+                     overwrite=False, preset=None) -> dict:
     """Draw `n` samples of `model` into ADM-format shards in `out_dir` (resumable; this process's share under
     torchrun), and on process 0 merge them into `out_dir/samples.npz`. Returns a summary dict.
 
@@ -205,7 +204,8 @@ def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, 
     manifest = {**(identity or {"model": model_fingerprint(model)}), "num_samples": n, "seed": seed, "mode": mode,
                 "sampler": _jsonable(sampler or {}), "cfg_scale": cfg_scale, "cfg_channels": cfg_channels,
                 "cfg_interval": list(cfg_interval) if cfg_interval else None, "shard_size": shard_size,
-                "vae": identity.get("vae") if identity else type(vae).__name__ if vae is not None else None}
+                "vae": identity.get("vae") if identity else type(vae).__name__ if vae is not None else None,
+                "preset": preset}
     claim_out_dir(out_dir, manifest, overwrite, rank, world_size, shard_size)
     num_classes = getattr(model, "num_classes", 0) or 0
     conditional = num_classes > 0
@@ -437,57 +437,3 @@ def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=
     nll_x, nll_d = _nll_per_dim(gm, x), _nll_per_dim(gm, data)
     return {"sw": sliced_wasserstein(x, data, seed=seed), "nll_gap": float(nll_x.mean() - nll_d.mean()),
             "nll_gap_sem": float((nll_x.var() / n + nll_d.var() / n).sqrt()), "nfe": fn.nfe}
-
-# %% ../nbs/13_evaluate.ipynb
-def add_sample_eval_args(p):
-    "Options of `sit-workbench sample-eval` on an `argparse` parser."
-    p.add_argument("checkpoint", help="checkpoint folder (config.json, trainer_state.json)")
-    p.add_argument("--out-dir", required=True, help="folder for the shards and samples.npz (rerun to resume)")
-    p.add_argument("--num-samples", type=int, default=50000)
-    p.add_argument("--mode", choices=["ode", "sde"], default="ode")
-    p.add_argument("--sampler", default="{}", help='sampler keyword arguments as JSON, e.g. \'{"num_steps": 250}\'')
-    p.add_argument("--cfg-scale", type=float, default=None, help="default: the run's cfg_scale")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"))
-    p.add_argument("--cfg-channels", default="auto", help="'auto' (3 in latent space, all in pixel space), 'all' or an int")
-    p.add_argument("--vae", default="auto", help="'auto' (the run's), 'none', a name or a path")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--ref-batch", default=None, help="ADM reference .npz for FID/IS (e.g. VIRTUAL_imagenet256_labeled.npz)")
-    p.add_argument("--no-eval", action="store_true", help="only sample")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete shards in --out-dir made with other settings (default: refuse, naming the differences)")
-    return p
-
-def sample_eval_main(args) -> dict:
-    "Sample a checkpoint into ADM shards and `samples.npz`, then score it; writes and returns `metrics.json` content."
-    rank, _ = _dist_env()
-    kw = {}
-    if args.cfg_channels != "auto": kw["cfg_channels"] = None if args.cfg_channels == "all" else int(args.cfg_channels)
-    if args.cfg_interval: kw["cfg_interval"] = tuple(args.cfg_interval)
-    if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    from sit_workbench.errors import UserError
-    try: sampler = json.loads(args.sampler)
-    except json.JSONDecodeError as e: raise UserError(f"--sampler {args.sampler!r} is not JSON ({e}); give e.g. "
-                                                      '\'{"sampling_method": "dopri5", "num_steps": 250}\'') from None
-    if not isinstance(sampler, dict): raise UserError(f"--sampler must be a JSON object of sampler options, got {args.sampler!r}")
-    res = sample_checkpoint(args.checkpoint, args.out_dir, args.num_samples, mode=args.mode,
-                            sampler=sampler, cfg_scale=args.cfg_scale,
-                            vae=None if args.vae == "none" else args.vae, seed=args.seed, shard_size=args.shard_size,
-                            batch_size=args.batch_size, device=args.device, progress=True,
-                            overwrite=getattr(args, "overwrite", False), **kw)
-    if rank != 0: return res
-    metrics = {"samples": res["samples"], "nfe": res["nfe"], "measured": res["manifest"]}
-    if not args.no_eval:
-        cfg = load_run_config(args.checkpoint)
-        if cfg.dataset_config.dataset_format == "digits":
-            arr, labels = read_adm_npz(res["samples"])
-            x = torch.from_numpy(arr[..., :1]).permute(0, 3, 1, 2).float() / 255
-            metrics.update(digits_metrics(x, labels))
-        if args.ref_batch:
-            metrics.update(imagenet_metrics(res["samples"], args.ref_batch, device=args.device))
-    (Path(args.out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
-    return metrics

@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_sample.ipynb 3
 from __future__ import annotations
+import dataclasses
 import math
 import os
 import time
@@ -14,9 +15,11 @@ import torch
 from PIL import Image
 
 from .model import SiT
+from .transport import Sampler
 
 # %% auto 0
-__all__ = ['VAE_SCALE', 'generate', 'image_grid', 'save_grid']
+__all__ = ['VAE_SCALE', 'PRESETS', 'generate', 'image_grid', 'save_grid', 'Preset', 'paper_ode', 'paper_sde', 'repa_interval',
+           'preset']
 
 # %% ../nbs/04_sample.ipynb
 VAE_SCALE = 0.18215
@@ -66,3 +69,75 @@ def save_grid(images, path, nrow=None, scale=1):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return Path(path)
+
+# %% ../nbs/04_sample.ipynb
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Published sampler settings: `mode` ('ode' or 'sde'), the keyword arguments of `Sampler.sample_ode` or
+    `sample_sde` (`sampler`), and the guidance: `cfg_scale`, `cfg_interval` (t = 0 noise, t = 1 data; None: the whole
+    path) and `cfg_channels` (3: the official code's first 3 latent channels; None: every channel)."""
+    name: str
+    mode: str
+    sampler: dict
+    cfg_scale: float
+    cfg_interval: tuple | None = None
+    cfg_channels: int | None = 3
+    source: str = ""
+
+    def sample_fn(self, transport, **overrides):
+        "The preset's `SampleFn` for `transport`; `overrides` replace its sampler options."
+        s, kw = Sampler(transport), {**self.sampler, **overrides}
+        return s.sample_ode(**kw) if self.mode == "ode" else s.sample_sde(**kw)
+
+    def guidance(self) -> dict:
+        "`cfg_scale`, `cfg_channels` and `cfg_interval`, as `generate` takes them."
+        return dict(cfg_scale=self.cfg_scale, cfg_channels=self.cfg_channels, cfg_interval=self.cfg_interval)
+
+def paper_ode() -> Preset:
+    """The ODE setting of the released SiT-XL/2 (FID-50K 2.06 at 256x256): Heun's method (`heun2`), 125 steps = 250
+    network evaluations (`num_steps=126` time points), guidance 1.5 on the first 3 latent channels.
+
+    Source: the maintainer's answer in github.com/willisma/SiT issue #18 (second-order Heun ODE solver, 125 steps,
+    250 NFEs, cfg scale 1.5); Ma et al. 2024 (arXiv 2401.08740) run their ODE with Heun at 250 NFE (Table 1) and list
+    SiT-XL/2, ODE, cfg 1.5 at FID 2.15 (Table 7). Unguided this ODE gives 9.35 (Table 1; issue #31: about 9.5)."""
+    return Preset("paper-ode", "ode", dict(sampling_method="heun2", num_steps=126), cfg_scale=1.5, cfg_channels=3,
+                  source="github.com/willisma/SiT#18; Ma et al. 2024 (arXiv 2401.08740), Tables 1 and 7")
+
+def paper_sde() -> Preset:
+    """The SDE setting of the paper: Euler-Maruyama with 250 network evaluations (249 steps to t = 0.96, then the
+    noiseless 'Mean' step of 0.04 to the data), `diffusion_form='sigma'` with norm 1, guidance 1.5 on the first 3
+    latent channels. SiT-XL/2, 7M steps: FID-50K 2.06 with cfg 1.5 (Table 7); 8.26 unguided (`cfg_scale=1`, Table 1,
+    the "8.3" that the ODE does not reach: issue #31).
+
+    Source: Ma et al. 2024 (arXiv 2401.08740), Tables 1 and 7 and Appendix E (SDE from 0 to 1 - 0.04, then a last
+    step); the diffusion form, last step and step count are the defaults of the official sample.py / sample_ddp.py SDE
+    mode (willisma/SiT `train_utils.parse_sde_args`). In the paper's notation this is `w_t = 2 sigma_t` (see
+    notebook 17's conventions); the paper's text does not state the form it used for Table 7."""
+    return Preset("paper-sde", "sde", dict(sampling_method="Euler", diffusion_form="sigma", diffusion_norm=1.0,
+                                           last_step="Mean", last_step_size=0.04, num_steps=250),
+                  cfg_scale=1.5, cfg_channels=3,
+                  source="Ma et al. 2024 (arXiv 2401.08740), Tables 1 and 7, Appendix E; willisma/SiT sample.py defaults")
+
+def repa_interval() -> Preset:
+    """Guidance limited to part of the path, as REPA samples SiT-XL/2 (FID-50K 1.42 after 4M steps of REPA training):
+    the SDE of `paper_sde` (Euler-Maruyama, 250 evaluations, `sigma` diffusion of norm 1, last step 0.04) with
+    guidance 1.8 on every channel, applied only for t in [0.3, 1] of our time (REPA's `guidance_high=0.7` in its
+    time, where t = 1 is noise).
+
+    Source: Yu et al., "Representation Alignment for Generation" (REPA, ICLR 2025): the README of
+    github.com/sihyun-yu/REPA (`generate.py --mode=sde --num-steps=250 --cfg-scale=1.8 --guidance-high=0.7`) and its
+    `samplers.euler_maruyama_sampler` (diffusion 2t, times linspace(1, 0.04, 250) then a noiseless last step to 0,
+    guidance on all channels wherever guidance_low <= t <= guidance_high)."""
+    return Preset("repa-interval", "sde", dict(sampling_method="Euler", diffusion_form="sigma", diffusion_norm=1.0,
+                                               last_step="Mean", last_step_size=0.04, num_steps=250),
+                  cfg_scale=1.8, cfg_interval=(0.3, 1.0), cfg_channels=None,
+                  source="Yu et al. 2025 (REPA), github.com/sihyun-yu/REPA README and samplers.py")
+
+PRESETS = {"paper-ode": paper_ode, "paper-sde": paper_sde, "repa-interval": repa_interval}
+
+def preset(name: str) -> Preset:
+    "The published setting `name` (one of `PRESETS`); see each function's docstring for its source."
+    if name not in PRESETS:
+        from sit_workbench.errors import UserError
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -14,12 +14,14 @@ from tqdm.auto import tqdm
 
 from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLossProfile,
                                         check_diffusion_form, expand_t_like_x)
+from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_sde_multistep,
+                                   fixed_step_grid, multistep_sampler)
 
 # %% auto 0
 __all__ = ['PATH_TYPES', 'PREDICTIONS', 'LOSS_WEIGHTS', 'TIME_SAMPLERS', 'SDE_EPS', 'SDE_METHODS', 'LAST_STEPS',
            'ADAPTIVE_METHODS', 'FIXED_METHODS', 'ODE_METHODS', 'DIVERGENCES', 'ModelType', 'PathType', 'WeightType',
-           'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport', 'create_transport', 'SampleFn',
-           'Sampler', 'estimate_velocity_loss']
+           'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport', 'create_transport', 'Sampler',
+           'estimate_velocity_loss']
 
 # %% ../nbs/03_transport.ipynb
 class ModelType(enum.Enum):
@@ -190,13 +192,6 @@ class Transport:
             return self.score_from_output(out, x, t)
         return score
 
-def _check_output(out, x):
-    if not torch.is_tensor(out) or out.shape != x.shape:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(f"the model returned {shape} for an input of shape {tuple(x.shape)}; "
-                         "a transport model must return a tensor shaped like its input (learn_sigma models "
-                         "must drop their variance channels, as SiT.forward does)")
-
 # %% ../nbs/03_transport.ipynb
 def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None,
                      time_sampler=None):
@@ -218,71 +213,6 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     if isinstance(time_sampler, str): time_sampler = _choose(time_sampler, TIME_SAMPLERS, "time_sampler")()
     return Transport(model_type=model_type, path_type=ptype, loss_type=loss_type, train_eps=train_eps,
                      sample_eps=sample_eps, path=path, time_sampler=time_sampler)
-
-# %% ../nbs/03_transport.ipynb
-class _ModelCall:
-    """The model as samplers call it: times clamped to the interval, evaluations counted, outputs checked for NaN/inf
-    (at once on the CPU; on an accelerator one flag per evaluation, read once by `check`: no sync per evaluation)."""
-    def __init__(self, model, kwargs, lo, hi):
-        self.model, self.kwargs, self.lo, self.hi, self.nfe = model, kwargs, min(lo, hi), max(lo, hi), 0
-        self._flags = []   # (nfe, t[:1], output finite, input finite) per evaluation off the CPU
-    def __call__(self, x, t):
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        t = (t.expand(x.shape[0]) if t.ndim == 0 else t).clamp(self.lo, self.hi)
-        out = self.model(x, t, **self.kwargs)
-        _check_output(out, x)
-        self.nfe += 1
-        ok = torch.isfinite(out).all()
-        if out.device.type == "cpu":
-            if not ok: raise _nonfinite_output(self.nfe, t, bool(torch.isfinite(x).all()))
-        else: self._flags.append((self.nfe, t[:1], ok, torch.isfinite(x).all()))
-        return out, t
-    def check(self):
-        "Raise a `NonFiniteError` for the first evaluation whose output held NaN or inf."
-        if not self._flags: return
-        ok = torch.stack([f[2] for f in self._flags]).cpu()
-        if bool(ok.all()): return
-        nfe, t, _, x_ok = self._flags[int((~ok).nonzero()[0])]
-        raise _nonfinite_output(nfe, t, bool(x_ok))
-
-def _nonfinite_output(nfe, t, input_finite):
-    from sit_workbench.errors import NonFiniteError
-    why = ("from finite inputs: the model's weights (or its labels / guidance inputs) give non-finite values; is the "
-           "checkpoint from a diverged training run?") if input_finite else \
-          "its input already held NaN or inf: the sampler diverged before this point (more steps, a smaller step size?)"
-    return NonFiniteError(f"the model returned NaN or inf at t={float(t.flatten()[0]):.4g} (network evaluation {nfe} "
-                          f"of this sampler call), {why}")
-
-def _final(out):
-    "The tensors of a sampler's result that are its answer: the last state (and the log-likelihood)."
-    if isinstance(out, tuple): return list(out)
-    return [out[-1]]
-
-def _check_result(out):
-    from sit_workbench.errors import NonFiniteError
-    if not all(bool(torch.isfinite(v).all()) for v in _final(out)):
-        raise NonFiniteError("the sampler's result holds NaN or inf although every model output was finite: the "
-                             "integration diverged (more steps or a smaller step size?)")
-
-class SampleFn:
-    "A sampling function `fn(x, model, **model_kwargs)`; after each call `fn.nfe` holds its network evaluations."
-    def __init__(self, run, t0, t1, description):
-        self._run, self.t0, self.t1, self.description, self.nfe = run, t0, t1, description, None
-    def __call__(self, x, model, **model_kwargs):
-        """Run the sampler; a `NonFiniteError` names the time and evaluation where the model first returned NaN/inf
-        (also when that made the solver fail, e.g. torchdiffeq's 'underflow in dt'), or says the result diverged."""
-        call = _ModelCall(model, model_kwargs, self.t0, self.t1)
-        try:
-            out = self._run(x, call)
-        except Exception:
-            call.check()   # a non-finite model output is the cause: say that instead
-            raise
-        finally:
-            self.nfe = call.nfe
-        call.check()
-        _check_result(out)
-        return out
-    def __repr__(self): return f"SampleFn({self.description}, t: {self.t0:g} -> {self.t1:g}, last nfe={self.nfe})"
 
 # %% ../nbs/03_transport.ipynb
 SDE_METHODS = ("Euler", "Heun")
@@ -340,11 +270,15 @@ class Sampler:
         return v, (tr.score_from_output(out, x, t) if need_score else None), t
 
     def sample_sde(self, *, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0, last_step="Mean",
-                   last_step_size=0.04, num_steps=250, eta=0.0, velocity_loss=None, progress=False):
+                   last_step_size=0.04, num_steps=250, eta=0.0, velocity_loss=None, progress=False,
+                   schedule="uniform", schedule_dir=None):
         """An SDE sampler `fn(x, model, **model_kwargs) -> list of num_steps tensors` (`[-1]` is the sample).
 
-        `eta` and `velocity_loss` (a `VelocityLossProfile`) are used by `diffusion_form='w_KL_eta'` only."""
-        _check_choice(sampling_method, SDE_METHODS, "SDE sampling_method")
+        `eta` and `velocity_loss` (a `VelocityLossProfile`) are used by `diffusion_form='w_KL_eta'` only;
+        `schedule` by 'sde-dpm++2m' only (SBDM, norm 1: see `sit_workbench.solvers`, no `last_step`)."""
+        _check_choice(sampling_method, SDE_METHODS + SDE_MULTISTEP, "SDE sampling_method")
+        if check_sde_multistep(sampling_method, diffusion_form, diffusion_norm, schedule):
+            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress)
         check_diffusion_form(diffusion_form)
         _check_choice(last_step, LAST_STEPS, "last_step")
         _check_steps(num_steps)
@@ -401,15 +335,21 @@ class Sampler:
         _, s, t = self._fields(call, x, t1)
         return self.transport.denoise(x, t, s)
 
-    def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False):
-        "An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution)."
-        _check_choice(sampling_method, ODE_METHODS, "ODE sampling_method")
+    def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False,
+                   schedule="uniform", schedule_dir=None):
+        """An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution);
+        also the multistep `ODE_MULTISTEP` and, for fixed steps, a `schedule` (`sit_workbench.solvers.time_grid`)."""
+        _check_choice(sampling_method, ODE_METHODS + ODE_MULTISTEP, "ODE sampling_method")
         _check_steps(num_steps)
+        if sampling_method in ODE_MULTISTEP:
+            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse)
         if atol <= 0 or rtol <= 0: raise ValueError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True, reverse=reverse)
+        grid = fixed_step_grid(schedule, sampling_method in ADAPTIVE_METHODS, reverse, t0, t1, num_steps,
+                               tr.path_sampler, schedule_dir)
         def run(x, call):
-            ts = _time_grid(t0, t1, num_steps, x)
+            ts = _time_grid(t0, t1, num_steps, x) if grid is None else grid.to(x.device, _time_grid(0, 1, 2, x).dtype)
             bar = tqdm(total=1.0, disable=not progress, desc="ODE", leave=False, bar_format="{l_bar}{bar}| t={postfix}")
             def f(t, y):
                 if progress: bar.postfix = f"{float(t):.3f}"; bar.n = abs(float(t) - t0) / abs(t1 - t0); bar.refresh()

@@ -4,380 +4,36 @@
 
 # %% ../nbs/12_widgets.ipynb 3
 from __future__ import annotations
-import dataclasses
 import html
 import io
 import json
-import os
 import re
 import threading
 import time
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import ipywidgets as W
 import numpy as np
 import torch
 from PIL import Image
 
-from .config import config_from_dict
-from .paths import project_root
-from .interpolants import DIFFUSION_FORMS, VelocityLossProfile, expand_t_like_x
-from .checkpoint import load_sit
-from .sample import VAE_SCALE, generate, image_grid
-from .checkpoint import load_vae
-from .train import build_transport
-from .checkpoint import latest_checkpoint
-from .transport import FIXED_METHODS, LAST_STEPS, ODE_METHODS, SDE_METHODS, Sampler, create_transport
+from .interpolants import DIFFUSION_FORMS
+from .sample import image_grid
+from .transport import FIXED_METHODS, LAST_STEPS, ODE_METHODS, SDE_METHODS
 
 # %% auto 0
-__all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'find_path', 'default_checkpoint', 'Loaded', 'load_checkpoint',
-           'Request', 'parse_classes', 'make_sample_fn', 'guidance_kwargs', 'Cancelled', 'Watch', 'to_png', 'set_png',
-           'Result', 'sample_grid', 'guidance_scales', 'sample_guidance_row', 'Trajectory', 'predicted_x1',
-           'solve_trajectory', 'Job', 'Jobs', 'Debouncer', 'error_text', 'SamplerPanel', 'CFGExplorer',
-           'trajectory_figure', 'plotly_bundle', 'TrajectoryScrubber']
+__all__ = ['set_png', 'error_text', 'SamplerPanel', 'CFGExplorer', 'trajectory_figure', 'plotly_bundle', 'TrajectoryScrubber']
 
 # %% ../nbs/12_widgets.ipynb
-CHECKPOINT_ENV = "SIT_WIDGETS_CHECKPOINT"
-DEFAULT_RUN = "runs/digits"
-NO_CHECKPOINT = ("No digits checkpoint yet: run `make demo` (about 2.5 minutes on 2 cores) to train one into "
-                 "runs/digits, or type the path of a checkpoint above.")
-
-def find_path(path) -> Path:
-    "`path` if it exists (or is absolute), else the same relative path under the project root if it exists there."
-    p = Path(str(path).strip()).expanduser()
-    if p.exists() or p.is_absolute(): return p
-    root = project_root()
-    return root / p if root is not None and (root / p).exists() else p
-
-def default_checkpoint() -> Path | None:
-    "`$SIT_WIDGETS_CHECKPOINT` if set, else the latest checkpoint of `runs/digits`; `None` when there is none."
-    if os.environ.get(CHECKPOINT_ENV): return find_path(os.environ[CHECKPOINT_ENV])
-    run = find_path(DEFAULT_RUN)
-    return latest_checkpoint(run) if run.is_dir() else None
-
-def _short(path) -> str:
-    "A path as the panel shows it: relative to the project root when it is inside."
-    p, root = Path(path), project_root()
-    try: return str(p.resolve().relative_to(root)) if root is not None else str(p)
-    except ValueError: return str(p)
+from .explore import *
+from .explore import _short, _show_channels
 
 # %% ../nbs/12_widgets.ipynb
-@dataclasses.dataclass
-class Loaded:
-    "A model ready to sample: the network (eval mode), its transport and VAE, the folder it came from."
-    model: torch.nn.Module
-    transport: object
-    vae: object
-    path: Path
-    velocity_loss: Optional[VelocityLossProfile] = None
-    device: str = "cpu"
-
-    @property
-    def has_null_class(self) -> bool:
-        "Whether the label table has the null row that guidance needs (trained with class dropout)."
-        return self.model.y_embedder.embedding_table.num_embeddings > self.model.num_classes
-
-_CACHE: dict = {}
-_CACHE_LOCK = threading.Lock()
-
-def load_checkpoint(path, device="cpu") -> Loaded:
-    "A run folder (its latest checkpoint), a checkpoint folder, or any file or name `load_sit` reads, with its transport."
-    if path is None or not str(path).strip(): raise FileNotFoundError(NO_CHECKPOINT)
-    p = find_path(path)
-    if p.is_dir() and not (p / "config.json").is_file() and latest_checkpoint(p) is not None: p = latest_checkpoint(p)
-    key = (str(p.resolve()) if p.exists() else str(path), p.stat().st_mtime if p.exists() else None, str(device))
-    with _CACHE_LOCK:
-        if key in _CACHE: return _CACHE[key]
-        state = p / "trainer_state.json"
-        model = load_sit(p).to(device)            # a clear FileNotFoundError when there is nothing at p
-        if state.is_file():
-            mcfg = config_from_dict(json.loads(state.read_text())["config"]).model_config
-            transport, vae_name = build_transport(mcfg), mcfg.vae_path
-        else:
-            transport, vae_name = create_transport("Linear", "velocity"), ("ema" if model.in_channels == 4 else None)
-        vl = VelocityLossProfile.load(p) if (p / VelocityLossProfile.FILENAME).is_file() else None
-        loaded = Loaded(model, transport, load_vae(vae_name, device), p, vl, str(device))
-        _CACHE.clear(); _CACHE[key] = loaded       # one model at a time: checkpoints can be large
-        return loaded
-
-# %% ../nbs/12_widgets.ipynb
-@dataclasses.dataclass
-class Request:
-    "One sampling request: checkpoint, labels, guidance and sampler options, seed."
-    checkpoint: str = ""
-    classes: str = "0-9"
-    per_class: int = 3
-    cfg_scale: float = 4.0
-    cfg_interval: tuple = (0.0, 1.0)
-    cfg_channels: Optional[int] = 3          # the official code guides the first 3 channels; None guides all
-    mode: str = "ODE"
-    method: str = "heun2"
-    num_steps: int = 26
-    diffusion_form: str = "SBDM"
-    diffusion_norm: float = 1.0
-    last_step: Optional[str] = "Mean"
-    eta: float = 0.0                          # diffusion_form='w_KL_eta' only
-    seed: int = 0
-
-def parse_classes(text, num_classes=None) -> list[int]:
-    "Class labels from text such as `0-9`, `3`, `1, 4, 7` or `all`, checked against `num_classes` when given."
-    text = str(text).strip().lower()
-    if text == "all":
-        if num_classes is None: raise ValueError("classes 'all' needs the model's number of classes")
-        return list(range(num_classes))
-    out = []
-    for part in filter(None, (s.strip() for s in text.replace(";", ",").split(","))):
-        try:
-            if "-" in part.lstrip("-"):
-                a, b = (int(v) for v in part.split("-", 1))
-                if b < a: raise ValueError
-                out += range(a, b + 1)
-            else: out.append(int(part))
-        except ValueError:
-            raise ValueError(f"classes: cannot read {part!r}; write e.g. 3, 0-9, 1,4,7 or all") from None
-    if not out: raise ValueError("classes: none given; write e.g. 3, 0-9, 1,4,7 or all")
-    if num_classes is not None and any(c < 0 or c >= num_classes for c in out):
-        bad = [c for c in out if c < 0 or c >= num_classes]
-        raise ValueError(f"classes {bad} do not exist: this model has {num_classes} classes (0-{num_classes - 1})")
-    return out
-
-def make_sample_fn(loaded: Loaded, req: Request):
-    "The `SampleFn` the request asks for (a `ValueError` listing the choices when an option does not fit)."
-    sampler = Sampler(loaded.transport)
-    if req.mode == "ODE":
-        return sampler.sample_ode(sampling_method=req.method, num_steps=int(req.num_steps))
-    if req.mode == "SDE":
-        if req.diffusion_form == "w_KL_eta" and loaded.velocity_loss is None:
-            VelocityLossProfile.load(loaded.path)      # says how to measure L_t for this checkpoint
-        return sampler.sample_sde(sampling_method=req.method, diffusion_form=req.diffusion_form,
-                                  diffusion_norm=float(req.diffusion_norm), last_step=req.last_step,
-                                  num_steps=int(req.num_steps), eta=float(req.eta), velocity_loss=loaded.velocity_loss)
-    raise ValueError(f"unknown mode {req.mode!r}; choose 'ODE' or 'SDE'")
-
-def guidance_kwargs(req: Request) -> dict:
-    "`cfg_channels` and `cfg_interval` for `forward_with_cfg` (the full interval [0, 1] is no interval)."
-    lo, hi = (float(v) for v in req.cfg_interval)
-    return dict(cfg_channels=req.cfg_channels, cfg_interval=None if (lo, hi) == (0.0, 1.0) else (lo, hi))
-
-def _check_guidance(loaded: Loaded, scales):
-    if any(float(s) != 1.0 for s in scales) and not loaded.has_null_class:
-        raise ValueError("this model was trained without class dropout, so it has no null class: "
-                         "guidance needs scale 1")
-
-# %% ../nbs/12_widgets.ipynb
-class Cancelled(Exception):
-    "Raised inside a solve whose job was cancelled."
-
-class Watch:
-    "The model as a sampler sees it: counts evaluations, reports progress in t, stops when `cancel` is set."
-    def __init__(self, model, t0=0.0, t1=1.0, cancel: threading.Event | None = None,
-                 on_progress: Callable | None = None):
-        self.model, self.t0, self.t1, self.cancel, self.on_progress = model, float(t0), float(t1), cancel, on_progress
-        self.nfe = 0
-    def __getattr__(self, name): return getattr(self.model, name)
-    def _tick(self, t):
-        if self.cancel is not None and self.cancel.is_set(): raise Cancelled()
-        self.nfe += 1
-        if self.on_progress is not None:
-            tt = float(torch.as_tensor(t).reshape(-1)[0])
-            span = self.t1 - self.t0
-            self.on_progress(min(1.0, max(0.0, (tt - self.t0) / span)) if span else 1.0, self.nfe)
-    def forward(self, x, t, y, **kw):
-        self._tick(t); return self.model.forward(x, t, y, **kw)
-    def forward_with_cfg(self, x, t, y, cfg_scale, **kw):
-        self._tick(t); return self.model.forward_with_cfg(x, t, y, cfg_scale, **kw)
-
-# %% ../nbs/12_widgets.ipynb
-def to_png(images, nrow, width=820, height=640, max_scale=8) -> bytes:
-    "A `[N, C, H, W]` batch in [0, 1] as PNG bytes of its grid (`nrow` per row), enlarged to fit `width` x `height`."
-    img = image_grid(images, nrow=nrow)
-    k = max(1, min(max_scale, width // img.width, height // img.height))
-    if k > 1: img = img.resize((img.width * k, img.height * k), Image.NEAREST)
-    buf = io.BytesIO(); img.save(buf, format="PNG")
-    return buf.getvalue()
-
 def set_png(image: W.Image, png: bytes):
     "Show `png` in `image` at its own size (the browser would otherwise stretch it to the output's width)."
     w, h = Image.open(io.BytesIO(png)).size
     image.value, image.width, image.height = png, str(w), str(h)
 
-def _show_channels(x):
-    "Images for display: 1 or 3 channels as they are; other channel counts as their first 3 (latents), rescaled."
-    if x.shape[1] in (1, 3): return x
-    x = x[:, :3]
-    return x / x.abs().amax().clamp_min(1e-8)
-
-# %% ../nbs/12_widgets.ipynb
-@dataclasses.dataclass
-class Result:
-    "What a solve gives the widgets: images in [0, 1], the grid as PNG, NFE, seconds (sampling, loading)."
-    images: torch.Tensor
-    png: bytes
-    nfe: int
-    seconds: float
-    load_seconds: float
-    description: str
-    nrow: int = 1
-
-def _load(req: Request, device):
-    t = time.perf_counter()
-    loaded = load_checkpoint(req.checkpoint, device)
-    return loaded, time.perf_counter() - t
-
-def sample_grid(req: Request, cancel=None, on_progress=None, device="cpu") -> Result:
-    "The panel's grid: `per_class` samples of each class, one column per class."
-    loaded, load_s = _load(req, device)
-    classes = parse_classes(req.classes, loaded.model.num_classes)
-    _check_guidance(loaded, [req.cfg_scale])
-    fn = make_sample_fn(loaded, req)
-    labels = torch.tensor(classes).repeat(int(req.per_class))           # sample-major: a column per class
-    watch = Watch(loaded.model, fn.t0, fn.t1, cancel, on_progress)
-    images, info = generate(watch, fn, labels, cfg_scale=float(req.cfg_scale), vae=loaded.vae, seed=int(req.seed),
-                            device=device, **guidance_kwargs(req))
-    images = _show_channels(images)
-    return Result(images, to_png(images, nrow=len(classes)), info["nfe"], info["seconds"], load_s,
-                  fn.description, len(classes))
-
-def guidance_scales(max_scale, n) -> list[float]:
-    "`n` scales from 1 to `max_scale`, evenly spaced (rounded to 2 decimals)."
-    if n < 1: raise ValueError("the explorer needs at least one column")
-    if max_scale < 1: raise ValueError(f"the largest guidance scale must be >= 1, got {max_scale}")
-    return [round(float(s), 2) for s in np.linspace(1.0, float(max_scale), int(n))] if n > 1 else [float(max_scale)]
-
-def sample_guidance_row(req: Request, scales, cancel=None, on_progress=None, device="cpu") -> Result:
-    "One row per class, one column per guidance scale, the same noise along each row."
-    loaded, load_s = _load(req, device)
-    classes = parse_classes(req.classes, loaded.model.num_classes)
-    _check_guidance(loaded, scales)
-    fn = make_sample_fn(loaded, req)
-    m, k = loaded.model, len(scales)
-    g = torch.Generator().manual_seed(int(req.seed))
-    z = torch.randn(len(classes), m.in_channels, m.input_size, m.input_size, generator=g)
-    z = z.repeat_interleave(k, 0).to(device)
-    labels = torch.tensor(classes, device=device).repeat_interleave(k)
-    scale = torch.tensor([float(s) for s in scales], device=device).repeat(len(classes))
-    watch = Watch(m, fn.t0, fn.t1, cancel, on_progress)
-    start = time.perf_counter()
-    with torch.no_grad():
-        # the null-class labels are only read where the scale is not 1 (forward_with_cfg keeps the conditional half)
-        y = torch.cat([labels, torch.full_like(labels, m.null_class if loaded.has_null_class else 0)])
-        x = fn(torch.cat([z, z]), watch.forward_with_cfg, y=y, cfg_scale=scale, **guidance_kwargs(req))[-1][:len(z)]
-        x = loaded.vae.decode(x / VAE_SCALE).sample if loaded.vae is not None else x
-    images = _show_channels(((x.float().clamp(-1, 1) + 1) / 2).cpu())
-    return Result(images, to_png(images, nrow=k, height=560), fn.nfe, time.perf_counter() - start, load_s,
-                  fn.description, k)
-
-# %% ../nbs/12_widgets.ipynb
-@dataclasses.dataclass
-class Trajectory:
-    "One ODE solve kept whole: times `[K]`, states `[K, N, C, H, W]` and the predicted data at each state."
-    t: torch.Tensor
-    x: torch.Tensor
-    x1_hat: torch.Tensor
-    labels: list
-    nfe: int
-    seconds: float
-
-def predicted_x1(transport, out, x, t):
-    "`E[x1 | x_t]` from a network output at `(x, t)`, through the velocity (finite at both ends of Linear and GVP)."
-    v = transport.velocity_from_output(out, x, t)
-    tt = expand_t_like_x(torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0]), x)
-    a, da = transport.path_sampler.compute_alpha_t(tt)
-    s, ds = transport.path_sampler.compute_sigma_t(tt)
-    return (ds * x - s * v) / (ds * a - s * da)
-
-def solve_trajectory(req: Request, method="heun2", num_steps=26, max_samples=10, cancel=None, on_progress=None,
-                     device="cpu") -> Trajectory:
-    "A fixed-step ODE solve of one sample per class (at most `max_samples`), with the predicted `x1` at each point."
-    if method not in FIXED_METHODS:
-        raise ValueError(f"the scrubber needs a fixed-step ODE method; choose one of {', '.join(FIXED_METHODS)}")
-    loaded, _ = _load(req, device)
-    classes = parse_classes(req.classes, loaded.model.num_classes)[:max_samples]
-    _check_guidance(loaded, [req.cfg_scale])
-    fn = make_sample_fn(loaded, dataclasses.replace(req, mode="ODE", method=method, num_steps=int(num_steps)))
-    m, n = loaded.model, len(classes)
-    g = torch.Generator().manual_seed(int(req.seed))
-    z = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g).to(device)
-    labels = torch.tensor(classes, device=device)
-    guided = float(req.cfg_scale) != 1.0
-    y = torch.cat([labels, torch.full_like(labels, m.null_class)]) if guided else labels
-    kw = dict(cfg_scale=float(req.cfg_scale), **guidance_kwargs(req)) if guided else {}
-    net = lambda w: w.forward_with_cfg if guided else w.forward
-    # the solve and the predictions are one progress bar: the solve first, then one evaluation per kept point
-    steps_nfe = [0]
-    def solve_progress(frac, nfe):
-        steps_nfe[0] = nfe
-        if on_progress: on_progress(0.9 * frac, nfe)
-    watch = Watch(m, fn.t0, fn.t1, cancel, solve_progress)
-    start = time.perf_counter()
-    with torch.no_grad():
-        xin = torch.cat([z, z]) if guided else z
-        xs = fn(xin, net(watch), y=y, **kw)[:, :n]                      # [K, N, C, H, W]
-        ts = torch.linspace(fn.t0, fn.t1, xs.shape[0])
-        x1 = []
-        for k, t in enumerate(ts):
-            if cancel is not None and cancel.is_set(): raise Cancelled()
-            x = xs[k]
-            tb = torch.full((x.shape[0] * (2 if guided else 1),), float(t), device=device)
-            out = net(m)(torch.cat([x, x]) if guided else x, tb, y, **kw)[:n]
-            x1.append(predicted_x1(loaded.transport, out, x, tb[:n]))
-            if on_progress: on_progress(0.9 + 0.1 * (k + 1) / len(ts), steps_nfe[0] + k + 1)
-    return Trajectory(ts, xs.cpu(), torch.stack(x1).cpu(), classes, fn.nfe + len(ts), time.perf_counter() - start)
-
-# %% ../nbs/12_widgets.ipynb
-class Job:
-    "A submitted computation: its cancel event and, when run in the background, its thread."
-    def __init__(self): self.cancel, self.thread, self.done = threading.Event(), None, threading.Event()
-
-class Jobs:
-    "At most one running job; a new one cancels the old one (no queue)."
-    def __init__(self):
-        self._lock, self.current = threading.Lock(), None
-    def submit(self, fn: Callable[[Job], None], background=True) -> Job:
-        job = Job()
-        with self._lock:
-            if self.current is not None: self.current.cancel.set()
-            self.current = job
-        def run():
-            try: fn(job)
-            finally:
-                with self._lock:
-                    if self.current is job: self.current = None
-                job.done.set()
-        if background:
-            job.thread = threading.Thread(target=run, daemon=True, name="sit-widgets-job"); job.thread.start()
-        else: run()
-        return job
-    def is_current(self, job) -> bool:
-        return self.current is job and not job.cancel.is_set()
-    def cancel(self):
-        with self._lock:
-            if self.current is not None: self.current.cancel.set()
-    def wait(self, timeout=None) -> bool:
-        "Wait for the running job (if any); True when none is left running."
-        job = self.current
-        return True if job is None else job.done.wait(timeout)
-    @property
-    def busy(self) -> bool: return self.current is not None
-
-class Debouncer:
-    "`fn(*args)` once `delay` seconds have passed without another call; each call cancels the pending one."
-    def __init__(self, fn, delay=0.4, timer=threading.Timer):
-        self.fn, self.delay, self.timer = fn, delay, timer
-        self._lock, self.pending = threading.Lock(), None
-    def __call__(self, *args, **kwargs):
-        with self._lock:
-            if self.pending is not None: self.pending.cancel()
-            self.pending = self.timer(self.delay, self._fire, args, kwargs)
-            if hasattr(self.pending, "daemon"): self.pending.daemon = True
-            self.pending.start()
-    def _fire(self, *args, **kwargs):
-        with self._lock: self.pending = None
-        self.fn(*args, **kwargs)
-    def cancel(self):
-        with self._lock:
-            if self.pending is not None: self.pending.cancel(); self.pending = None
 
 # %% ../nbs/12_widgets.ipynb
 def error_text(e: BaseException) -> str:
@@ -427,11 +83,14 @@ def _labelled(text, widget, width="9em"):
 
 class SamplerPanel(W.VBox, _Messages):
     "Sampler and guidance controls, Generate and Cancel, a progress bar and the grid."
-    def __init__(self, checkpoint=None, classes="0-9", per_class=3, cfg_scale=2.0, mode="ODE", method="heun2",
+    def __init__(self, checkpoint=None, classes=None, per_class=3, cfg_scale=None, mode="ODE", method="heun2",
                  num_steps=26, seed=0, device=None):
+        "`classes`, `cfg_scale` and the guided channels default to the checkpoint's run (`run_defaults`)."
         super().__init__()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ck = default_checkpoint() if checkpoint is None else checkpoint
+        run = {"classes": "0-9", "cfg_scale": 4.0, "cfg_channels": 3, **(run_defaults(ck) if ck else {})}
+        classes, cfg_scale = run["classes"] if classes is None else classes, run["cfg_scale"] if cfg_scale is None else cfg_scale
         style, wide = {"description_width": "9em"}, W.Layout(width="34em")
         self.checkpoint = W.Text(value=_short(ck) if ck else "", description="checkpoint", style=style,
                                  placeholder="a checkpoint folder, a run folder or a .pt file", layout=W.Layout(width="48em"))
@@ -444,7 +103,7 @@ class SamplerPanel(W.VBox, _Messages):
         self.cfg_interval = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05,
                                                description="guided for t in", continuous_update=False, style=style,
                                                layout=wide)
-        self.cfg_channels = W.ToggleButtons(options=_CHANNELS, value=3, style={"button_width": "10.5em"})
+        self.cfg_channels = W.ToggleButtons(options=_CHANNELS, value=run["cfg_channels"], style={"button_width": "10.5em"})
         self.mode = W.ToggleButtons(options=["ODE", "SDE"], value=mode, style={"button_width": "8em"})
         self.method = W.Dropdown(options=ODE_METHODS if mode == "ODE" else SDE_METHODS, value=method,
                                  description="method", style=style)

@@ -107,10 +107,11 @@ def test_results_independent_of_batch_size_and_processes(env, tmp_path):
 
 
 def test_sample_eval_main_writes_adm_npz_and_digits_metrics(env, tmp_path):
-    p = E.add_sample_eval_args(argparse.ArgumentParser())
+    from sit_workbench.cli import sample_eval_main, sample_eval_parser
+    p = sample_eval_parser(argparse.ArgumentParser())
     args = p.parse_args([env["ckpt"], "--out-dir", str(tmp_path), "--num-samples", "12", "--shard-size", "5",
                          "--sampler", json.dumps(FAST), "--cfg-scale", "2", "--device", "cpu"])
-    m = E.sample_eval_main(args)
+    m = sample_eval_main(args)
     arr = np.load(tmp_path / "samples.npz")["arr_0"]
     assert arr.shape == (12, 8, 8, 3) and arr.dtype == np.uint8
     assert 0 <= m["accuracy"] <= 1 and np.isfinite(m["digits_fid"]) and m["digits_fid"] >= 0

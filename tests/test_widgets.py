@@ -95,6 +95,16 @@ def test_panel_generates_what_generate_gives(ckpt):
     assert p.run() is not None and p.image.value != before
 
 
+def test_panel_defaults_come_from_the_run(ckpt, tmp_path):
+    p = Wd.SamplerPanel(checkpoint=ckpt, device="cpu")       # the digits run: 10 classes, guidance 2, pixel space
+    assert (p.classes.value, p.cfg_scale.value, p.cfg_channels.value) == ("0-9", 2.0, None)
+    run = str(Wd.find_path(ckpt).parent)                      # a run folder means its latest checkpoint
+    assert Wd.run_defaults(run) == {"classes": "0-9", "cfg_scale": 2.0, "cfg_channels": None}
+    p = Wd.SamplerPanel(checkpoint=ckpt, cfg_scale=5.0, classes="3", device="cpu")   # given values win
+    assert (p.classes.value, p.cfg_scale.value) == ("3", 5.0)
+    assert Wd.run_defaults(tmp_path / "nothing") == {}
+
+
 def test_panel_options_reach_the_sampler(ckpt):
     p = panel(ckpt, classes="1", per_class=1)
     p.mode.value = "SDE"
@@ -111,9 +121,9 @@ def test_panel_options_reach_the_sampler(ckpt):
     p.method.value = "dopri5"                                  # adaptive: the progress follows t
     assert p.run() is not None and p.progress.value == 1.0
     req = p.request()
-    p.cfg_interval.value, p.cfg_channels.value = (0.2, 0.8), None
-    assert Wd.guidance_kwargs(req) == {"cfg_channels": 3, "cfg_interval": None}
-    assert Wd.guidance_kwargs(p.request()) == {"cfg_channels": None, "cfg_interval": (0.2, 0.8)}
+    p.cfg_interval.value, p.cfg_channels.value = (0.2, 0.8), 3
+    assert Wd.guidance_kwargs(req) == {"cfg_channels": None, "cfg_interval": None}   # a pixel-space run: every channel
+    assert Wd.guidance_kwargs(p.request()) == {"cfg_channels": 3, "cfg_interval": (0.2, 0.8)}
     assert p.run() is not None and p.error == ""
 
 

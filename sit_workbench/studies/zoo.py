@@ -24,7 +24,7 @@ from ..checkpoint import latest_checkpoint
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
            'save_results', 'markdown_table', 'load_results', 'zoo_config', 'zoo_checkpoint', 'final_steps', 'zoo_steps',
-           'zoo_model', 'zoo_velocity_loss', 'measure_digits']
+           'zoo_model', 'zoo_velocity_loss', 'measure_digits', 'RowLog']
 
 # %% ../../nbs/14_zoo.ipynb
 ZOO = {
@@ -212,3 +212,33 @@ def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cf
                                 mode=mode, batch_size=s.num_samples, clf=clf or _classifier(),
                                 bootstrap=s.bootstrap)
     return {"model": name, **ZOO[name], **res}
+
+# %% ../../nbs/14_zoo.ipynb
+class RowLog:
+    "The rows a study has measured so far, kept on disk as each is measured, so a rerun after a kill resumes."
+    def __init__(self, study, setting):
+        s = get_setting(setting)
+        self.path = results_path(study, s).with_suffix(".partial.jsonl")
+        self.header = json.loads(json.dumps({"study": study, "setting": dataclasses.asdict(s), "zoo_steps": zoo_steps(s)}))
+        lines = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try: lines.append(json.loads(line))
+                except json.JSONDecodeError: break   # a line torn by the kill: measure it again
+        self.rows = {l["key"]: l["row"] for l in lines[1:]} if lines and lines[0] == self.header else {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:   # rewrite: drops a torn line or another setting's rows
+            for l in [self.header, *({"key": k, "row": r} for k, r in self.rows.items())]: f.write(json.dumps(l) + "\n")
+
+    def row(self, key, measure) -> dict:
+        "The row stored under `key` (a string), or `measure()`'s result, stored on disk before it is returned."
+        if key not in self.rows:
+            self.rows[key] = measure()
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "row": self.rows[key]}) + "\n"); f.flush(); os.fsync(f.fileno())
+        return self.rows[key]
+
+    def finish(self):
+        "Remove the file (call once the study's results are saved)."
+        self.path.unlink(missing_ok=True)
+

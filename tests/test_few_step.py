@@ -1,0 +1,60 @@
+"""Smoke test of benchmarks/few_step.py on a tiny digits model: the diffusers wrapper reproduces our Euler, every row
+has its fields and an honest NFE, the optimised schedules are written where asked, and the zoo's converged rung is
+required (the benchmark never trains)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("few_step", ROOT / "benchmarks" / "few_step.py")
+B = importlib.util.module_from_spec(spec); spec.loader.exec_module(B)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    "A tiny Linear velocity digits model trained for 20 steps, as `converged` returns it."
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.config import digits_config
+    from sit_workbench.train import build_transport, train
+    cfg = digits_config(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, max_steps=20, save_steps=20,
+                        output_dir=str(tmp_path_factory.mktemp("few") / "run"))
+    ck = train(cfg, progress=False)["checkpoint"]
+    return load_sit(ck).eval(), build_transport(cfg.model_config), Path(ck), 20
+
+
+def test_wrapper_reproduces_our_euler(loaded):
+    w = B.check_wrapper(loaded, n=4, steps=3)
+    assert w["nfe"] == 3 and w["max_abs_difference"] < 1e-4
+
+
+def test_rows(loaded, tmp_path):
+    from sit_workbench.digits import DigitsClassifier
+    torch.manual_seed(0)
+    clf = DigitsClassifier().eval()                          # an untrained classifier: the plumbing, not the values
+    rows = B.model_rows("tiny", loaded, [6], n=6, n_fit=4, iters=2, clf=clf, with_diffusers=True, progress=False,
+                        schedules=tmp_path)
+    assert (tmp_path / "tiny-20" / "abm3.json").is_file()
+    keys = {"model", "solver", "implementation", "nfe", "rmse_to_reference", "digits_fid", "digits_fid_std", "reference",
+            "steps"}
+    assert all(keys <= set(r) and r["steps"] == 20 for r in rows)
+    few = [r for r in rows if r["nfe"] != 250]
+    assert {r["implementation"] for r in few} == {"ours", "diffusers"}
+    assert all(r["nfe"] == 6 and math.isfinite(r["rmse_to_reference"]) for r in few), [(r["solver"], r["nfe"]) for r in few]
+    assert rows[0]["rmse_to_reference"] == 0.0                # the reference against itself
+
+
+def test_exact_rows():
+    rows = B.exact_rows([6], n=64, progress=False)
+    assert {r["model"] for r in rows} == {f"digits mixture, {p} (exact)" for p in ("Linear", "GVP", "VP")}
+    assert all(r["nfe"] == 6 and math.isfinite(r["nll_gap"]) for r in rows)
+
+
+def test_the_converged_rung_is_required(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path))
+    with pytest.raises(SystemExit, match="checkpoint-"):
+        B.converged("linear-velocity")
