@@ -165,19 +165,8 @@ def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
             torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=1e-5)
 
 
-def _image_folder(root, n_per_class=6, size=32):
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for c, name in enumerate(["cats", "dogs"]):
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            arr = (torch.rand(size, size, 3, generator=g) * 100 + 100 * c).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / name / f"{i}.png")
-    return root
-
-
 @pytest.mark.parametrize("cached", [False, True], ids=["encoder-on-the-fly", "features-cache"])
-def test_latent_space_with_a_timm_encoder_from_a_local_file(tmp_path, cached):
+def test_latent_space_with_a_timm_encoder_from_a_local_file(tmp_path, cached, image_folder):
     """The ImageNet path at toy scale: pixels -> a small random VAE's latents for the SiT, and the same (flipped)
     pixels -> a timm ViT loaded from a local weights file (resized to its 32 px input) for the alignment targets; on
     the fly (the published recipe: VAE and encoder every step) or from the latent and features caches."""
@@ -190,7 +179,7 @@ def test_latent_space_with_a_timm_encoder_from_a_local_file(tmp_path, cached):
     tiny_vae().save_pretrained(tmp_path / "vae")
     d = config_to_dict(digits_config(**{**REPA, "per_device_train_batch_size": 4}, max_steps=3, save_steps=3))
     d["model_config"].update(vae_path=str(tmp_path / "vae"), input_size=4, in_channels=4, num_classes=2)
-    d["dataset_config"].update(dataset_format="imagefolder", dataset_path=str(_image_folder(tmp_path / "images")),
+    d["dataset_config"].update(dataset_format="imagefolder", dataset_path=str(image_folder(tmp_path / "images", n_per_class=6, size=32)),
                                image_size=32, random_flip=True,   # cached: latents and features; else the VAE runs
                                latent_cache=str(tmp_path / "latents") if cached else None)
     d.update(output_dir=str(tmp_path / "run"), repa_encoder="vit_tiny_patch16_224", repa_encoder_resolution=32,

@@ -135,25 +135,13 @@ def test_import_official_checkpoint(tmp_path):
     assert all(torch.equal(got.state_dict()[k], v) for k, v in net.state_dict().items())
 
 
-def _image_folder(root, n_per_class=8, size=40):
-    """A small ImageFolder of two classes of coloured squares, larger than the training resolution."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for c, name in enumerate(["cats", "dogs"]):
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            arr = (torch.rand(size, size, 3, generator=g) * 100 + 100 * c).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / name / f"{i}.png")
-    return root
-
-
 @pytest.mark.parametrize("cache", [False, True], ids=["vae-on-the-fly", "latent-cache"])
-def test_latent_space_training_with_a_local_vae(tmp_path, cache):
+def test_latent_space_training_with_a_local_vae(tmp_path, cache, image_folder):
     """The ImageNet path at toy scale: images -> diffusers AutoencoderKL latents (a small random VAE saved to a
     folder, as a user's local copy of sd-vae-ft-ema would be) -> SiT; on the fly, or through the latent cache."""
     from sit_workbench.config import config_from_dict, config_to_dict
     from sit_workbench.latents import tiny_vae
-    data = _image_folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images")
     tiny_vae().save_pretrained(tmp_path / "vae")
     d = config_to_dict(digits_config(**TINY, max_steps=3, save_steps=3, per_device_train_batch_size=4))
     d["model_config"].update(vae_path=str(tmp_path / "vae"), input_size=4, in_channels=4, num_classes=2)
