@@ -17,3 +17,19 @@ def image_folder():
                 Image.fromarray(arr).save(root / name / f"{i}.png")
         return root
     return make
+
+
+@pytest.fixture
+def sigterm_after():
+    """A function that waits (up to 120 s) until the training run `proc` has written `lines` rows to its `log.jsonl`,
+    sends it SIGTERM as a cluster's preemption would, and returns `proc.communicate()`."""
+    import signal
+    import time
+
+    def stop(proc, log, lines, poll=0.05):
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= lines):
+            time.sleep(poll)
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=120)
+    return stop

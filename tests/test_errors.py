@@ -4,10 +4,8 @@ resume; a preempted run exits 143; a full disk is named and leaves the previous 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -239,18 +237,13 @@ def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, marker):
 
 
 # --- preemption ----------------------------------------------------------------------------------------------------
-def test_sigterm_saves_and_exits_143(tmp_path):
+def test_sigterm_saves_and_exits_143(tmp_path, sigterm_after):
     save_config(digits_config(**TINY, max_steps=100000, save_steps=100000, output_dir=str(tmp_path / "run")),
                 tmp_path / "c.yaml")
     proc = subprocess.Popen([sys.executable, "-c", "from sit_workbench.cli import main; main()", "train", "--config",
                              str(tmp_path / "c.yaml"), "--no-progress"], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "run" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    out, err = sigterm_after(proc, tmp_path / "run" / "log.jsonl", 3)
     assert proc.returncode == EXIT_PREEMPTED == 143, out + err
     assert "preempted at step" in out and "Traceback" not in err, out + err
     assert latest_checkpoint(tmp_path / "run") is not None

@@ -3,10 +3,8 @@ process, partially written checkpoints, the official checkpoint format."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,7 @@ def cli(*args, torchrun=0):
     return cmd
 
 
-def test_resume_after_sigterm_is_bit_exact(tmp_path):
+def test_resume_after_sigterm_is_bit_exact(tmp_path, sigterm_after):
     steps = 120
     write_config(tmp_path / "ref.yaml", max_steps=steps, save_steps=1000, output_dir=str(tmp_path / "ref"))
     write_config(tmp_path / "int.yaml", max_steps=steps, save_steps=1000, output_dir=str(tmp_path / "int"))
@@ -49,12 +47,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path):
 
     proc = subprocess.Popen(cli("train", "--config", str(tmp_path / "int.yaml"), "--no-progress"), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = tmp_path / "int" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 10):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = sigterm_after(proc, tmp_path / "int" / "log.jsonl", 10, poll=0.02)
     assert proc.returncode == 143, out   # EXIT_PREEMPTED: saved, not finished
     assert "preempted" in out and "SIGTERM" in out, out
     stopped = latest_checkpoint(tmp_path / "int")
