@@ -22,7 +22,7 @@ __all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'D
            'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint', 'inception_weights_path',
            'ensure_inception_weights', 'inception_extractor', 'inception_features', 'inception_score',
            'precision_recall', 'imagenet_metrics', 'bootstrap_fid', 'digits_metrics', 'evaluate_digits_model',
-           'evaluate_digits_checkpoint', 'sliced_wasserstein', 'mixture_nll', 'sampler_error']
+           'evaluate_digits_checkpoint', 'sliced_wasserstein', 'sample_nll', 'mixture_nll', 'sampler_error']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
@@ -413,7 +413,7 @@ def sliced_wasserstein(x, y, n_projections=256, seed=0) -> float:
     px, py = (x @ theta).sort(0).values, (y @ theta).sort(0).values
     return float(((px - py) ** 2).mean().sqrt())
 
-def _nll_per_dim(gm, x) -> torch.Tensor:
+def sample_nll(gm, x) -> torch.Tensor:
     "Each sample's exact negative log-likelihood per dimension (nats) under the data mixture `gm`."
     from sit_workbench.interpolants import LinearPath
     x = torch.as_tensor(x).double().reshape(len(x), -1)
@@ -421,7 +421,7 @@ def _nll_per_dim(gm, x) -> torch.Tensor:
 
 def mixture_nll(gm, x) -> float:
     "Mean exact negative log-likelihood per dimension (nats) of samples `x` under the data mixture `gm`."
-    return float(_nll_per_dim(gm, x).mean())
+    return float(sample_nll(gm, x).mean())
 
 def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=None, n=2000, seed=0, mode="ode") -> dict:
     """Sample `n` points from noise with the exact field of `gm` through our `Sampler` and score them against fresh
@@ -434,6 +434,6 @@ def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=
     z = torch.randn(n, gm.dim, dtype=torch.float64)
     x = fn(z, gm.model(tr.path_sampler, prediction))[-1]
     data = gm.sample(n, generator=torch.Generator().manual_seed(seed + 1)).reshape(n, -1)
-    nll_x, nll_d = _nll_per_dim(gm, x), _nll_per_dim(gm, data)
+    nll_x, nll_d = sample_nll(gm, x), sample_nll(gm, data)
     return {"sw": sliced_wasserstein(x, data, seed=seed), "nll_gap": float(nll_x.mean() - nll_d.mean()),
             "nll_gap_sem": float((nll_x.var() / n + nll_d.var() / n).sqrt()), "nfe": fn.nfe}

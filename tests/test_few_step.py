@@ -49,9 +49,12 @@ def test_rows(loaded, tmp_path):
 
 
 def test_exact_rows():
-    rows = B.exact_rows([6], n=64, progress=False)
+    rows = B.exact_rows([6], n=64, progress=False, n_fit=16, iters=3)
     assert {r["model"] for r in rows} == {f"digits mixture, {p} (exact)" for p in ("Linear", "GVP", "VP")}
-    assert all(r["nfe"] == 6 and math.isfinite(r["nll_gap"]) for r in rows)
+    assert all(r["nfe"] == 6 and math.isfinite(r["nll_gap"]) and r["nll_gap_abs"] >= abs(r["nll_gap"]) for r in rows)
+    opt = [r for r in rows if r["solver"] == "abm3, optimized"]
+    assert len(opt) == 3 and all(r["fit_init"] in ("uniform", "logsnr") and len(r["grid"]) == 7 for r in opt)
+    assert all(r["grid"] == sorted(r["grid"]) and r["grid"][0] == 0.0 for r in opt)
 
 
 def test_the_converged_rung_is_required(tmp_path, monkeypatch):
