@@ -61,3 +61,15 @@ def test_the_converged_rung_is_required(tmp_path, monkeypatch):
     monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path))
     with pytest.raises(SystemExit, match="checkpoint-"):
         B.converged("linear-velocity")
+
+
+def test_readmes_quote_the_committed_results():
+    import json
+    doc = json.loads((ROOT / "nbs" / "results" / "few_step.json").read_text())
+    readme, bench = (ROOT / "README.md").read_text(), (ROOT / "benchmarks" / "README.md").read_text()
+    assert f"{doc['seconds']} s; the wrapper" in bench
+    for p in ("Linear", "GVP", "VP"):
+        rs = {r["nfe"]: r for r in doc["rows"] if r["model"] == f"digits mixture, {p} (exact)" and r["solver"] == "abm3, optimized"}
+        assert rs[10]["nll_gap_abs"] <= 0.02
+        assert f"{rs[10]['nll_gap_abs']:.4f}" in readme
+        assert all(f"{rs[n]['nll_gap_abs']:.4f}" in bench for n in (6, 8, 10)), p
