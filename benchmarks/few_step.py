@@ -160,9 +160,7 @@ def fit_exact_grid(tr, field, dim, nfe, n_fit, iters):
     def denoise(x, t):
         t = torch.as_tensor(t).expand(len(x))
         return data_prediction(path, "velocity", field(x, t), x, t)
-    fits = [optimize_schedule(denoise, z, ref, path, t0, t1, nfe + 1, method="abm3", init=init, iters=iters)
-            for init in ("uniform", "logsnr")]
-    return min(fits, key=lambda f: f[1]["rms"])
+    return optimize_schedule(denoise, z, ref, path, t0, t1, nfe + 1, method="abm3", init=("uniform", "logsnr"), iters=iters)
 
 
 def exact_rows(nfes, n, progress, n_fit=256, iters=60):

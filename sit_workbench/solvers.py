@@ -237,7 +237,12 @@ def optimize_schedule(denoise, x, reference, path: Interpolant, t0, t1, num_step
                       iters=150, lr=0.05, progress=False) -> tuple[torch.Tensor, dict]:
     """The grid of `num_steps` times minimising the mean squared distance of `method`'s solve from noise `x` to
     `reference` (the fine solve from the same noise), by Adam on softmax increments. `denoise(x, t)` must be
-    differentiable in `t`. Returns `(times, info)` with the initial and final RMS distances."""
+    differentiable in `t`. `init` is the starting schedule, or a tuple of them: each is fitted and the grid with the
+    lowest final RMS is kept (`info["init"]` names it). Returns `(times, info)` with the initial and final RMS distances."""
+    if isinstance(init, (tuple, list)):
+        fits = [optimize_schedule(denoise, x, reference, path, t0, t1, num_steps, method, i, iters, lr, progress)
+                for i in init]
+        return min(fits, key=lambda f: f[1]["rms"])
     t_init = time_grid(init, t0, t1, num_steps, path)
     theta = torch.log(t_init.diff()).clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)

@@ -82,6 +82,9 @@ def test_optimized_schedule_lowers_the_error_and_is_reused_by_name(tmp_path):
     ref = multistep_solve(denoise, x, time_grid("uniform", 0.0, 1.0, 501, path), path, "unipc3")[-1]
     ts, info = optimize_schedule(denoise, x, ref, path, 0.0, 1.0, 5, method="abm3", iters=60)
     assert info["rms"] < 0.7 * info["rms_init"], info
+    both = optimize_schedule(denoise, x, ref, path, 0.0, 1.0, 5, method="abm3", init=("logsnr", "uniform"), iters=60)
+    other = optimize_schedule(denoise, x, ref, path, 0.0, 1.0, 5, method="abm3", init="logsnr", iters=60)[1]
+    assert both[1]["rms"] == min(info["rms"], other["rms"]) and both[1]["init"] == min((info, other), key=lambda i: i["rms"])["init"]
     save_schedule(tmp_path, "gauss", {5: ts}, 0.0, 1.0, method="abm3")
     assert json.loads((tmp_path / "gauss.json").read_text())["grids"]["5"][0] == 0.0
     fn = Sampler(tr).sample_ode(sampling_method="abm3", num_steps=5, schedule="optimized:gauss", schedule_dir=tmp_path)
