@@ -24,12 +24,12 @@ from .model import SIT_SIZES, SiT, SiT_models, infer_model_name
 from .paths import cache_dir, looks_local
 
 # %% auto 0
-__all__ = ['PRETRAINED_URLS', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', 'PROJECTOR_FILES', 'OFFICIAL_VAES', 'VAE_HINT',
-           'CONFIG_VAE_HINT', 'CheckpointDownloadError', 'download_pretrained', 'resolve_checkpoint', 'load_state_dict',
-           'load_into', 'save_pretrained', 'load_sit', 'infer_architecture', 'sit_from_state_dict',
-           'checkpoint_problem', 'list_checkpoints', 'latest_checkpoint', 'write_checkpoint', 'read_projector',
-           'remove_checkpoint', 'prune_checkpoints', 'commit_checkpoint', 'clean_partial_checkpoints',
-           'run_model_config', 'export_official', 'import_official', 'load_vae']
+__all__ = ['PRETRAINED_URLS', 'WEIGHT_FILES', 'RUN_FILE', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', 'PROJECTOR_FILES',
+           'OFFICIAL_VAES', 'VAE_HINT', 'CONFIG_VAE_HINT', 'CheckpointDownloadError', 'download_pretrained',
+           'resolve_checkpoint', 'weights_file', 'load_state_dict', 'load_into', 'save_pretrained', 'load_sit',
+           'infer_architecture', 'sit_from_state_dict', 'checkpoint_problem', 'list_checkpoints', 'latest_checkpoint',
+           'write_checkpoint', 'read_projector', 'remove_checkpoint', 'prune_checkpoints', 'commit_checkpoint',
+           'clean_partial_checkpoints', 'load_vae']
 
 # %% ../nbs/04a_checkpoint.ipynb
 PRETRAINED_URLS = {
@@ -135,6 +135,19 @@ def _select_state_dict(obj, prefer: str, path) -> dict:
     return dict(obj)
 
 
+WEIGHT_FILES = ("ema.safetensors", "ema.pt", "model.safetensors", "diffusion_pytorch_model.safetensors")
+
+def weights_file(folder, prefer: str = "ema") -> Path:
+    """The file of a checkpoint folder that holds the weights `prefer`red ('ema' or 'model'), else the other ones:
+    `save_pretrained` writes `ema.safetensors`, training checkpoints keep the EMA as `ema.pt`, diffusers folders have
+    `diffusion_pytorch_model.safetensors`."""
+    names = WEIGHT_FILES if prefer == "ema" else WEIGHT_FILES[2:] + WEIGHT_FILES[:2]
+    found = [Path(folder) / n for n in names if (Path(folder) / n).is_file()]
+    if not found:
+        raise CheckpointError(f"'{folder}' is a directory without model.safetensors/ema.safetensors/ema.pt "
+                              "(expected a directory written by save_pretrained or a training checkpoint)")
+    return found[0]
+
 def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") -> dict:
     """Tensors of a SiT checkpoint as a plain dict: an official `.pt` (raw, or train.py's {model, ema, opt, args}),
     a `.safetensors` file, a `save_pretrained` directory, or the name `'SiT-XL-2-256x256.pt'`.
@@ -142,16 +155,7 @@ def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") 
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     path = resolve_checkpoint(path_or_name)
-    if path.is_dir():
-        # save_pretrained writes ema.safetensors; training checkpoints keep the EMA as ema.pt
-        names = ["ema.safetensors", "ema.pt", "model.safetensors"]
-        if prefer == "model":
-            names = names[2:] + names[:2]
-        found = [path / n for n in names if (path / n).is_file()]
-        if not found:
-            raise FileNotFoundError(f"'{path}' is a directory without model.safetensors/ema.safetensors/ema.pt "
-                                    "(expected a directory written by save_pretrained or a training checkpoint)")
-        path = found[0]
+    if path.is_dir(): path = weights_file(path, prefer)
     if path.suffix == ".safetensors":
         sd = load_safetensors(path)
     else:
@@ -222,8 +226,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: Union[nn.Module, dict, None] = None) -> Path:
-    "Write `model.safetensors`, `ema.safetensors` (if `ema` is given, a module or state dict) and `config.json` into `directory`."
+RUN_FILE = "run.json"   # a run's description (transport, guidance, VAE, classes, sampler): see `sit_workbench.run`
+
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: Union[nn.Module, dict, None] = None,
+                    run: dict | None = None) -> Path:
+    """Write `model.safetensors`, `ema.safetensors` (if `ema` is given, a module or state dict), `config.json` and, when
+    given, the run's description `run` (`run.json`, see `sit_workbench.run`) into `directory`."""
     from safetensors.torch import save_file
     model = _unwrap(model)
     if not hasattr(model, "config"):
@@ -243,6 +251,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: U
     if name:
         config["model_name"] = name
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if run is not None: (d / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     return d
 
 
@@ -355,9 +364,11 @@ def _fsync(path):
     try: os.fsync(fd)
     finally: os.close(fd)
 
-def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_state, model_config, projector=None):
+def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_state, model_config, projector=None,
+                     run=None):
     """Write every file of a checkpoint into `folder` (a temporary name) and flush each to disk; `projector`:
-    `(weights, optimizer state, schedule state)` of REPA's projector, written to `PROJECTOR_FILES`."""
+    `(weights, optimizer state, schedule state)` of REPA's projector, written to `PROJECTOR_FILES`; `run`: the run's
+    description (`RUN_FILE`)."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model_sd.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -371,8 +382,9 @@ def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_s
         save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / PROJECTOR_FILES[0]),
                   metadata={"format": "pt"})
         torch.save({"optimizer": popt, "scheduler": psched}, folder / PROJECTOR_FILES[1])
+    if run is not None: (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     for f in folder.iterdir(): _fsync(f)
-    names = CHECKPOINT_FILES + (PROJECTOR_FILES if projector is not None else ())
+    names = CHECKPOINT_FILES + (PROJECTOR_FILES if projector is not None else ()) + ((RUN_FILE,) if run is not None else ())
     sizes = {n: (folder / n).stat().st_size for n in names}
     (folder / COMPLETE).write_text(json.dumps({"files": sizes}) + "\n")   # last: marks the folder complete
     _fsync(folder / COMPLETE)
@@ -416,57 +428,6 @@ def clean_partial_checkpoints(output_dir):
     d = Path(output_dir)
     if d.is_dir():
         for p in d.glob(".checkpoint-*.tmp*"): shutil.rmtree(p, ignore_errors=True)
-
-def run_model_config(checkpoint) -> dict:
-    """The `model_config` of the training run that wrote a checkpoint folder (its `trainer_state.json`: transport,
-    `vae_path`, `cfg_scale`, `num_classes`); `{}` for any other checkpoint (an official `.pt`, a `save_pretrained` folder)."""
-    state = Path(checkpoint) / "trainer_state.json"
-    return dict(read_json(state, "training state").get("config", {}).get("model_config", {})) if state.is_file() else {}
-
-# %% ../nbs/04a_checkpoint.ipynb
-def export_official(checkpoint, out_path) -> Path:
-    """A checkpoint folder of ours as an official-format `.pt` (`model`, `ema`, `opt` left empty, `args`). `args.model`
-    is the `SiT_models` name (or a description of a custom size) and `args.sit_config` the constructor arguments, so
-    `import_official` rebuilds any size exactly."""
-    checkpoint = Path(checkpoint)
-    state = read_json(checkpoint / "trainer_state.json", "training state")
-    cfg = state["config"]; mc, dc = cfg["model_config"], cfg["dataset_config"]
-    config = read_json(checkpoint / "config.json", "model config")
-    name = config.pop("model_name", None) or \
-        f"SiT-custom(depth={mc['depth']}, hidden={mc['hidden_size']}, patch={mc['patch_size']})"
-    args = argparse.Namespace(model=name, image_size=dc["image_size"], num_classes=mc["num_classes"],
-                              global_seed=cfg["seed"], path_type=mc["path_type"], prediction=mc["prediction"],
-                              loss_weight=mc["loss_weight"], train_eps=mc["train_eps"], sample_eps=mc["sample_eps"],
-                              vae=mc["vae_path"], cfg_scale=mc["cfg_scale"], global_batch_size=None,
-                              train_steps=state["step"], sit_config=config)
-    blob = {"model": load_state_dict(checkpoint, prefer="model"), "ema": load_state_dict(checkpoint, prefer="ema"),
-            "opt": {}, "args": args}
-    out_path = Path(out_path); out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with writing(tmp, out_path, nbytes(blob["model"], blob["ema"])):   # a full disk: named, tmp removed
-        torch.save(blob, tmp)
-    os.replace(tmp, out_path)
-    return out_path
-
-def import_official(pt_path, out_dir, model=None) -> Path:
-    """An official `.pt` (raw state dict or train.py's dict) as a folder `load_sit` reads (`model.safetensors`,
-    `ema.pt`, `config.json`). The architecture is `model` when given (a `SiT_models` name), else the constructor
-    arguments `export_official` recorded, else the official name in `args.model`, else read off the tensors."""
-    path = resolve_checkpoint(pt_path)
-    recorded = None
-    if path.is_file() and path.suffix != ".safetensors":
-        obj = _torch_load_weights_only(path)
-        args = obj.get("args") if isinstance(obj, dict) else None
-        if model is None:
-            recorded = getattr(args, "sit_config", None)
-            if recorded is None and getattr(args, "model", None) in SiT_models: model = args.model
-        sd, ema_sd = (_strip_prefixes(_select_state_dict(obj, p, path)) for p in ("model", "ema"))
-        del obj
-    else:
-        sd, ema_sd = load_state_dict(path, prefer="model"), load_state_dict(path, prefer="ema")
-    out = save_pretrained(sit_from_state_dict(sd, model, recorded), out_dir)
-    torch.save(ema_sd, Path(out) / "ema.pt")
-    return Path(out)
 
 # %% ../nbs/04a_checkpoint.ipynb
 OFFICIAL_VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}

@@ -18,7 +18,8 @@ from .interpolants import Interpolant, expand_t_like_x
 __all__ = ['PREDICTION_NAMES', 'DATA_END', 'MULTISTEP_METHODS', 'SCHEDULES', 'LOGSNR_CLIP', 'ODE_MULTISTEP', 'SDE_MULTISTEP',
            'data_prediction', 'log_snr', 'exp_weights', 'lagrange_at', 'rho_weights', 'adams_weights',
            'multistep_solve', 'shift_times', 'schedule_dir', 'load_schedule', 'time_grid', 'optimize_schedule',
-           'save_schedule', 'SampleFn', 'check_sde_multistep', 'fixed_step_grid', 'multistep_sampler']
+           'save_schedule', 'SampleFn', 'check_sde_multistep', 'check_num_steps', 'fixed_step_grid',
+           'multistep_sampler']
 
 # %% ../nbs/03a_solvers.ipynb
 PREDICTION_NAMES = ("velocity", "score", "noise")
@@ -352,6 +353,15 @@ def check_sde_multistep(method, diffusion_form, diffusion_norm, schedule):
                          f"only, got {diffusion_form!r} x {diffusion_norm}")
     return True
 
+def check_num_steps(num_steps, minimum=2) -> int:
+    """`num_steps` as an int when it is a whole number of time points (both ends included) of at least `minimum`
+    (Python or numpy integers); a `UserError` otherwise. Every sampler checks its step count here."""
+    from sit_workbench.errors import UserError
+    if isinstance(num_steps, (bool, np.bool_)) or not isinstance(num_steps, (int, np.integer)) or num_steps < minimum:
+        raise UserError(f"num_steps must be an integer >= {minimum} (the number of time points, both ends included), "
+                        f"got {num_steps!r}")
+    return int(num_steps)
+
 def fixed_step_grid(schedule, adaptive, reverse, t0, t1, num_steps, path, directory=None):
     "The time grid of a torchdiffeq method: None for 'uniform' (the default linspace), else `time_grid`'s."
     if isinstance(schedule, str) and schedule == "uniform": return None
@@ -363,7 +373,7 @@ def multistep_sampler(transport, method, num_steps, schedule="uniform", director
     """A `SampleFn` solving `transport`'s ODE (or SDE, 'sde-...') with
     `multistep_solve` on the grid `schedule` (`time_grid`): one network evaluation per step, `num_steps - 1` in all."""
     if reverse: raise ValueError(f"{method!r} integrates from noise to data only (reverse=False)")
-    if not isinstance(num_steps, int) or num_steps < 2: raise ValueError(f"num_steps must be an integer >= 2, got {num_steps!r}")
+    num_steps = check_num_steps(num_steps)
     tr = transport
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
     grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, directory)

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLossProfile,
                                         check_diffusion_form, expand_t_like_x)
-from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_sde_multistep,
+from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_num_steps,
+                                   check_sde_multistep,
                                    fixed_step_grid, multistep_sampler)
 
 # %% auto 0
@@ -226,10 +227,6 @@ def _check_choice(value, choices, what):
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(repr(c) for c in choices)}")
 
-def _check_steps(num_steps):
-    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2 (the number of time points, both ends included), got {num_steps!r}")
-
 # %% ../nbs/03_transport.ipynb
 def _ode_options(method, t_end, dtype, device):
     if method in ADAPTIVE_METHODS: return {"step_t": torch.tensor([t_end], dtype=dtype, device=device)}
@@ -281,7 +278,7 @@ class Sampler:
             return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress)
         check_diffusion_form(diffusion_form)
         _check_choice(last_step, LAST_STEPS, "last_step")
-        _check_steps(num_steps)
+        num_steps = check_num_steps(num_steps)
         if diffusion_form == "w_KL_eta":
             if not isinstance(velocity_loss, VelocityLossProfile):
                 raise ValueError("diffusion_form='w_KL_eta' needs velocity_loss=VelocityLossProfile(...) "
@@ -340,7 +337,7 @@ class Sampler:
         """An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution);
         also the multistep `ODE_MULTISTEP` and, for fixed steps, a `schedule` (`sit_workbench.solvers.time_grid`)."""
         _check_choice(sampling_method, ODE_METHODS + ODE_MULTISTEP, "ODE sampling_method")
-        _check_steps(num_steps)
+        num_steps = check_num_steps(num_steps)
         if sampling_method in ODE_MULTISTEP:
             return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse)
         if atol <= 0 or rtol <= 0: raise ValueError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
@@ -366,7 +363,7 @@ class Sampler:
         "A likelihood function `fn(x, model, **model_kwargs) -> (logp [B], z)` (official API plus `divergence`)."
         _check_choice(sampling_method, ODE_METHODS, "ODE sampling_method")
         _check_choice(divergence, DIVERGENCES, "divergence")
-        _check_steps(num_steps)
+        num_steps = check_num_steps(num_steps)
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
         def run(x, call):
