@@ -18,8 +18,8 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from .errors import (CheckpointError, writing, load_safetensors, nbytes, read_json, short_cause,
-                                  torch_load)
+from .errors import (CheckpointError, UserError, writing, load_safetensors, nbytes, read_json,
+                                  short_cause, torch_load)
 from .model import SIT_SIZES, SiT, SiT_models, infer_model_name
 from .paths import cache_dir, looks_local
 
@@ -38,14 +38,14 @@ PRETRAINED_URLS = {
 }
 
 
-class CheckpointDownloadError(RuntimeError):
-    "A named checkpoint could not be downloaded."
+class CheckpointDownloadError(UserError):
+    "A named checkpoint could not be downloaded (offline, or the file moved): the message says how to pass a local copy."
 
 
 def download_pretrained(name: str, timeout: float = 60.0) -> Path:
     "Path of the named official checkpoint in `cache_dir()`, downloading it first if needed."
     if name not in PRETRAINED_URLS:
-        raise ValueError(f"unknown checkpoint name {name!r}; known: {sorted(PRETRAINED_URLS)}")
+        raise UserError(f"unknown checkpoint name {name!r}; known: {sorted(PRETRAINED_URLS)}")
     dest = cache_dir() / name
     if dest.is_file():
         return dest
@@ -107,7 +107,7 @@ def _torch_load_weights_only(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" in str(e).lower():
-            raise ValueError(
+            raise UserError(
                 f"Refusing to load '{path}': it is a pickle that references code ({str(e).splitlines()[-1][:200]}). "
                 "sit_workbench refuses to unpickle code because that can run arbitrary commands. If you trust the file, "
                 "convert it once to plain tensors, e.g. `sd = torch.load(path, weights_only=False)['ema']; "
@@ -122,7 +122,7 @@ def _torch_load_weights_only(path: Path):
 def _select_state_dict(obj, prefer: str, path) -> dict:
     "Pick the tensors out of a loaded `.pt`: a raw state dict, or the `ema`/`model` entry of a training checkpoint."
     if not isinstance(obj, dict):
-        raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
+        raise UserError(f"'{path}' holds a {type(obj).__name__}, not a state dict")
     order = ("ema", "model") if prefer == "ema" else ("model", "ema")
     for key in order:
         if isinstance(obj.get(key), dict):
@@ -130,7 +130,7 @@ def _select_state_dict(obj, prefer: str, path) -> dict:
             break
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"'{path}' does not look like a SiT state dict: non-tensor entries {bad[:5]} "
+        raise UserError(f"'{path}' does not look like a SiT state dict: non-tensor entries {bad[:5]} "
                          "(expected a raw state dict or a dict with 'model'/'ema' state dicts)")
     return dict(obj)
 
@@ -153,7 +153,7 @@ def load_state_dict(path_or_name: Union[str, os.PathLike], prefer: str = "ema") 
     a `.safetensors` file, a `save_pretrained` directory, or the name `'SiT-XL-2-256x256.pt'`.
     `prefer` ('ema' or 'model') picks between EMA and raw weights when both are present."""
     if prefer not in ("ema", "model"):
-        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+        raise UserError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     path = resolve_checkpoint(path_or_name)
     if path.is_dir(): path = weights_file(path, prefer)
     if path.suffix == ".safetensors":
@@ -203,11 +203,11 @@ def load_into(model: nn.Module, state_dict: dict, assign: bool = False) -> nn.Mo
             msg += f" the checkpoint has {n_ck} blocks and the model {len(blocks(own))}: wrong depth / model size?"
         else:
             msg += " is this a SiT checkpoint?"
-        raise ValueError(msg)
+        raise UserError(msg)
     for k, v in own.items():
         want, got = tuple(v.shape), tuple(sd[k].shape)
         if want != got:
-            raise ValueError(f"shape mismatch for '{k}': model expects {want} but the checkpoint has {got}. "
+            raise UserError(f"shape mismatch for '{k}': model expects {want} but the checkpoint has {got}. "
                              f"Hint: {_shape_hint(k, want, got)}.")
     if assign:
         sd = {k: v.to(dtype=own[k].dtype).contiguous() for k, v in sd.items()}
@@ -235,7 +235,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: U
     from safetensors.torch import save_file
     model = _unwrap(model)
     if not hasattr(model, "config"):
-        raise ValueError("save_pretrained needs a SiT model (with a .config dict)")
+        raise UserError("save_pretrained needs a SiT model (with a .config dict)")
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = lambda sd: {k: v.detach().to("cpu").contiguous() for k, v in _strip_prefixes(dict(sd)).items()}
@@ -244,7 +244,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: U
     if ema is not None:
         ema_sd = tensors(_unwrap(ema).state_dict() if isinstance(ema, nn.Module) else ema)
         if set(ema_sd) != set(sd):
-            raise ValueError("ema state dict keys differ from the model's")
+            raise UserError("ema state dict keys differ from the model's")
         save_file(ema_sd, str(d / "ema.safetensors"), metadata={"format": "pt"})
     config = dict(model.config)
     name = getattr(model, "model_name", None) or infer_model_name(config)
@@ -266,7 +266,7 @@ def load_sit(path_or_name: Union[str, os.PathLike], model: str = "SiT-XL/2", pre
         build = lambda: SiT(**config)
     else:
         if model not in SiT_models:
-            raise ValueError(f"unknown model {model!r}; choose one of {list(SiT_models)}")
+            raise UserError(f"unknown model {model!r}; choose one of {list(SiT_models)}")
         name = model
         build = lambda: SiT_models[model](**model_kwargs)
     sd = load_state_dict(path, prefer=prefer)
@@ -288,22 +288,22 @@ def infer_architecture(state_dict, model=None) -> dict:
         rows, out = sd["y_embedder.embedding_table.weight"].shape[0], sd["final_layer.linear.weight"].shape[0]
         mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
     except KeyError as e:
-        raise ValueError(f"the checkpoint has no {e.args[0]!r}: is it a SiT checkpoint?") from None
+        raise UserError(f"the checkpoint has no {e.args[0]!r}: is it a SiT checkpoint?") from None
     hidden, c, p = proj.shape[0], proj.shape[1], proj.shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     arch = dict(input_size=round(tokens ** 0.5) * p, patch_size=p, in_channels=c, hidden_size=hidden, depth=depth,
                 mlp_ratio=mlp / hidden, num_classes=rows - 1, learn_sigma=out == 2 * p * p * c,
                 class_dropout_prob=0.1)  # the null-class row: trained with label dropout (the rate is not stored)
     if model is not None:
-        if model not in SiT_models: raise ValueError(f"unknown model {model!r}; choose one of {', '.join(SiT_models)}")
+        if model not in SiT_models: raise UserError(f"unknown model {model!r}; choose one of {', '.join(SiT_models)}")
         d, h, heads = SIT_SIZES[model[len("SiT-"):].split("/")[0]]
         if (d, h, int(model.rsplit("/", 1)[1])) != (depth, hidden, p):
-            raise ValueError(f"the checkpoint is not a {model}: it has depth {depth}, hidden size {hidden} and patch size "
+            raise UserError(f"the checkpoint is not a {model}: it has depth {depth}, hidden size {hidden} and patch size "
                              f"{p}; a {model} has {d}, {h} and {model.rsplit('/', 1)[1]}")
         return dict(arch, num_heads=heads)
     sizes = {(d, h): heads for d, h, heads in SIT_SIZES.values()}
     if (depth, hidden) not in sizes:
-        raise ValueError(f"depth {depth} and hidden size {hidden} match none of the sizes {', '.join(SIT_SIZES)}, and the "
+        raise UserError(f"depth {depth} and hidden size {hidden} match none of the sizes {', '.join(SIT_SIZES)}, and the "
                          "number of attention heads is not in the tensors: pass the model's constructor arguments "
                          "(a checkpoint exported by `export_official` records them)")
     return dict(arch, num_heads=sizes[(depth, hidden)])
@@ -441,17 +441,17 @@ CONFIG_VAE_HINT = ("Point model_config.vae_path at a local copy of the VAE (a fo
 def load_vae(name_or_path, device="cpu", hint=VAE_HINT):
     """diffusers' `AutoencoderKL`, in eval mode without gradients, from 'ema'/'mse' (the official SD VAEs on the
     Hugging Face hub), a hub id, or a local folder (or its `vae/` subfolder); `None` for `None`/'none' (pixel space).
-    A local path that does not exist fails at once; every failure is a `RuntimeError` ending with `hint` (how to get a
+    A local path that does not exist fails at once; every failure is a `UserError` ending with `hint` (how to get a
     local copy: `VAE_HINT` names the command-line option, `CONFIG_VAE_HINT` the config key)."""
     if name_or_path is None or str(name_or_path).lower() == "none": return None
     source = OFFICIAL_VAES.get(str(name_or_path), str(name_or_path))
     p = Path(source).expanduser()
     if not p.exists() and looks_local(source):
-        raise RuntimeError(f"could not load the VAE {str(name_or_path)!r}: there is no folder {p}. {hint}")
+        raise UserError(f"could not load the VAE {str(name_or_path)!r}: there is no folder {p}. {hint}")
     from diffusers.models import AutoencoderKL
     kwargs = {"subfolder": "vae"} if (p / "vae" / "config.json").exists() and not (p / "config.json").exists() else {}
     try: vae = AutoencoderKL.from_pretrained(str(p) if p.exists() else source, **kwargs)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise RuntimeError(f"could not load the VAE {source!r} ({type(e).__name__}: {msg}). {hint}") from None
+        raise UserError(f"could not load the VAE {source!r} ({type(e).__name__}: {msg}). {hint}") from None
     return vae.to(device).eval().requires_grad_(False)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .paths import looks_local
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['DEFAULT_MAX_BAD_IMAGES', 'IMAGE_COLUMNS', 'LABEL_COLUMNS', 'FORMATS', 'DIGITS_SEED', 'center_crop_arr', 'to_tensor',
@@ -45,7 +46,7 @@ def to_tensor(pil):
 def _pil_mode(in_channels):
     if in_channels == 3: return "RGB"
     if in_channels == 1: return "L"
-    raise ValueError(f"image datasets give 1 (grey) or 3 (RGB) channels, not in_channels={in_channels}; a latent "
+    raise UserError(f"image datasets give 1 (grey) or 3 (RGB) channels, not in_channels={in_channels}; a latent "
                      "model reads RGB images (in_channels=3) and encodes them with the VAE")
 
 # %% ../nbs/07_data.ipynb
@@ -77,7 +78,7 @@ class RobustImageDataset(torch.utils.data.Dataset):
             if j in self._bad: continue
             try: return self.load(j)
             except Exception as e: self._skip(j, e)  # decoders raise OSError, ValueError, SyntaxError, ...
-        raise RuntimeError(f"none of the {n} images could be read; the last failure was "
+        raise UserError(f"none of the {n} images could be read; the last failure was "
                            f"{self.bad_items[-1]['item']} ({self.bad_items[-1]['error']})")
 
     def _skip(self, i, err):
@@ -89,7 +90,7 @@ class RobustImageDataset(torch.utils.data.Dataset):
         warnings.warn(f"skipping unreadable image {what} ({error}); {self.bad_count} skipped so far",
                       BadImageWarning, stacklevel=3)
         if self.bad_count > self.max_bad_images:
-            raise RuntimeError(f"{self.bad_count} unreadable images, more than max_bad_images={self.max_bad_images}; "
+            raise UserError(f"{self.bad_count} unreadable images, more than max_bad_images={self.max_bad_images}; "
                                f"the last was {what} ({error}). Fix or remove them, or raise max_bad_images.")
 
 # %% ../nbs/07_data.ipynb
@@ -104,13 +105,13 @@ class ImageFolderDataset(RobustImageDataset):
         super().__init__(image_size, in_channels, max_bad_images)
         from torchvision.datasets import ImageFolder
         root = _existing(root, "imagefolder dataset_path")
-        if not root.is_dir(): raise ValueError(f"imagefolder dataset_path {root} is a file, not a folder root/<class>/<image>")
-        if not any(root.iterdir()): raise ValueError(f"the imagefolder dataset_path {root} is empty")
+        if not root.is_dir(): raise UserError(f"imagefolder dataset_path {root} is a file, not a folder root/<class>/<image>")
+        if not any(root.iterdir()): raise UserError(f"the imagefolder dataset_path {root} is empty")
         try: index = ImageFolder(str(root), allow_empty=True)
         except FileNotFoundError as e:
-            raise ValueError(f"{root} is not an image folder: expected root/<class name>/<image>.jpg|png|... ({e})") from None
+            raise UserError(f"{root} is not an image folder: expected root/<class name>/<image>.jpg|png|... ({e})") from None
         if not index.samples:
-            raise ValueError(f"no images in {root}: its class folders {index.classes[:5]} hold no .jpg/.png/... files")
+            raise UserError(f"no images in {root}: its class folders {index.classes[:5]} hold no .jpg/.png/... files")
         self.path, self.samples, self.classes = str(root), index.samples, index.classes
 
     @property
@@ -132,11 +133,11 @@ LABEL_COLUMNS = ("label", "labels", "class", "cls", "target")
 def _pick_column(names, given, candidates, what, source):
     if given:
         if given in names: return given
-        raise ValueError(f"the {what} column {given!r} is not in {source}; its columns are {names}")
+        raise UserError(f"the {what} column {given!r} is not in {source}; its columns are {names}")
     lower = {n.lower(): n for n in names}
     for c in candidates:
         if c in lower: return lower[c]
-    raise ValueError(f"no {what} column in {source}: looked for {list(candidates)}, its columns are {names}; "
+    raise UserError(f"no {what} column in {source}: looked for {list(candidates)}, its columns are {names}; "
                      f"set {what}_column in the dataset config")
 
 def cell_to_pil(cell):
@@ -145,10 +146,10 @@ def cell_to_pil(cell):
     if isinstance(cell, dict):
         if cell.get("bytes"): return Image.open(io.BytesIO(cell["bytes"]))
         if cell.get("path"): return Image.open(cell["path"])
-        raise ValueError("image cell holds neither bytes nor a path")
+        raise UserError("image cell holds neither bytes nor a path")
     if isinstance(cell, (bytes, bytearray, memoryview)): return Image.open(io.BytesIO(bytes(cell)))
     if isinstance(cell, (str, os.PathLike)): return Image.open(cell)
-    if cell is None: raise ValueError("empty image cell")
+    if cell is None: raise UserError("empty image cell")
     arr = np.asarray(cell)
     if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))):
         return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
@@ -165,7 +166,7 @@ class TableImageDataset(RobustImageDataset):
         self.image_column = _pick_column(names, image_column, IMAGE_COLUMNS, "image", source)
         unlabelled = isinstance(label_column, str) and label_column.lower() == "none"
         self.label_column = None if unlabelled else _pick_column(names, label_column, LABEL_COLUMNS, "label", source)
-        if len(table) == 0: raise ValueError(f"{source} has no rows")
+        if len(table) == 0: raise UserError(f"{source} has no rows")
         cols = [self.image_column] + ([self.label_column] if self.label_column else [])
         table = table.select_columns(cols)
         self.classes, self._label_map = None, None
@@ -192,7 +193,7 @@ class TableImageDataset(RobustImageDataset):
     def read(self, i):
         row = self._row(i)
         label = 0 if self.label_column is None else row[self.label_column]
-        if label is None: raise ValueError("missing label")
+        if label is None: raise UserError("missing label")
         if self._label_map is not None: label = self._label_map[label]
         img = cell_to_pil(row[self.image_column])
         img.load()
@@ -212,7 +213,7 @@ def _table_files(path, ext, split):
     files = sorted(f for f in p.glob(f"*.{ext}") if not f.name.startswith("cache-"))
     if not files and split and (p / split).is_dir():
         files = sorted(f for f in (p / split).glob(f"*.{ext}") if not f.name.startswith("cache-"))
-    if not files: raise ValueError(f"no .{ext} files in {p}")
+    if not files: raise UserError(f"no .{ext} files in {p}")
     tagged = [f for f in files if split and re.search(rf"(^|[-_.]){re.escape(split)}([-_.]|$)", f.stem)]
     return tagged or files
 
@@ -229,7 +230,7 @@ def _from_hub(name, split):
     try: return datasets.load_dataset(name, split=split)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise RuntimeError(
+        raise UserError(
             f"could not load the dataset {name!r} (split {split!r}): it is not a local folder and loading it from "
             f"the Hugging Face hub failed ({type(e).__name__}: {msg}). Without network access, run "
             f"`datasets.load_dataset({name!r}, split={split!r}).save_to_disk('some/folder')` on a machine that has "
@@ -238,7 +239,7 @@ def _from_hub(name, split):
 def _pick_split(ds, split, source):
     import datasets
     if isinstance(ds, (datasets.DatasetDict, dict)):
-        if split not in ds: raise ValueError(f"{source} has no split {split!r}; its splits are {list(ds)}")
+        if split not in ds: raise UserError(f"{source} has no split {split!r}; its splits are {list(ds)}")
         return ds[split]
     return ds
 
@@ -252,9 +253,9 @@ def load_table(dataset_format, path, split="train"):
             except FileNotFoundError:  # a folder of data files rather than a `save_to_disk` folder
                 try: ds = datasets.load_dataset(str(p), split=split)
                 except Exception as e:
-                    raise ValueError(f"{p} is neither a save_to_disk folder nor a folder that datasets.load_dataset "
+                    raise UserError(f"{p} is neither a save_to_disk folder nor a folder that datasets.load_dataset "
                                      f"can read ({type(e).__name__}: {e})") from None
-        elif p.exists(): raise ValueError(f"hf_dataset dataset_path {p} is a file; give the save_to_disk folder")
+        elif p.exists(): raise UserError(f"hf_dataset dataset_path {p} is a file; give the save_to_disk folder")
         elif looks_local(path): raise FileNotFoundError(f"hf_dataset dataset_path: no such folder: {p}")
         else: ds = _from_hub(str(path), split)
         return _pick_split(ds, split, str(path))
@@ -265,9 +266,9 @@ def load_table(dataset_format, path, split="train"):
         files = [str(f) for f in _table_files(path, "parquet", split)]
         try: return datasets.load_dataset("parquet", data_files=files, split="train")
         except Exception as e:
-            raise ValueError(f"could not read the parquet files {files[:3]}{'...' if len(files) > 3 else ''} "
+            raise UserError(f"could not read the parquet files {files[:3]}{'...' if len(files) > 3 else ''} "
                              f"({type(e).__name__}: {e})") from None
-    raise ValueError(f"load_table reads 'hf_dataset', 'arrow' or 'parquet', not {dataset_format!r}")
+    raise UserError(f"load_table reads 'hf_dataset', 'arrow' or 'parquet', not {dataset_format!r}")
 
 # %% ../nbs/07_data.ipynb
 DIGITS_SEED = 0
@@ -283,7 +284,7 @@ def _digits():
 def digits_indices(split="train", sort=True):
     """Positions in `sklearn.datasets.load_digits()` of the fixed stratified 80/20 'train' or 'test' split: sorted, or
     (`sort=False`) in `train_test_split`'s order, the order the digits classifier is trained and scored in."""
-    if split not in ("train", "test"): raise ValueError(f"the digits splits are 'train' and 'test', not {split!r}")
+    if split not in ("train", "test"): raise UserError(f"the digits splits are 'train' and 'test', not {split!r}")
     idx = _digits()[2][split]
     return np.sort(idx) if sort else idx.copy()
 
@@ -300,8 +301,8 @@ class DigitsDataset(torch.utils.data.Dataset):
     classes = [str(k) for k in range(10)]
     num_classes = 10
     def __init__(self, split="train", image_size=8, in_channels=1):
-        if int(image_size) != 8: raise ValueError(f"the digits are 8x8 images: set image_size=8, not {image_size}")
-        if in_channels != 1: raise ValueError(f"the digits have one channel: set in_channels=1, not {in_channels}")
+        if int(image_size) != 8: raise UserError(f"the digits are 8x8 images: set image_size=8, not {image_size}")
+        if in_channels != 1: raise UserError(f"the digits have one channel: set in_channels=1, not {in_channels}")
         self.split, self.image_size, self.in_channels, self.path = split, 8, 1, f"sklearn digits ({split})"
         self.images, self.labels = digits_split(split)
         self.bad_items, self.bad_count = [], 0
@@ -312,11 +313,11 @@ class DigitsDataset(torch.utils.data.Dataset):
 def build_dataset(dcfg, in_channels=3):
     "The dataset a config describes: one of `FORMATS`, yielding `(image [C, H, W] in [-1, 1], int label)`."
     fmt = getattr(dcfg, "dataset_format", None)
-    if fmt not in FORMATS: raise ValueError(f"unknown dataset_format {fmt!r}; choose one of {', '.join(map(repr, FORMATS))}")
+    if fmt not in FORMATS: raise UserError(f"unknown dataset_format {fmt!r}; choose one of {', '.join(map(repr, FORMATS))}")
     size, split = int(dcfg.image_size), getattr(dcfg, "split", None) or "train"
     if fmt == "digits": return DigitsDataset(split, size, in_channels)
     path = getattr(dcfg, "dataset_path", None)
-    if not path: raise ValueError(f"dataset_format {fmt!r} needs a dataset_path")
+    if not path: raise UserError(f"dataset_format {fmt!r} needs a dataset_path")
     max_bad = getattr(dcfg, "max_bad_images", None)
     max_bad = DEFAULT_MAX_BAD_IMAGES if max_bad is None else int(max_bad)
     if fmt == "imagefolder": return ImageFolderDataset(path, size, in_channels, max_bad)
@@ -334,7 +335,7 @@ def augment_generator(seed, epoch, step, device="cpu"):
 
 def _global_draw(fn, shape, generator, rank, world_size, **kw):
     "Draw for the global batch (`world_size` times `shape[0]` rows) and keep rank `rank`'s rows."
-    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if not 0 <= rank < world_size: raise UserError(f"rank {rank} is not in [0, world_size={world_size})")
     n = shape[0]
     out = fn((n * world_size, *shape[1:]), generator=generator, **kw)
     return out[rank * n:(rank + 1) * n]
@@ -355,12 +356,12 @@ def flip_batch(x, generator, rank=0, world_size=1):
 class ResumableSampler(torch.utils.data.Sampler):
     "Batch sampler: per-epoch seeded permutation, global batches split across ranks, resumable mid-epoch."
     def __init__(self, n, batch_size, rank=0, world_size=1, seed=0, drop_last=True):
-        if batch_size < 1 or world_size < 1: raise ValueError("batch_size and world_size must be at least 1")
-        if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or world_size < 1: raise UserError("batch_size and world_size must be at least 1")
+        if not 0 <= rank < world_size: raise UserError(f"rank {rank} is not in [0, world_size={world_size})")
         self.n, self.batch_size, self.rank, self.world_size = int(n), int(batch_size), int(rank), int(world_size)
         self.seed, self.drop_last = int(seed), drop_last
         if self.num_batches == 0:
-            raise ValueError(f"{n} samples make no global batch of {self.global_batch_size} "
+            raise UserError(f"{n} samples make no global batch of {self.global_batch_size} "
                              f"({batch_size} per process x {world_size}); lower the batch size or set drop_last=False")
         self.epoch, self.position = 0, 0
 
@@ -399,7 +400,7 @@ class ResumableSampler(torch.utils.data.Sampler):
     def load_state_dict(self, state):
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position <= self.num_batches:
-            raise ValueError(f"position {position} is outside an epoch of {self.num_batches} batches; was the "
+            raise UserError(f"position {position} is outside an epoch of {self.num_batches} batches; was the "
                              "checkpoint made with another dataset or global batch size?")
         self.epoch, self.position = epoch, position
 

@@ -16,6 +16,7 @@ from .checkpoint import load_sit
 from .sample import generate, save_grid
 from .train import build_transport, plot_loss, train
 from .transport import Sampler
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['DEMO_SAMPLER', 'sample_digits', 'run_digits_demo', 'print_summary']
@@ -44,7 +45,7 @@ def run_digits_demo(cfg: TrainConfig | None = None, figures="figures", samples_p
     res = train(cfg, progress=progress)
     train_s = time.perf_counter() - t0
     if res["status"] != "finished":
-        raise RuntimeError(f"training stopped early ({res['status']}); run the demo again to resume")
+        raise UserError(f"training stopped early ({res['status']}); run the demo again to resume")
     model = load_sit(res["checkpoint"])          # the EMA weights
     labels = torch.arange(cfg.model_config.num_classes).repeat_interleave(samples_per_class)
     t1 = time.perf_counter()

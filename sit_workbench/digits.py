@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .data import digits_split
 from .paths import cache_dir as default_cache_dir
 from .repa import FrozenEncoder
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['FEATURE_DIM', 'EPOCHS', 'CLASSIFIER_VERSION', 'WEIGHTS_NAME', 'SIDECAR_NAME', 'REPA_ENCODER_SEED', 'digits_arrays',
@@ -81,7 +82,7 @@ def augment_digits(x: torch.Tensor, generator: torch.Generator, max_shift: int =
 def _as_images(images) -> torch.Tensor:
     x = torch.as_tensor(images).detach()
     if x.ndim < 2 or x.shape[1:].numel() != 64:
-        raise ValueError(f"expected images of shape [N, 1, 8, 8], [N, 8, 8] or [N, 64]; got {tuple(x.shape)}")
+        raise UserError(f"expected images of shape [N, 1, 8, 8], [N, 8, 8] or [N, 64]; got {tuple(x.shape)}")
     return x.reshape(-1, 1, 8, 8).float().clamp(-1, 1)
 
 @torch.no_grad()
@@ -110,8 +111,8 @@ def classifier_accuracy(clf: DigitsClassifier, images, labels) -> float:
     "Fraction of `images` whose predicted label is `labels`."
     labels = torch.as_tensor(labels).detach().cpu().long().flatten()
     pred = classifier_predict(clf, images)
-    if len(pred) != len(labels): raise ValueError(f"{len(pred)} images but {len(labels)} labels")
-    if len(pred) == 0: raise ValueError("no images")
+    if len(pred) != len(labels): raise UserError(f"{len(pred)} images but {len(labels)} labels")
+    if len(pred) == 0: raise UserError("no images")
     return (pred == labels).float().mean().item()
 
 def class_conditional_accuracy(clf: DigitsClassifier, samples, requested_labels) -> float:
@@ -234,7 +235,7 @@ def load_digits_encoder(seed: int = REPA_ENCODER_SEED, cache=None) -> DigitsEnco
 def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     "Mean and (unbiased) covariance of `features` `[N, D]`, in float64."
     f = torch.as_tensor(features).detach().cpu().double().numpy()
-    if f.ndim != 2 or len(f) < 2: raise ValueError(f"need features of shape [N >= 2, D]; got {f.shape}")
+    if f.ndim != 2 or len(f) < 2: raise UserError(f"need features of shape [N >= 2, D]; got {f.shape}")
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
 
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
@@ -246,7 +247,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2):
-        raise ValueError(f"shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
+        raise UserError(f"shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
     r1 = _psd_sqrt(s1)
     m = r1 @ s2 @ r1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()

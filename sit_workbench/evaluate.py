@@ -14,32 +14,33 @@ import numpy as np
 import torch
 
 from .digits import fid_from_features, frechet_distance, gaussian_stats
+from .errors import UserError
 
 # %% auto 0
-__all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'DIGITS_SAMPLER', 'to_uint8_nhwc',
-           'check_adm_images', 'write_adm_npz', 'read_adm_npz', 'sample_labels', 'sample_noise', 'make_sample_fn',
-           'sample_batch', 'shard_path', 'model_fingerprint', 'file_sha256', 'checkpoint_identity', 'claim_out_dir',
-           'merge_shards', 'generate_samples', 'load_run_config', 'sample_checkpoint', 'inception_weights_path',
-           'ensure_inception_weights', 'inception_extractor', 'inception_features', 'inception_score',
-           'precision_recall', 'imagenet_metrics', 'bootstrap_fid', 'digits_metrics', 'evaluate_digits_model',
-           'evaluate_digits_checkpoint', 'sliced_wasserstein', 'sample_nll', 'mixture_nll', 'sampler_error']
+__all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'to_uint8_nhwc', 'check_adm_images',
+           'write_adm_npz', 'read_adm_npz', 'shard_path', 'model_fingerprint', 'file_sha256', 'checkpoint_identity',
+           'claim_out_dir', 'shard_problem', 'write_shard', 'merge_shards', 'label_plan', 'generate_samples',
+           'sample_run', 'inception_weights_path', 'ensure_inception_weights', 'inception_extractor',
+           'inception_features', 'inception_score', 'precision_recall', 'imagenet_metrics', 'bootstrap_fid',
+           'digits_metrics', 'evaluate_digits_model', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'sample_nll',
+           'mixture_nll', 'sampler_error']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
     "A `[N, C, H, W]` float batch in `[0, 1]` (C = 1 or 3) as uint8 NHWC RGB, rounded as the official `sample_ddp.py`."
     x = torch.as_tensor(images01).detach().float().cpu()
-    if x.ndim != 4 or x.shape[1] not in (1, 3): raise ValueError(f"need [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3): raise UserError(f"need [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
     if x.shape[1] == 1: x = x.repeat(1, 3, 1, 1)
     return torch.clamp(255 * x + 0.5, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 def check_adm_images(arr, what="arr_0") -> np.ndarray:
     "`arr` if it is what the ADM evaluator expects (uint8, [N, H, W, 3]); a `ValueError` saying what is wrong otherwise."
     arr = np.asarray(arr)
-    if arr.dtype != np.uint8: raise ValueError(f"{what} must be uint8 (0..255) images, got dtype {arr.dtype}")
-    if arr.ndim != 4: raise ValueError(f"{what} must be rank 4, [N, H, W, 3] (NHWC), got shape {arr.shape}")
+    if arr.dtype != np.uint8: raise UserError(f"{what} must be uint8 (0..255) images, got dtype {arr.dtype}")
+    if arr.ndim != 4: raise UserError(f"{what} must be rank 4, [N, H, W, 3] (NHWC), got shape {arr.shape}")
     if arr.shape[-1] != 3:
         hint = " (looks like NCHW: transpose to NHWC)" if arr.shape[1] in (1, 3) else ""
-        raise ValueError(f"{what} must have 3 channels last, [N, H, W, 3], got shape {arr.shape}{hint}")
+        raise UserError(f"{what} must have 3 channels last, [N, H, W, 3], got shape {arr.shape}{hint}")
     return arr
 
 def write_adm_npz(path, images_uint8_nhwc, labels=None) -> Path:
@@ -48,7 +49,7 @@ def write_adm_npz(path, images_uint8_nhwc, labels=None) -> Path:
     arrays = {"arr_0": arr}
     if labels is not None:
         labels = np.asarray(labels, dtype=np.int64)
-        if labels.shape != (len(arr),): raise ValueError(f"labels must be shaped ({len(arr)},), got {labels.shape}")
+        if labels.shape != (len(arr),): raise UserError(f"labels must be shaped ({len(arr)},), got {labels.shape}")
         arrays["arr_1"] = labels
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -61,62 +62,15 @@ def read_adm_npz(path):
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"no sample file {path}")
     with np.load(path) as f:
-        if "arr_0" not in f.files: raise ValueError(f"{path} has no 'arr_0' (keys: {f.files}); not an ADM sample batch")
+        if "arr_0" not in f.files: raise UserError(f"{path} has no 'arr_0' (keys: {f.files}); not an ADM sample batch")
         arr = check_adm_images(f["arr_0"], f"{path.name}['arr_0']")
         labels = f["arr_1"] if "arr_1" in f.files else None
     return arr, labels
 
 # %% ../nbs/13_evaluate.ipynb
-def sample_labels(n, num_classes, seed=0) -> torch.Tensor:
-    "`n` class labels, uniform over `num_classes`, from `seed` (the same for any sharding)."
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randint(int(num_classes), (n,), generator=g)
-
-def sample_noise(indices, shape, seed=0) -> torch.Tensor:
-    "Starting noise `[len(indices), *shape]`: sample `i` from its own generator seeded by `(seed, i)`."
-    out = []
-    for i in indices:
-        s = int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        out.append(torch.randn(*shape, generator=torch.Generator().manual_seed(s)))
-    return torch.stack(out)
-
-def make_sample_fn(transport, mode="ode", **sampler_kwargs):
-    "`Sampler(transport).sample_ode(**kw)` (mode 'ode') or `.sample_sde(**kw)` (mode 'sde')."
-    import inspect
-    from sit_workbench.errors import UserError
-    from sit_workbench.transport import Sampler
-    if mode not in ("ode", "sde"): raise ValueError(f"mode must be 'ode' or 'sde', not {mode!r}")
-    s = Sampler(transport)
-    method = s.sample_ode if mode == "ode" else s.sample_sde
-    valid = [k for k in inspect.signature(method).parameters]
-    unknown = [k for k in sampler_kwargs if k not in valid]
-    if unknown:
-        raise UserError(f"unknown {mode.upper()} sampler option(s) {', '.join(map(repr, unknown))}; the options are "
-                        f"{', '.join(valid)}")
-    return method(**sampler_kwargs)
-
-@torch.no_grad()
-def sample_batch(model, sample_fn, labels, z, cfg_scale=1.0, vae=None, device="cpu", cfg_channels=3, cfg_interval=None):
-    "Images in `[0, 1]` `[N, C, H, W]` from the noise `z` for `labels` (as `sample.generate`, but with given noise)."
-    from sit_workbench.sample import VAE_SCALE
-    labels = torch.as_tensor(labels, dtype=torch.long, device=device); z = z.to(device)
-    n = len(labels)
-    if cfg_scale != 1.0:
-        y = torch.cat([labels, torch.full_like(labels, model.null_class)])
-        x = sample_fn(torch.cat([z, z]), model.forward_with_cfg, y=y, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                      cfg_interval=cfg_interval)[-1][:n]
-    else:
-        x = sample_fn(z, model.forward, y=labels)[-1]
-    images = vae.decode(x / VAE_SCALE).sample if vae is not None else x
-    return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
-
 def shard_path(out_dir, start) -> Path: return Path(out_dir) / f"samples_{start:07d}.npz"
 
 MANIFEST = "manifest.json"
-
-def _jsonable(d):
-    "`d` with values JSON cannot hold (e.g. a `VelocityLossProfile`) written as their `repr`."
-    return {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else repr(v) for k, v in d.items()}
 
 def model_fingerprint(model) -> str:
     "A short hash of a model's weights (shapes, sums and sums of squares of every tensor: one pass, one sync)."
@@ -135,19 +89,20 @@ def file_sha256(path, chunk=1 << 24) -> str:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
-def checkpoint_identity(checkpoint, vae=None) -> dict:
-    "What identifies a checkpoint's samples: its path and the SHA-256 of the weight file `load_sit` reads (EMA first)."
-    p = Path(checkpoint)
-    if p.is_dir():
-        f = next((p / n for n in ("ema.safetensors", "ema.pt", "model.safetensors") if (p / n).is_file()), None)
-    else: f = p
-    return {"checkpoint": str(checkpoint), "weights_file": f.name if f else None,
-            "checkpoint_sha256": file_sha256(f) if f else None, "vae": None if vae is None else str(vae)}
+def checkpoint_identity(spec) -> dict:
+    "What identifies a run's samples: its checkpoint, the SHA-256 of the weight file it loads, its VAE."
+    from sit_workbench.checkpoint import weights_file
+    p = Path(spec.location)
+    f = weights_file(p, spec.weights) if p.is_dir() and not (p / "model_index.json").is_file() else \
+        weights_file(p / "transformer", "model") if p.is_dir() else p
+    return {"checkpoint": str(spec.location), "weights_file": f.name, "checkpoint_sha256": file_sha256(f),
+            "vae": spec.vae}
 
 def _differences(old, new) -> list[str]:
     keys = [k for k in new if k != "checkpoint"] + [k for k in old if k not in new]
     return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
 
+# %% ../nbs/13_evaluate.ipynb
 def claim_out_dir(out_dir, manifest, overwrite=False, rank=0, world_size=1, shard_size=1000):
     """Make `out_dir` hold samples of `manifest` only: written when new; kept when equal (the shards are resumed);
     otherwise a `UserError` naming the differences. With `overwrite` the old shards are deleted first, whatever they
@@ -159,7 +114,8 @@ def claim_out_dir(out_dir, manifest, overwrite=False, rank=0, world_size=1, shar
     if overwrite:
         for s in shards:
             start = int(s.stem.split("_")[1])
-            if (start // shard_size) % world_size == rank or start % shard_size: s.unlink(missing_ok=True)
+            if (start // shard_size) % world_size == rank or start % shard_size:
+                s.unlink(missing_ok=True); s.with_name(s.name + ".sha256").unlink(missing_ok=True)
         if rank == 0:
             for name in ("samples.npz", "metrics.json", MANIFEST): (out_dir / name).unlink(missing_ok=True)
     elif old is not None and _differences(old, manifest) == []: return manifest
@@ -175,60 +131,85 @@ def claim_out_dir(out_dir, manifest, overwrite=False, rank=0, world_size=1, shar
 def _dist_env():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+def shard_problem(path, n) -> str | None:
+    "Why the shard at `path` cannot be used as `n` samples (missing, unreadable, wrong count, checksum differs), or None."
+    path = Path(path)
+    if not path.is_file(): return "missing"
+    sums = path.with_name(path.name + ".sha256")
+    if not sums.is_file(): return "no checksum (written by an older version, or its writer was killed)"
+    if sums.read_text().strip() != file_sha256(path): return "its content no longer matches its checksum"
+    try: got = len(read_adm_npz(path)[0])
+    except Exception as e: return f"unreadable ({type(e).__name__})"
+    return None if got == n else f"{got} samples, {n} expected"
+
+def write_shard(path, images_uint8, labels) -> Path:
+    "An ADM shard and its checksum beside it (written after the shard: a shard without one is not trusted)."
+    write_adm_npz(path, images_uint8, labels)
+    sums = Path(path).with_name(Path(path).name + ".sha256")
+    tmp = sums.with_name(sums.name + ".tmp"); tmp.write_text(file_sha256(path) + "\n"); os.replace(tmp, sums)
+    return Path(path)
+
 def merge_shards(out_dir, n, shard_size, out_name="samples.npz") -> Path:
-    "Concatenate the shards of `n` samples in `out_dir` into one ADM `.npz`."
+    "Concatenate the shards of `n` samples in `out_dir` into one ADM `.npz` (each checked against its checksum)."
+    from sit_workbench.errors import CheckpointError
     imgs, labs = [], []
     for start in range(0, n, shard_size):
-        a, l = read_adm_npz(shard_path(out_dir, start))
+        p = shard_path(out_dir, start)
+        if (why := shard_problem(p, min(n, start + shard_size) - start)) is not None:
+            raise CheckpointError(f"shard {p} is damaged ({why}); run the same command again to make it anew")
+        a, l = read_adm_npz(p)
         imgs.append(a); labs.append(l)
     labels = None if any(l is None for l in labs) else np.concatenate(labs)
     return write_adm_npz(Path(out_dir) / out_name, np.concatenate(imgs), labels)
 
-def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, cfg_scale=1.0, cfg_channels=3,
-                     cfg_interval=None, vae=None, seed=0, shard_size=1000, batch_size=None, device="cpu",
-                     rank=None, world_size=None, wait_s=24 * 3600, progress=False, identity=None,
-                     overwrite=False, preset=None) -> dict:
-    """Draw `n` samples of `model` into ADM-format shards in `out_dir` (resumable; this process's share under
-    torchrun), and on process 0 merge them into `out_dir/samples.npz`. Returns a summary dict.
+# %% ../nbs/13_evaluate.ipynb
+def label_plan(n, num_classes, labels="balanced", seed=0) -> torch.Tensor:
+    "`n` labels: 'balanced' (class `i % K`), 'random' (uniform from `seed`), or a list of classes gone round in order."
+    from sit_workbench.sample import cycle_labels, random_labels
+    from sit_workbench.errors import UserError
+    if isinstance(labels, str):
+        if labels == "balanced": return cycle_labels(n, range(max(int(num_classes), 1)))
+        if labels == "random": return random_labels(n, num_classes, seed)
+        raise UserError(f"labels must be 'balanced', 'random' or a list of classes, got {labels!r}")
+    return cycle_labels(n, labels)
 
-    `out_dir/manifest.json` records what the shards are (`identity`, e.g. the checkpoint's hash, else a fingerprint
-    of the weights; seed, sampler, guidance, counts): a rerun resumes only with the same manifest, and refuses
-    otherwise unless `overwrite` (then the old shards are deleted)."""
-    if n < 1 or shard_size < 1: raise ValueError(f"n and shard_size must be positive, got {n}, {shard_size}")
+def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=None, vae=None, seed=0,
+                     labels="balanced", shard_size=1000, batch_size=None, device="cpu", rank=None, world_size=None,
+                     wait_s=24 * 3600, progress=False, identity=None, overwrite=False, preset=None) -> dict:
+    """Draw `n` samples of `model` (`sampler`: a `SamplerSpec` or its dict; `guidance`: a `Guidance` or scale) into
+    ADM-format shards in `out_dir` (resumable; this process's share under torchrun), and on process 0 merge them
+    into `out_dir/samples.npz`. Returns a summary dict."""
+    from sit_workbench.errors import UserError
+    from sit_workbench.registry import DEFAULT_SAMPLER, SamplerSpec
+    from sit_workbench.sample import Guidance, generate
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or shard_size < 1:
+        raise UserError(f"the number of samples and the shard size must be positive integers, got {n!r}, {shard_size!r}")
     r, w = _dist_env()
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     batch_size = batch_size or shard_size
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    sample_fn = make_sample_fn(transport, mode, **(sampler or {}))
+    spec = SamplerSpec.from_dict(sampler) if sampler is not None else DEFAULT_SAMPLER
+    guidance = Guidance.of(guidance)
+    sample_fn = spec.build(transport)
     model = model.to(device).eval()
-    manifest = {**(identity or {"model": model_fingerprint(model)}), "num_samples": n, "seed": seed, "mode": mode,
-                "sampler": _jsonable(sampler or {}), "cfg_scale": cfg_scale, "cfg_channels": cfg_channels,
-                "cfg_interval": list(cfg_interval) if cfg_interval else None, "shard_size": shard_size,
-                "vae": identity.get("vae") if identity else type(vae).__name__ if vae is not None else None,
-                "preset": preset}
+    labels_t = label_plan(n, model.num_classes, labels, seed)
+    manifest = {**(identity or {"model": model_fingerprint(model),
+                                "vae": type(vae).__name__ if vae is not None else None}),
+                "num_samples": int(n), "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
+                "sampler": spec.to_dict(), "guidance": guidance.to_dict(), "shard_size": shard_size, "preset": preset}
     claim_out_dir(out_dir, manifest, overwrite, rank, world_size, shard_size)
-    num_classes = getattr(model, "num_classes", 0) or 0
-    conditional = num_classes > 0
-    labels = sample_labels(n, num_classes, seed) if conditional else torch.zeros(n, dtype=torch.long)
-    shape = (model.in_channels, model.input_size, model.input_size)
     made, skipped, nfe, t0 = [], [], None, time.perf_counter()
     starts = list(range(0, n, shard_size))
     for k, start in enumerate(starts):
         if k % world_size != rank: continue
-        stop = min(n, start + shard_size)
-        p = shard_path(out_dir, start)
-        if p.is_file():
-            try:
-                if len(read_adm_npz(p)[0]) == stop - start: skipped.append(start); continue
-            except (ValueError, OSError): pass
-        imgs = []
-        for b in range(start, stop, batch_size):
-            e = min(stop, b + batch_size)
-            torch.manual_seed(int(np.random.SeedSequence([int(seed), int(b), 1]).generate_state(1)[0]))  # SDE noise
-            imgs.append(sample_batch(model, sample_fn, labels[b:e], sample_noise(range(b, e), shape, seed), cfg_scale,
-                                     vae, device, cfg_channels, cfg_interval))
-            nfe = sample_fn.nfe
-        write_adm_npz(p, to_uint8_nhwc(torch.cat(imgs)), labels[start:stop].numpy() if conditional else None)
+        stop, p = min(n, start + shard_size), shard_path(out_dir, start)
+        why = shard_problem(p, stop - start)
+        if why is None: skipped.append(start); continue
+        if why != "missing": print(f"[rank {rank}] {p.name}: {why}; making it again", flush=True)
+        g = generate(model, sample_fn, labels_t[start:stop], guidance, vae, seed, device, first_index=start,
+                     batch_size=batch_size)
+        nfe = g.nfe
+        write_shard(p, to_uint8_nhwc(g.images), labels_t[start:stop].numpy())
         made.append(start)
         if progress: print(f"[rank {rank}] wrote {p.name} ({stop}/{n})", flush=True)
     res = {"out_dir": str(out_dir), "n": n, "made": made, "skipped": skipped, "nfe": nfe, "rank": rank,
@@ -236,38 +217,20 @@ def generate_samples(model, transport, out_dir, n, *, mode="ode", sampler=None, 
            "manifest": manifest}
     if rank == 0:
         deadline = time.time() + wait_s
-        while not all(shard_path(out_dir, s).is_file() for s in starts):
+        while not all(shard_path(out_dir, s).with_name(shard_path(out_dir, s).name + ".sha256").is_file() for s in starts):
             if time.time() > deadline: raise TimeoutError(f"shards in {out_dir} still missing after {wait_s} s")
             time.sleep(2)
         res["samples"] = str(merge_shards(out_dir, n, shard_size))
     return res
 
 # %% ../nbs/13_evaluate.ipynb
-def load_run_config(checkpoint):
-    "The `TrainConfig` of the run a checkpoint folder belongs to (from its `trainer_state.json`)."
-    from sit_workbench.config import config_from_dict
-    from sit_workbench.errors import read_json
-    state = read_json(Path(checkpoint) / "trainer_state.json", "training state")
-    return config_from_dict(state["config"])
-
-def sample_checkpoint(checkpoint, out_dir, n, *, mode="ode", sampler=None, cfg_scale=None, vae="auto", **kwargs) -> dict:
-    """`generate_samples` for a checkpoint folder: transport from its run config, EMA weights, its VAE (`vae='auto'`;
-    or a name/path, or None), `cfg_scale` defaulting to the run's."""
-    from sit_workbench.checkpoint import load_sit
-    from sit_workbench.checkpoint import load_vae
-    from sit_workbench.train import build_transport
-    from sit_workbench.errors import check_finite
-    cfg = load_run_config(checkpoint)
-    mc = cfg.model_config
-    device = kwargs.get("device", "cpu")
-    model = check_finite(load_sit(checkpoint), f"checkpoint {checkpoint}")
-    vae_name = mc.vae_path if vae == "auto" else vae
-    v = load_vae(vae_name, device)
-    kwargs.setdefault("identity", checkpoint_identity(checkpoint, vae_name))
-    if cfg_scale is None: cfg_scale = getattr(mc, "cfg_scale", 1.0) or 1.0
-    if mc.vae_path is None and "cfg_channels" not in kwargs: kwargs["cfg_channels"] = None   # pixel space: all channels
-    return generate_samples(model, build_transport(mc), out_dir, n, mode=mode, sampler=sampler, cfg_scale=cfg_scale,
-                            vae=v, **kwargs)
+def sample_run(run, out_dir, n, device="cpu", **kwargs) -> dict:
+    "`generate_samples` for a run (a `RunSpec` or a source `read_run` reads), with its model, transport, sampler, guidance and VAE."
+    from sit_workbench.run import load_model, load_run_vae, read_run
+    spec = read_run(run)
+    kwargs.setdefault("identity", checkpoint_identity(spec))
+    return generate_samples(load_model(spec, device), spec.build_transport(), out_dir, n, sampler=spec.sampler,
+                            guidance=spec.guidance, vae=load_run_vae(spec, device), device=device, **kwargs)
 
 # %% ../nbs/13_evaluate.ipynb
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -291,7 +254,7 @@ def ensure_inception_weights(timeout=60.0) -> Path:
         os.replace(tmp, path)
         return path
     except Exception as e:
-        raise RuntimeError(
+        raise UserError(
             f"the Inception weights for FID/IS are not at {path} and could not be downloaded ({type(e).__name__}: "
             f"{e}). On a machine with network access download {INCEPTION_URL} and copy it to {path} "
             f"(or set SIT_WORKBENCH_CACHE to the folder that holds {INCEPTION_FILE}).") from None
@@ -332,7 +295,7 @@ def precision_recall(sample_features, ref_features, k=3) -> tuple[float, float]:
     "Improved precision and recall (k-NN manifolds, `k=3` as ADM) of sample features against reference features."
     from torch_fidelity.metric_prc import calculate_precision_recall_full
     fs, fr = torch.as_tensor(sample_features).float(), torch.as_tensor(ref_features).float()
-    if min(len(fs), len(fr)) <= k: raise ValueError(f"precision/recall with k={k} needs more than {k} images on each side")
+    if min(len(fs), len(fr)) <= k: raise UserError(f"precision/recall with k={k} needs more than {k} images on each side")
     return calculate_precision_recall_full(fs, fr, neighborhood=k, batch_size=10000)
 
 def imagenet_metrics(sample_npz, ref_npz, batch_size=100, device="cpu") -> dict:
@@ -359,8 +322,6 @@ def bootstrap_fid(sample_features, ref_features, n_boot=20, seed=0) -> float:
     return float(np.std(vals, ddof=1))
 
 # %% ../nbs/13_evaluate.ipynb
-DIGITS_SAMPLER = dict(sampling_method="heun2", num_steps=26)
-
 def digits_metrics(images01, labels, clf=None, bootstrap=0) -> dict:
     """Accuracy of class-conditional digits samples (images in `[0, 1]`, `[N, 1, 8, 8]`) and digits-FID vs the test
     split; with `bootstrap > 0` also `digits_fid_std`, its bootstrap standard deviation."""
@@ -374,39 +335,41 @@ def digits_metrics(images01, labels, clf=None, bootstrap=0) -> dict:
     if bootstrap: out["digits_fid_std"] = bootstrap_fid(fs, fr, n_boot=bootstrap)
     return out
 
+def _sampler_spec(sampler, mode):
+    "A `SamplerSpec` from a dict of `Sampler` keywords (the registry's default when None) and the velocity loss it carries."
+    from sit_workbench.registry import DEFAULT_SAMPLER, SamplerSpec
+    opts = dict(sampler or {})
+    velocity_loss = opts.pop("velocity_loss", None)      # an object for w_KL_eta, not an option to record
+    if not opts and mode == "ode": return DEFAULT_SAMPLER, None
+    return SamplerSpec.create(mode=mode, **opts), velocity_loss
+
 def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0, seed=0, mode="ode", batch_size=500,
                           clf=None, bootstrap=0) -> dict:
-    """Sample `n` digits (labels uniform and noise per sample, both from `seed`) and return accuracy, digits-FID (and
-    its bootstrap error), NFE and seconds."""
-    sampler = dict(DIGITS_SAMPLER if sampler is None else sampler)
-    fn = make_sample_fn(transport, mode, **sampler)
-    labels = sample_labels(n, model.num_classes, seed)
-    shape = (model.in_channels, model.input_size, model.input_size)
-    out, t0 = [], time.perf_counter()
-    torch.manual_seed(seed)
-    for b in range(0, n, batch_size):
-        e = min(n, b + batch_size)
-        out.append(sample_batch(model, fn, labels[b:e], sample_noise(range(b, e), shape, seed), cfg_scale,
-                                cfg_channels=None))
-    seconds = time.perf_counter() - t0
-    shown = {k: v for k, v in sampler.items() if k != "velocity_loss"}
-    return {**digits_metrics(torch.cat(out), labels, clf, bootstrap), "n": n, "nfe": fn.nfe, "cfg_scale": cfg_scale,
-            "sampler": shown, "mode": mode, "seconds": round(seconds, 2)}
+    """Sample `n` digits (labels uniform from `seed`, the noise of sample `i` from `(seed, i)`, guidance on every
+    channel) and return accuracy, digits-FID (and its bootstrap error), NFE and seconds. `sampler`: `Sampler`
+    keywords (default: the registry's `DEFAULT_SAMPLER`), with `mode`."""
+    from sit_workbench.sample import Guidance, generate, random_labels
+    spec, velocity_loss = _sampler_spec(sampler, mode)
+    labels = random_labels(n, model.num_classes, seed)
+    g = generate(model, spec.build(transport, velocity_loss=velocity_loss), labels, Guidance(cfg_scale, None, None),
+                 seed=seed, batch_size=batch_size)
+    shown = {k: v for k, v in spec.to_dict().items() if k != "mode"}
+    return {**digits_metrics(g.images, labels, clf, bootstrap), "n": n, "nfe": g.nfe, "cfg_scale": cfg_scale,
+            "sampler": shown, "mode": spec.mode, "seconds": round(g.seconds, 2)}
 
 def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
                                clf=None, bootstrap=0) -> dict:
-    "`evaluate_digits_model` on a digits checkpoint folder (its EMA weights and its run's transport)."
-    from sit_workbench.checkpoint import load_sit
-    from sit_workbench.train import build_transport
-    cfg = load_run_config(checkpoint)
-    return evaluate_digits_model(load_sit(checkpoint), build_transport(cfg.model_config), n, sampler, cfg_scale, seed,
-                                 mode, batch_size, clf, bootstrap)
+    "`evaluate_digits_model` on a digits checkpoint (its EMA weights and its run's transport)."
+    from sit_workbench.run import load_model, read_run
+    spec = read_run(checkpoint)
+    return evaluate_digits_model(load_model(spec), spec.build_transport(), n, sampler, cfg_scale, seed, mode,
+                                 batch_size, clf, bootstrap)
 
 # %% ../nbs/13_evaluate.ipynb
 def sliced_wasserstein(x, y, n_projections=256, seed=0) -> float:
     "Sliced 2-Wasserstein distance between point sets `x`, `y` `[N, d]` (equal N), over `n_projections` directions."
     x, y = torch.as_tensor(x).double().flatten(1), torch.as_tensor(y).double().flatten(1)
-    if x.shape != y.shape: raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+    if x.shape != y.shape: raise UserError(f"x and y must have the same shape, got {tuple(x.shape)}, {tuple(y.shape)}")
     g = torch.Generator().manual_seed(int(seed))
     theta = torch.randn(x.shape[1], n_projections, generator=g, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
@@ -429,7 +392,7 @@ def sampler_error(gm, path_type="Linear", prediction="velocity", sampler_kwargs=
     error `nll_gap_sem`, `nfe`."""
     from sit_workbench.transport import create_transport
     tr = create_transport(path_type, prediction)
-    fn = make_sample_fn(tr, mode, **(sampler_kwargs or {}))
+    fn = _sampler_spec(sampler_kwargs, mode)[0].build(tr)
     torch.manual_seed(seed)
     z = torch.randn(n, gm.dim, dtype=torch.float64)
     x = fn(z, gm.model(tr.path_sampler, prediction))[-1]

@@ -26,6 +26,7 @@ from .checkpoint import load_vae
 from .train import build_transport
 from .checkpoint import latest_checkpoint, run_model_config
 from .transport import FIXED_METHODS, LAST_STEPS, ODE_METHODS, SDE_METHODS, Sampler, create_transport
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'find_path', 'default_checkpoint', 'run_defaults', 'Loaded',
@@ -133,7 +134,7 @@ def parse_classes(text, num_classes=None) -> list[int]:
     "Class labels from text such as `0-9`, `3`, `1, 4, 7` or `all`, checked against `num_classes` when given."
     text = str(text).strip().lower()
     if text == "all":
-        if num_classes is None: raise ValueError("classes 'all' needs the model's number of classes")
+        if num_classes is None: raise UserError("classes 'all' needs the model's number of classes")
         return list(range(num_classes))
     out = []
     for part in filter(None, (s.strip() for s in text.replace(";", ",").split(","))):
@@ -144,11 +145,11 @@ def parse_classes(text, num_classes=None) -> list[int]:
                 out += range(a, b + 1)
             else: out.append(int(part))
         except ValueError:
-            raise ValueError(f"classes: cannot read {part!r}; write e.g. 3, 0-9, 1,4,7 or all") from None
-    if not out: raise ValueError("classes: none given; write e.g. 3, 0-9, 1,4,7 or all")
+            raise UserError(f"classes: cannot read {part!r}; write e.g. 3, 0-9, 1,4,7 or all") from None
+    if not out: raise UserError("classes: none given; write e.g. 3, 0-9, 1,4,7 or all")
     if num_classes is not None and any(c < 0 or c >= num_classes for c in out):
         bad = [c for c in out if c < 0 or c >= num_classes]
-        raise ValueError(f"classes {bad} do not exist: this model has {num_classes} classes (0-{num_classes - 1})")
+        raise UserError(f"classes {bad} do not exist: this model has {num_classes} classes (0-{num_classes - 1})")
     return out
 
 def make_sample_fn(loaded: Loaded, req: Request):
@@ -162,7 +163,7 @@ def make_sample_fn(loaded: Loaded, req: Request):
         return sampler.sample_sde(sampling_method=req.method, diffusion_form=req.diffusion_form,
                                   diffusion_norm=float(req.diffusion_norm), last_step=req.last_step,
                                   num_steps=int(req.num_steps), eta=float(req.eta), velocity_loss=loaded.velocity_loss)
-    raise ValueError(f"unknown mode {req.mode!r}; choose 'ODE' or 'SDE'")
+    raise UserError(f"unknown mode {req.mode!r}; choose 'ODE' or 'SDE'")
 
 def guidance_kwargs(req: Request) -> dict:
     "`cfg_channels` and `cfg_interval` for `forward_with_cfg` (the full interval [0, 1] is no interval)."
@@ -171,7 +172,7 @@ def guidance_kwargs(req: Request) -> dict:
 
 def _check_guidance(loaded: Loaded, scales):
     if any(float(s) != 1.0 for s in scales) and not loaded.has_null_class:
-        raise ValueError("this model was trained without class dropout, so it has no null class: "
+        raise UserError("this model was trained without class dropout, so it has no null class: "
                          "guidance needs scale 1")
 
 # %% ../nbs/12a_explore.ipynb
@@ -245,8 +246,8 @@ def sample_grid(req: Request, cancel=None, on_progress=None, device="cpu") -> Re
 
 def guidance_scales(max_scale, n) -> list[float]:
     "`n` scales from 1 to `max_scale`, evenly spaced (rounded to 2 decimals)."
-    if n < 1: raise ValueError("the explorer needs at least one column")
-    if max_scale < 1: raise ValueError(f"the largest guidance scale must be >= 1, got {max_scale}")
+    if n < 1: raise UserError("the explorer needs at least one column")
+    if max_scale < 1: raise UserError(f"the largest guidance scale must be >= 1, got {max_scale}")
     return [round(float(s), 2) for s in np.linspace(1.0, float(max_scale), int(n))] if n > 1 else [float(max_scale)]
 
 def sample_guidance_row(req: Request, scales, cancel=None, on_progress=None, device="cpu") -> Result:
@@ -295,7 +296,7 @@ def solve_trajectory(req: Request, method="heun2", num_steps=26, max_samples=10,
                      device="cpu") -> Trajectory:
     "A fixed-step ODE solve of one sample per class (at most `max_samples`), with the predicted `x1` at each point."
     if method not in FIXED_METHODS:
-        raise ValueError(f"the scrubber needs a fixed-step ODE method; choose one of {', '.join(FIXED_METHODS)}")
+        raise UserError(f"the scrubber needs a fixed-step ODE method; choose one of {', '.join(FIXED_METHODS)}")
     loaded, _ = _load(req, device)
     classes = parse_classes(req.classes, loaded.model.num_classes)[:max_samples]
     _check_guidance(loaded, [req.cfg_scale])

@@ -8,6 +8,7 @@ import math
 from typing import Callable
 
 import torch
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['ICPlan', 'GVPCPlan', 'VPCPlan', 'DIFFUSION_FORMS', 'expand_t_like_x', 'Interpolant', 'LinearPath', 'GVPPath',
@@ -156,7 +157,7 @@ def _value_and_derivative(fn, t):
         tt = t.detach().clone().requires_grad_(True)
         y = fn(tt)
         if not torch.is_tensor(y) or y.shape != tt.shape:
-            raise ValueError("a CustomPath function must map a tensor of times elementwise to a tensor of the same shape")
+            raise UserError("a CustomPath function must map a tensor of times elementwise to a tensor of the same shape")
         (dy,) = torch.autograd.grad(y.sum(), tt)
     return y.detach(), dy
 
@@ -175,7 +176,7 @@ class CustomPath(Interpolant):
         if (a.diff() < -1e-9).any(): problems.append("alpha non-decreasing")
         if (s.diff() > 1e-9).any(): problems.append("sigma non-increasing")
         if problems:
-            raise ValueError("CustomPath needs " + ", ".join(problems) + " (time runs from noise t=0 to data t=1)")
+            raise UserError("CustomPath needs " + ", ".join(problems) + " (time runs from noise t=0 to data t=1)")
     def compute_alpha_t(self, t): return _value_and_derivative(self.alpha_fn, torch.as_tensor(t))
     def compute_sigma_t(self, t): return _value_and_derivative(self.sigma_fn, torch.as_tensor(t))
 
@@ -189,7 +190,7 @@ DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increas
 
 def check_diffusion_form(form):
     if form not in DIFFUSION_FORMS:
-        raise ValueError(f"unknown diffusion_form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+        raise UserError(f"unknown diffusion_form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
     return form
 
 def compute_diffusion(path: Interpolant, x, t, form="constant", norm=1.0, eta=0.0, velocity_loss=None):
@@ -204,7 +205,7 @@ def compute_diffusion(path: Interpolant, x, t, form="constant", norm=1.0, eta=0.
     if form in ("increasing-decreasing", "inccreasing-decreasing"): return norm * torch.sin(math.pi * t) ** 2
     # w_KL_eta
     if velocity_loss is None:
-        raise ValueError("diffusion_form='w_KL_eta' needs velocity_loss (a VelocityLossProfile measured on data)")
+        raise UserError("diffusion_form='w_KL_eta' needs velocity_loss (a VelocityLossProfile measured on data)")
     w_kl = 2 * path.compute_drift(x, t)[1]
     L = velocity_loss(t).to(w_kl)
     return norm * 0.5 * torch.sqrt(L) / torch.sqrt(L / w_kl ** 2 + 2 * eta)
@@ -217,10 +218,10 @@ class VelocityLossProfile:
         self.loss = torch.as_tensor(loss, dtype=torch.float64).flatten()
         self.counts = None if counts is None else torch.as_tensor(counts).flatten()
         if self.t.numel() != self.loss.numel() or self.t.numel() < 1:
-            raise ValueError("VelocityLossProfile needs as many loss values as bin centres (at least one)")
-        if (self.t.diff() <= 0).any(): raise ValueError("bin centres must increase")
+            raise UserError("VelocityLossProfile needs as many loss values as bin centres (at least one)")
+        if (self.t.diff() <= 0).any(): raise UserError("bin centres must increase")
         if not torch.isfinite(self.loss).all() or (self.loss < 0).any():
-            raise ValueError("velocity losses must be finite and non-negative")
+            raise UserError("velocity losses must be finite and non-negative")
 
     def __call__(self, t):
         t = torch.as_tensor(t)

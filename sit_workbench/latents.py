@@ -15,6 +15,7 @@ import torch
 
 from .data import _existing, _global_draw
 from .sample import VAE_SCALE
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['TINY_VAE_FACTOR', 'CACHE_VERSION', 'tiny_vae', 'encode_distribution', 'encode_images', 'vae_identity',
@@ -92,7 +93,7 @@ def _check_plan(old, new, folder, complete=False):
     keys = ("version", "count", "dtype", "encoder_hash", "image_size") + (() if complete else ("shard_size",))
     diff = [k for k in keys if old.get(k) != new.get(k)]
     if diff:
-        raise ValueError(f"the latent cache in {folder} was started with other settings ("
+        raise UserError(f"the latent cache in {folder} was started with other settings ("
                          + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
                          + "); use another folder, or delete this one to start over")
 
@@ -104,7 +105,7 @@ def build_latent_cache(dataset, vae, folder, batch_size=64, device="cpu", progre
     from tqdm.auto import tqdm
     folder = Path(folder)
     n = len(dataset)
-    if n == 0: raise ValueError("the dataset is empty")
+    if n == 0: raise UserError("the dataset is empty")
     plan = {"version": CACHE_VERSION, "count": n, "shard_size": int(shard_size), "dtype": str(dtype).split(".")[-1],
             **vae_identity(vae), "scale": VAE_SCALE, "image_size": getattr(dataset, "image_size", None),
             "dataset_path": getattr(dataset, "path", None)}
@@ -156,16 +157,16 @@ class LatentDataset(torch.utils.data.Dataset):
         folder = _existing(folder, "latent cache")
         if not (folder / _META).exists():
             done = len(list(folder.glob("shard-*.safetensors")))
-            raise RuntimeError(f"the latent cache {folder} is incomplete (no {_META}; {done} shards written): run "
+            raise UserError(f"the latent cache {folder} is incomplete (no {_META}; {done} shards written): run "
                                "build_latent_cache again with the same dataset and VAE to finish it (it resumes)")
         self.folder, self.meta = folder, json.loads((folder / _META).read_text())
         if self.meta.get("version") != CACHE_VERSION:
-            raise RuntimeError(f"the latent cache {folder} has format version {self.meta.get('version')}, this "
+            raise UserError(f"the latent cache {folder} has format version {self.meta.get('version')}, this "
                                f"code reads version {CACHE_VERSION}; rebuild it")
         self.count, self.shard_size = self.meta["count"], self.meta["shard_size"]
         self.files = [folder / _shard_name(k) for k in range(self.meta["num_shards"])]
         missing = [f.name for f in self.files if not f.exists()]
-        if missing: raise RuntimeError(f"the latent cache {folder} lacks shards {missing[:3]}; rebuild it")
+        if missing: raise UserError(f"the latent cache {folder} lacks shards {missing[:3]}; rebuild it")
         self.latent_shape, self.num_classes = tuple(self.meta["latent_shape"]), self.meta.get("num_classes")
         self._handles, self._data = OrderedDict(), None
         if in_memory:

@@ -18,6 +18,7 @@ from pathlib import Path
 import submitit
 
 from .config import TrainConfig, config_from_dict, config_to_dict, load_config
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['PREEMPT_SIGNAL', 'MASTER_PORT_BASE', 'MASTER_PORT_SPAN', 'CLUSTERS', 'master_port', 'distributed_env', 'TrainingJob',
@@ -83,9 +84,9 @@ def gpus_in_gres(gres: str) -> int:
 def _sinfo(*args, timeout=10) -> str:
     try:
         r = subprocess.run(["sinfo", *args], capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError: raise ValueError("SLURM's sinfo is not on the PATH: is this a SLURM login node?") from None
-    except subprocess.TimeoutExpired: raise ValueError(f"sinfo did not answer within {timeout} s: is slurmctld up?") from None
-    if r.returncode: raise ValueError(f"sinfo failed: {(r.stderr or r.stdout).strip()}")
+    except FileNotFoundError: raise UserError("SLURM's sinfo is not on the PATH: is this a SLURM login node?") from None
+    except subprocess.TimeoutExpired: raise UserError(f"sinfo did not answer within {timeout} s: is slurmctld up?") from None
+    if r.returncode: raise UserError(f"sinfo failed: {(r.stderr or r.stdout).strip()}")
     return r.stdout
 
 def slurm_partitions() -> dict:
@@ -108,9 +109,9 @@ def slurm_available(timeout: float = 5) -> bool:
 def resolve_cluster(cluster=None) -> str:
     "'slurm' when `sbatch` and `srun` are on the PATH, else 'local'; or the one asked for, checked."
     if cluster is None: return "slurm" if shutil.which("sbatch") and shutil.which("srun") else "local"
-    if cluster not in CLUSTERS: raise ValueError(f"unknown cluster {cluster!r}; choose one of {', '.join(CLUSTERS)}")
+    if cluster not in CLUSTERS: raise UserError(f"unknown cluster {cluster!r}; choose one of {', '.join(CLUSTERS)}")
     if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
-        raise ValueError("cluster='slurm' but sbatch/srun are not on the PATH; use cluster='local' on this machine")
+        raise UserError("cluster='slurm' but sbatch/srun are not on the PATH; use cluster='local' on this machine")
     return cluster
 
 def _describe(parts):
@@ -121,40 +122,40 @@ def check_request(cluster, nodes=1, gpus_per_node=0, tasks_per_node=None, cpus_p
     for name, v, lo in (("nodes", nodes, 1), ("gpus_per_node", gpus_per_node, 0), ("tasks_per_node", tasks_per_node, 1),
                         ("cpus_per_task", cpus_per_task, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
     gpus_per_node = gpus_per_node or 0
     if gpus_per_node and tasks_per_node and tasks_per_node != gpus_per_node:
-        raise ValueError(f"one task per GPU: tasks_per_node ({tasks_per_node}) must equal gpus_per_node ({gpus_per_node}) "
+        raise UserError(f"one task per GPU: tasks_per_node ({tasks_per_node}) must equal gpus_per_node ({gpus_per_node}) "
                          "or be left out")
     tasks = gpus_per_node or tasks_per_node or 1
     if cluster in ("local", "debug"):
-        if nodes != 1: raise ValueError(f"cluster={cluster!r} runs on this machine only: nodes must be 1, got {nodes}")
+        if nodes != 1: raise UserError(f"cluster={cluster!r} runs on this machine only: nodes must be 1, got {nodes}")
         if gpus_per_node:
             import torch
             have = torch.cuda.device_count()
             if gpus_per_node > have:
-                raise ValueError(f"gpus_per_node={gpus_per_node} but this machine has {have} GPU(s)")
+                raise UserError(f"gpus_per_node={gpus_per_node} but this machine has {have} GPU(s)")
         return dict(nodes=1, gpus_per_node=gpus_per_node, tasks_per_node=tasks, cpus_per_task=cpus_per_task, partition=None)
     parts = slurm_partitions()
     if partition is None:
         defaults = [n for n, p in parts.items() if p["default"]]
-        if not defaults: raise ValueError(f"the cluster has no default partition: give partition= (one of {_describe(parts)})")
+        if not defaults: raise UserError(f"the cluster has no default partition: give partition= (one of {_describe(parts)})")
         partition = defaults[0]
     if partition not in parts:
-        raise ValueError(f"unknown partition {partition!r}; the cluster has: {_describe(parts)}")
+        raise UserError(f"unknown partition {partition!r}; the cluster has: {_describe(parts)}")
     pnodes = parts[partition]["nodes"]
     if nodes > len(pnodes):
-        raise ValueError(f"nodes={nodes} but partition {partition!r} has {len(pnodes)} node(s): {', '.join(pnodes)}")
+        raise UserError(f"nodes={nodes} but partition {partition!r} has {len(pnodes)} node(s): {', '.join(pnodes)}")
     gpu_list = ", ".join(f"{n}: {d['gpus']}" for n, d in pnodes.items())
     fit = [n for n, d in pnodes.items() if d["gpus"] >= gpus_per_node]
     if len(fit) < nodes:
         most = max((d["gpus"] for d in pnodes.values()), default=0)
-        raise ValueError(f"gpus_per_node={gpus_per_node} on {nodes} node(s), but the nodes of partition {partition!r} have "
+        raise UserError(f"gpus_per_node={gpus_per_node} on {nodes} node(s), but the nodes of partition {partition!r} have "
                          f"at most {most} GPU(s) ({gpu_list})")
     need = tasks * (cpus_per_task or 1)
     fit = [n for n in fit if pnodes[n]["cpus"] >= need]
     if len(fit) < nodes:
-        raise ValueError(f"{tasks} task(s) x {cpus_per_task or 1} CPU(s) per node, but the nodes of partition {partition!r} "
+        raise UserError(f"{tasks} task(s) x {cpus_per_task or 1} CPU(s) per node, but the nodes of partition {partition!r} "
                          f"have {', '.join(str(d['cpus']) for d in pnodes.values())} CPUs")
     return dict(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks, cpus_per_task=cpus_per_task,
                 partition=partition)
@@ -177,7 +178,7 @@ def make_executor(folder, cluster=None, nodes=1, gpus_per_node=0, tasks_per_node
     "A submitit `AutoExecutor` for a checked request (see `check_request`)."
     cluster = resolve_cluster(cluster)
     if not isinstance(timeout_min, int) or timeout_min < 1:
-        raise ValueError(f"timeout_min must be a positive integer (minutes), got {timeout_min!r}")
+        raise UserError(f"timeout_min must be a positive integer (minutes), got {timeout_min!r}")
     req = check_request(cluster, nodes, gpus_per_node, tasks_per_node, cpus_per_task, partition)
     lines = [f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"]
     if req["cpus_per_task"]: lines.append(f"export OMP_NUM_THREADS={req['cpus_per_task']}")
@@ -209,10 +210,10 @@ def submit_training(cfg, nodes=1, gpus_per_node=0, tasks_per_node=None, cpus_per
 def submit_sweep(cfgs, folder=None, name="sit-sweep", array_parallelism=None, **kwargs) -> list:
     "Submit one array job, one element per configuration (each with its own `output_dir`); returns the jobs."
     cfgs = [as_config(c) for c in cfgs]
-    if not cfgs: raise ValueError("submit_sweep needs at least one configuration")
+    if not cfgs: raise UserError("submit_sweep needs at least one configuration")
     dirs = [c.output_dir for c in cfgs]
     dup = sorted({d for d in dirs if dirs.count(d) > 1})
-    if dup: raise ValueError(f"every configuration of a sweep needs its own output_dir; shared: {', '.join(dup)}")
+    if dup: raise UserError(f"every configuration of a sweep needs its own output_dir; shared: {', '.join(dup)}")
     folder = folder or Path(os.path.commonpath(dirs)) / "submitit" / "%j"
     ex = make_executor(folder, name=name, array_parallelism=array_parallelism, **kwargs)
     return ex.map_array(TrainingJob(), [config_to_dict(c) for c in cfgs])
@@ -229,7 +230,7 @@ def job_status(job) -> dict:
 
 def tail_log(job, n: int = 20, stream: str = "stdout", task: int = 0) -> str:
     "The last `n` lines of a task's stdout or stderr ('' while the file does not exist)."
-    if stream not in ("stdout", "stderr"): raise ValueError(f"stream must be 'stdout' or 'stderr', got {stream!r}")
+    if stream not in ("stdout", "stderr"): raise UserError(f"stream must be 'stdout' or 'stderr', got {stream!r}")
     path = getattr(job.task(task).paths, stream)
     if not path.is_file(): return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])

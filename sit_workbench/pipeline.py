@@ -22,6 +22,7 @@ from .checkpoint import load_sit, load_vae, resolve_checkpoint
 from .model import SiT, SiT_models
 from .sample import VAE_SCALE
 from .transport import Sampler, create_transport
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['CARD_KEY', 'OUTPUT_TYPES', 'read_card_data', 'HubUploadError', 'push_folder_to_hub', 'SiTTransformer2DModel',
@@ -119,7 +120,7 @@ class SiTTransformer2DModel(SiT, ModelMixin, ConfigMixin):
     def config(self, value):
         # SiT.__init__ assigns its own config dict; the one register_to_config recorded holds the same arguments
         if dict(value) != {k: v for k, v in self._internal_dict.items() if not k.startswith("_")}:
-            raise ValueError("SiTTransformer2DModel's config is set by register_to_config and cannot be replaced")
+            raise UserError("SiTTransformer2DModel's config is set by register_to_config and cannot be replaced")
 
     @classmethod
     def from_sit(cls, model: SiT, card_data: Optional[dict] = None) -> "SiTTransformer2DModel":
@@ -142,12 +143,12 @@ class SiTTransformer2DModel(SiT, ModelMixin, ConfigMixin):
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except RuntimeError as e:   # torch's size-mismatch report
             if "size mismatch" not in str(e): raise
-            raise ValueError(f"{pretrained_model_name_or_path!s}: the weights do not fit the architecture in its "
+            raise UserError(f"{pretrained_model_name_or_path!s}: the weights do not fit the architecture in its "
                              f"config.json: {e}") from None
         bad = {k: [str(x) for x in v][:5] + ([f"... {len(v) - 5} more"] if len(v) > 5 else [])
                for k, v in info.items() if v}
         if bad:
-            raise ValueError(f"{pretrained_model_name_or_path!s}: the weights do not match the architecture in its "
+            raise UserError(f"{pretrained_model_name_or_path!s}: the weights do not match the architecture in its "
                              f"config.json ({dict(model.config)}): {bad}")
         folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
         model.card_data = read_card_data(folder) if folder.is_dir() else {}
@@ -157,7 +158,7 @@ class SiTTransformer2DModel(SiT, ModelMixin, ConfigMixin):
     def save_pretrained(self, save_directory, **kwargs):
         "`config.json`, `diffusion_pytorch_model.safetensors` and the model card `README.md` in `save_directory`."
         if kwargs.pop("push_to_hub", False):
-            raise ValueError("use model.push_to_hub(repo_id) to upload (it writes our model card)")
+            raise UserError("use model.push_to_hub(repo_id) to upload (it writes our model card)")
         super().save_pretrained(save_directory, **kwargs)
         if kwargs.get("is_main_process", True):
             meta = {"model_name": getattr(self, "model_name", None), **self.card_data}
@@ -193,7 +194,7 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
         mode = mode or c.mode
         steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+            raise UserError(f"num_inference_steps must be a positive integer, got {steps!r}")
         sampler = Sampler(self.transport)
         if mode == "ODE":
             method = sampling_method or (c.sampling_method if c.mode == "ODE" else "dopri5")
@@ -203,7 +204,7 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
             return sampler.sample_sde(sampling_method=method, diffusion_form=c.diffusion_form,
                                       diffusion_norm=c.diffusion_norm, last_step=c.last_step,
                                       last_step_size=c.last_step_size, num_steps=int(steps) + 1)
-        raise ValueError(f"mode must be 'ODE' or 'SDE', got {mode!r}")
+        raise UserError(f"mode must be 'ODE' or 'SDE', got {mode!r}")
 
 # %% ../nbs/20_diffusers.ipynb
 def default_id2label(num_classes: int) -> Optional[dict]:
@@ -246,12 +247,12 @@ class SiTPipeline(DiffusionPipeline):
         "Class labels for class names (ImageNet's for 1000-class models, '0'..'9' for the digits)."
         label = [label] if isinstance(label, str) else list(label)
         if not self.labels:
-            raise ValueError(f"this pipeline has no class names (a {self.transformer.num_classes}-class model): pass "
+            raise UserError(f"this pipeline has no class names (a {self.transformer.num_classes}-class model): pass "
                              "integer class_labels, or id2label={label: name} when building the pipeline")
         for name in label:
             if name not in self.labels:
                 close = [k for k in self.labels if name.lower() in k.lower()][:10]
-                raise ValueError(f"unknown class name {name!r}" + (f"; did you mean one of {close}?" if close else
+                raise UserError(f"unknown class name {name!r}" + (f"; did you mean one of {close}?" if close else
                                  f"; names are in pipe.labels ({len(self.labels)} of them)"))
         return [self.labels[name] for name in label]
 
@@ -262,9 +263,9 @@ class SiTPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, device=self._execution_device).reshape(-1)
         k = self.transformer.num_classes
         if labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be a non-empty list of integer labels (or class names), got {class_labels!r}")
+            raise UserError(f"class_labels must be a non-empty list of integer labels (or class names), got {class_labels!r}")
         if bool(((labels < 0) | (labels >= k)).any()):
-            raise ValueError(f"class_labels must be in [0, {k - 1}] for this {k}-class model, got {labels.tolist()}")
+            raise UserError(f"class_labels must be in [0, {k - 1}] for this {k}-class model, got {labels.tolist()}")
         return labels.long()
 
     @torch.no_grad()
@@ -276,7 +277,7 @@ class SiTPipeline(DiffusionPipeline):
         `sample_fn` replaces the scheduler's sampler by any `Sampler.sample_ode/sample_sde` function. Returns
         `ImagePipelineOutput(images)` (or `(images,)` with `return_dict=False`)."""
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         cfg = self.scheduler.config
         model = self.transformer
         labels = self._label_tensor(class_labels)
@@ -318,7 +319,7 @@ class SiTPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory, **kwargs):
         "diffusers' layout (`model_index.json`, `transformer/`, `scheduler/`, `vae/`) plus a model card `README.md`."
         if kwargs.pop("push_to_hub", False):
-            raise ValueError("use pipe.push_to_hub(repo_id) to upload (it writes our model card)")
+            raise UserError("use pipe.push_to_hub(repo_id) to upload (it writes our model card)")
         c = self.scheduler.config
         card = self.transformer.card_data   # the transformer's own card gets the transport and sampler too
         card["latent"] = self.vae is not None
@@ -355,7 +356,7 @@ def _official_source(path: Path, model: str):
     "EMA network, scheduler settings, default VAE and card metadata of an official `.pt`."
     from sit_workbench.checkpoint import import_official
     if model not in SiT_models:
-        raise ValueError(f"unknown model {model!r} for the official checkpoint; choose one of {list(SiT_models)}")
+        raise UserError(f"unknown model {model!r} for the official checkpoint; choose one of {list(SiT_models)}")
     with tempfile.TemporaryDirectory() as tmp:
         net = load_sit(import_official(path, Path(tmp) / "sit", model), prefer="ema")
     sched = dict(path_type="Linear", prediction="velocity", cfg_channels=3)
@@ -371,7 +372,7 @@ def export_diffusers(src, dst, model: str = "SiT-XL/2", vae="auto", training_dat
     elif path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         net, sched, default_vae, meta = _official_source(path, model)
     else:
-        raise ValueError(f"{src!s} is neither a training checkpoint folder (with trainer_state.json) nor an official "
+        raise UserError(f"{src!s} is neither a training checkpoint folder (with trainer_state.json) nor an official "
                          ".pt checkpoint")
     if training_data is not None: meta["training_data"] = training_data
     vae = load_vae(default_vae if vae == "auto" else vae) if vae is None or isinstance(vae, str) else vae

@@ -29,7 +29,7 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """Negative cosine similarity between projected hidden states and encoder features `[B, N, D]`, token by token,
     averaged over tokens and batch (in float32; the target gets no gradient)."""
     if projected.ndim != 3 or projected.shape != target.shape:
-        raise ValueError(f"alignment_loss needs projected hidden states and encoder features of one shape [B, N, D]; "
+        raise UserError(f"alignment_loss needs projected hidden states and encoder features of one shape [B, N, D]; "
                          f"got {tuple(projected.shape)} and {tuple(target.shape)}")
     h = F.normalize(projected.float(), dim=-1)
     z = F.normalize(target.detach().float(), dim=-1)
@@ -40,7 +40,7 @@ def build_projector(hidden_size: int, encoder_dim: int, width: int = 2048, seed:
     xavier-uniform weights and zero biases, drawn from `seed` (the global random state is left untouched)."""
     for name, v in dict(hidden_size=hidden_size, encoder_dim=encoder_dim, width=width).items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            raise UserError(f"{name} must be a positive integer, got {v!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
@@ -57,7 +57,7 @@ class HiddenCapture:
     def __init__(self, model: nn.Module, block: int):
         blocks = model.blocks
         if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= len(blocks):
-            raise ValueError(f"repa_block must be in [1, {len(blocks)}] (the model's depth), got {block!r}")
+            raise UserError(f"repa_block must be in [1, {len(blocks)}] (the model's depth), got {block!r}")
         self.block, self.hidden = block, None
         self.handle = blocks[block - 1].register_forward_hook(self._keep)
 
@@ -79,7 +79,7 @@ def match_tokens(z: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if m == num_tokens: return z
     s, t = math.isqrt(m), math.isqrt(num_tokens)
     if s * s != m or t * t != num_tokens:
-        raise ValueError(f"token grids must be square to be matched: the encoder gives {m} tokens, the model has {num_tokens}")
+        raise UserError(f"token grids must be square to be matched: the encoder gives {m} tokens, the model has {num_tokens}")
     g = z.transpose(1, 2).reshape(b, d, s, s).float()
     g = F.interpolate(g, size=(t, t), mode="bilinear", align_corners=False, antialias=t < s)
     return g.flatten(2).transpose(1, 2).to(z.dtype)
@@ -202,7 +202,7 @@ class Alignment:
         "Encoder tokens on the model's grid (float32) from the clean `pixels`, or from `cached` features `[B, F, M, D]`."
         if cached is not None: z = select_flip(cached, flip_mask)
         elif pixels is not None: z = self.encoder(pixels)
-        else: raise ValueError("the alignment targets need the clean pixels or cached encoder features")
+        else: raise UserError("the alignment targets need the clean pixels or cached encoder features")
         return match_tokens(z.float(), self.num_tokens)
 
     def split(self, batch):
@@ -315,7 +315,7 @@ def build_feature_cache(dataset, encoder: nn.Module, folder, flips: bool = True,
     from sit_workbench.latents import _atomic_write, _json_bytes
     folder = Path(folder)
     n = len(dataset)
-    if n == 0: raise ValueError("the dataset is empty")
+    if n == 0: raise UserError("the dataset is empty")
     plan = {"version": FEATURES_VERSION, "count": n, "flips": 2 if flips else 1, "shard_size": int(shard_size),
             "dtype": str(dtype).split(".")[-1], **encoder_identity(encoder)}
     for name in ("meta.json", "plan.json"):
@@ -355,7 +355,7 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, folder):
         folder = Path(folder)
         if not (folder / "meta.json").is_file():
-            raise RuntimeError(f"the features cache {folder} is incomplete or missing: run build_feature_cache (it resumes)")
+            raise UserError(f"the features cache {folder} is incomplete or missing: run build_feature_cache (it resumes)")
         self.dataset, self.folder = dataset, folder
         self.meta = json.loads((folder / "meta.json").read_text())
         if self.meta["count"] != len(dataset):
@@ -381,9 +381,9 @@ class FeatureDataset(torch.utils.data.Dataset):
 
 def select_flip(features: torch.Tensor, flip_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     "Each sample's features `[B, M, D]` from cached `[B, F, M, D]`: the flipped view where `flip_mask`, else the image's."
-    if features.ndim != 4: raise ValueError(f"cached features must be [B, F, M, D], got {tuple(features.shape)}")
+    if features.ndim != 4: raise UserError(f"cached features must be [B, F, M, D], got {tuple(features.shape)}")
     b = features.shape[0]
     if flip_mask is None: return features[:, 0]
-    if features.shape[1] < 2: raise ValueError("the features cache holds no flipped views (built with flips=False)")
+    if features.shape[1] < 2: raise UserError("the features cache holds no flipped views (built with flips=False)")
     which = flip_mask.to(features.device).long()
     return features[torch.arange(b, device=features.device), which]

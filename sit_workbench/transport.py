@@ -12,6 +12,7 @@ import torch
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLossProfile,
                                         check_diffusion_form, expand_t_like_x)
 from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_num_steps,
@@ -51,7 +52,7 @@ _PATH_CLASSES = {PathType.LINEAR: LinearPath, PathType.GVP: GVPPath, PathType.VP
 def _choose(value, options, what):
     if value in options: return options[value]
     names = ", ".join(repr(k) for k in options)
-    raise ValueError(f"unknown {what} {value!r}; choose one of {names}")
+    raise UserError(f"unknown {what} {value!r}; choose one of {names}")
 
 def mean_flat(x):
     "Mean over all non-batch dimensions."
@@ -66,7 +67,7 @@ class UniformTime:
 class LogitNormal:
     "`t = sigmoid(mean + std * z)`, `z ~ N(0, 1)`."
     def __init__(self, mean=0.0, std=1.0):
-        if std <= 0: raise ValueError("LogitNormal std must be positive")
+        if std <= 0: raise UserError("LogitNormal std must be positive")
         self.mean, self.std = mean, std
     def __call__(self, n, generator=None): return torch.sigmoid(self.mean + self.std * torch.randn((n,), generator=generator))
     def __repr__(self): return f"LogitNormal(mean={self.mean}, std={self.std})"
@@ -210,7 +211,7 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     train_eps = d_train if train_eps is None else train_eps
     sample_eps = d_sample if sample_eps is None else sample_eps
     for name, v in (("train_eps", train_eps), ("sample_eps", sample_eps)):
-        if not 0 <= v < 0.5: raise ValueError(f"{name} must be in [0, 0.5), got {v}")
+        if not 0 <= v < 0.5: raise UserError(f"{name} must be in [0, 0.5), got {v}")
     if isinstance(time_sampler, str): time_sampler = _choose(time_sampler, TIME_SAMPLERS, "time_sampler")()
     return Transport(model_type=model_type, path_type=ptype, loss_type=loss_type, train_eps=train_eps,
                      sample_eps=sample_eps, path=path, time_sampler=time_sampler)
@@ -225,7 +226,7 @@ DIVERGENCES = ("rademacher", "gaussian", "exact")
 
 def _check_choice(value, choices, what):
     if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(repr(c) for c in choices)}")
+        raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(repr(c) for c in choices)}")
 
 # %% ../nbs/03_transport.ipynb
 def _ode_options(method, t_end, dtype, device):
@@ -281,16 +282,16 @@ class Sampler:
         num_steps = check_num_steps(num_steps)
         if diffusion_form == "w_KL_eta":
             if not isinstance(velocity_loss, VelocityLossProfile):
-                raise ValueError("diffusion_form='w_KL_eta' needs velocity_loss=VelocityLossProfile(...) "
+                raise UserError("diffusion_form='w_KL_eta' needs velocity_loss=VelocityLossProfile(...) "
                                  "(see estimate_velocity_loss)")
-            if eta < 0: raise ValueError(f"eta must be >= 0, got {eta}")
-        if diffusion_norm < 0: raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
+            if eta < 0: raise UserError(f"eta must be >= 0, got {eta}")
+        if diffusion_norm < 0: raise UserError(f"diffusion_norm must be >= 0, got {diffusion_norm}")
         if last_step is None: last_step_size = 0.0
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, diffusion_form=diffusion_form, sde=True, eval=True,
                                    last_step_size=last_step_size)
         if not (0 <= last_step_size and t0 < t1):
-            raise ValueError(f"last_step_size={last_step_size} does not fit: the SDE must run on a non-empty interval "
+            raise UserError(f"last_step_size={last_step_size} does not fit: the SDE must run on a non-empty interval "
                              f"before the last step, here [{t0:g}, {t1:g}]; use 0 <= last_step_size < {1 - t0:g}")
         path = tr.path_sampler
         def D(x, t):
@@ -340,7 +341,7 @@ class Sampler:
         num_steps = check_num_steps(num_steps)
         if sampling_method in ODE_MULTISTEP:
             return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse)
-        if atol <= 0 or rtol <= 0: raise ValueError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
+        if atol <= 0 or rtol <= 0: raise UserError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True, reverse=reverse)
         grid = fixed_step_grid(schedule, sampling_method in ADAPTIVE_METHODS, reverse, t0, t1, num_steps,
@@ -388,7 +389,7 @@ class Sampler:
 # %% ../nbs/03_transport.ipynb
 def estimate_velocity_loss(transport: Transport, model, batches, num_bins=20, progress=False):
     """`L_t` of `model` on `batches` (tensors `x1`, or `(x1, y)` pairs whose `y` is passed to the model)."""
-    if num_bins < 1: raise ValueError("num_bins must be >= 1")
+    if num_bins < 1: raise UserError("num_bins must be >= 1")
     t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps)
     edges = torch.linspace(t0, t1, num_bins + 1, dtype=torch.float64)
     sums = torch.zeros(num_bins, dtype=torch.float64); counts = torch.zeros(num_bins, dtype=torch.long)
@@ -402,7 +403,7 @@ def estimate_velocity_loss(transport: Transport, model, batches, num_bins=20, pr
             out = model(xt, t, **kwargs); _check_output(out, xt)
             loss = mean_flat((transport.velocity_from_output(out, xt, t) - ut) ** 2)
         sums.index_add_(0, b, loss.double().cpu()); counts.index_add_(0, b, torch.ones_like(b))
-    if counts.sum() == 0: raise ValueError("estimate_velocity_loss got no data")
+    if counts.sum() == 0: raise UserError("estimate_velocity_loss got no data")
     keep = counts > 0
     centres = (edges[:-1] + edges[1:]) / 2
     return VelocityLossProfile(centres[keep], sums[keep] / counts[keep], counts[keep])

@@ -4,13 +4,14 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "sit_workbench"
 LAYERS = [  # lowest first; a module may import its own layer and the ones above it in this list
-    ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "transport", "sample"}),
-    ("checkpoint", {"checkpoint"}),
+    ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "transport", "registry",
+              "sample"}),
+    ("checkpoint", {"checkpoint", "run"}),
     ("training", {"config", "data", "latents", "repa", "resume", "train", "launch"}),
     ("evaluation", {"digits", "evaluate"}),
     ("studies", {"studies.zoo", "studies.path_length", "studies.nfe", "studies.diffusion_coefficient",
                  "studies.design_space", "studies.convergence", "studies.repa"}),
-    ("front ends", {"cli", "explore", "widgets", "demo", "pipeline"}),
+    ("front ends", {"cli", "sampling_cli", "explore", "widgets", "demo", "pipeline"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 
