@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sit_workbench.evaluate import digits_metrics, sample_labels, sample_nll, sample_noise
+from sit_workbench.evaluate import digits_metrics, sample_nll
+from sit_workbench.sample import random_labels, sample_noise
 from sit_workbench.studies.path_length import digits_mixture
 from sit_workbench.solvers import data_prediction, optimize_schedule, save_schedule, schedule_dir
 from sit_workbench.transport import Sampler, create_transport
@@ -46,8 +47,8 @@ def converged(name, setting="full"):
                          f"at the zoo that holds it (now {zoo_dir(setting)}), or train it with `sit-workbench study "
                          f"convergence --setting {setting}`")
     from sit_workbench.checkpoint import load_sit          # read only: no lock, no training (zoo_model may train)
-    from sit_workbench.train import build_transport
-    return load_sit(ck).eval(), build_transport(zoo_config(name, setting, steps).model_config), ck, steps
+    from sit_workbench.transport import transport_from_config
+    return load_sit(ck).eval(), transport_from_config(zoo_config(name, setting, steps).model_config), ck, steps
 
 
 def diffusers_schedulers():
@@ -81,7 +82,7 @@ def sample_ours(transport, model, z, y, method, num_steps, schedule="uniform", s
 
 def fit_schedules(name, transport, model, sdir, nfes, methods, n_fit, iters, progress):
     "Optimised grids for each method and NFE, fitted on a separate batch; saved in `sdir` (beside the checkpoint)."
-    y = sample_labels(n_fit, model.num_classes, seed=1)
+    y = random_labels(n_fit, model.num_classes, seed=1)
     z = sample_noise(range(n_fit), (model.in_channels, model.input_size, model.input_size), seed=1)
     ref, _ = sample_ours(transport, model, z, y, REFERENCE[1]['sampling_method'], REFERENCE[1]['num_steps'])
     path = transport.path_sampler
@@ -108,7 +109,7 @@ def model_rows(name, loaded, nfes, n, n_fit, iters, clf, with_diffusers, progres
     steps)`; the optimised grids go beside the checkpoint, or under `schedules/<name>-<steps>`."""
     model, transport, ck, steps = loaded
     sdir = schedule_dir(ck) if schedules is None else Path(schedules) / f"{name}-{steps}"
-    y = sample_labels(n, model.num_classes, seed=0)
+    y = random_labels(n, model.num_classes, seed=0)
     z = sample_noise(range(n), (model.in_channels, model.input_size, model.input_size), seed=0)
     ref, _ = sample_ours(transport, model, z, y, REFERENCE[1]['sampling_method'], REFERENCE[1]['num_steps'])
     fit = fit_schedules(name, transport, model, sdir, nfes, OPTIMIZED, n_fit, iters, progress)
@@ -139,7 +140,7 @@ def check_wrapper(loaded, n=64, steps=10):
     "diffusers' FlowMatchEuler on sigmas 1, 1 - 1/K, ..., 1/K through the wrapper equals our Euler on K + 1 points."
     from diffusers import FlowMatchEulerDiscreteScheduler
     model, transport = loaded[:2]
-    y = sample_labels(n, model.num_classes, seed=0)
+    y = random_labels(n, model.num_classes, seed=0)
     z = sample_noise(range(n), (model.in_channels, model.input_size, model.input_size), seed=0)
     ours, _ = sample_ours(transport, model, z, y, "euler", steps + 1)
     theirs, nfe = run_diffusers(FlowMatchEulerDiscreteScheduler(shift=1.0), model.forward, z, y, steps,

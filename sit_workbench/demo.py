@@ -12,53 +12,37 @@ import torch
 
 from .config import TrainConfig, digits_config
 from .digits import class_conditional_accuracy, load_or_train_classifier
-from .checkpoint import load_sit
-from .sample import generate, save_grid
-from .train import build_transport, plot_loss, train
-from .transport import Sampler
 from .errors import UserError
+from .run import read_run
+from .sample import cycle_labels, rows_by_class, save_grid
+from .train import plot_loss, train
 
 # %% auto 0
-__all__ = ['DEMO_SAMPLER', 'sample_digits', 'run_digits_demo', 'print_summary']
+__all__ = ['run_digits_demo', 'print_summary']
 
 # %% ../nbs/10_demo.ipynb
-DEMO_SAMPLER = dict(sampling_method="heun2", num_steps=26)   # 25 Heun steps: 50 network evaluations
-
-def sample_digits(model, cfg: TrainConfig, labels, cfg_scale=None, seed=0, sampler=None, batch_size=500):
-    "Samples in [-1, 1] for `labels` from a digits model, guided on all channels (default: the config's cfg_scale)."
-    cfg_scale = cfg.model_config.cfg_scale if cfg_scale is None else cfg_scale
-    fn = Sampler(build_transport(cfg.model_config)).sample_ode(**(sampler or DEMO_SAMPLER))
-    out, nfe = [], 0
-    labels = torch.as_tensor(labels)
-    for i in range(0, len(labels), batch_size):
-        x, info = generate(model, fn, labels[i:i + batch_size], cfg_scale=cfg_scale, seed=seed + i, cfg_channels=None)
-        out.append(x * 2 - 1); nfe = info["nfe"]
-    return torch.cat(out), nfe
-
-def run_digits_demo(cfg: TrainConfig | None = None, figures="figures", samples_per_class=100, cfg_scale=None,
+def run_digits_demo(cfg: TrainConfig | None = None, figures=None, samples_per_class=100, cfg_scale=None,
                     progress=True) -> dict:
-    "Train (or resume) the digits SiT, sample, score the samples with the digits classifier; write the figures."
+    """Train (or resume) the digits SiT, sample its last checkpoint through its run, score the samples with the
+    digits classifier; write the figures and the summary into `figures` (default: the run's `output_dir`)."""
     cfg = cfg or digits_config()
-    cfg_scale = cfg.model_config.cfg_scale if cfg_scale is None else cfg_scale
-    figures = Path(figures); figures.mkdir(parents=True, exist_ok=True)
+    figures = Path(figures or cfg.output_dir); figures.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = train(cfg, progress=progress)
     train_s = time.perf_counter() - t0
     if res["status"] != "finished":
         raise UserError(f"training stopped early ({res['status']}); run the demo again to resume")
-    model = load_sit(res["checkpoint"])          # the EMA weights
-    labels = torch.arange(cfg.model_config.num_classes).repeat_interleave(samples_per_class)
-    t1 = time.perf_counter()
-    x, nfe = sample_digits(model, cfg, labels, cfg_scale=cfg_scale)
-    sample_s = time.perf_counter() - t1
-    clf = load_or_train_classifier()
-    acc = class_conditional_accuracy(clf, x, labels)
-    grid = torch.cat([x[labels == c][:8] for c in range(cfg.model_config.num_classes)])
-    save_grid((grid + 1) / 2, figures / "digits_samples.png", nrow=8, scale=6)
+    spec = read_run(res["checkpoint"]).with_options(guidance_scale=cfg_scale)
+    k = cfg.model_config.num_classes
+    labels = cycle_labels(k * samples_per_class, range(k))
+    g = spec.generate(labels, seed=0, batch_size=500)
+    acc = class_conditional_accuracy(load_or_train_classifier(), g.images * 2 - 1, labels)
+    grid = rows_by_class(g.images, k).reshape(k, samples_per_class, *g.images.shape[1:])[:, :8].flatten(0, 1)
+    save_grid(grid, figures / "digits_samples.png", nrow=min(8, samples_per_class), scale=6)
     plot_loss(Path(cfg.output_dir) / "log.jsonl", figures / "digits_loss.png", title="SiT on digits: training loss")
-    summary = {"accuracy": acc, "samples": len(labels), "cfg_scale": cfg_scale, "nfe": nfe,
-               "sampler": DEMO_SAMPLER, "steps": res["step"], "train_seconds": round(train_s, 1),
-               "sample_seconds": round(sample_s, 1), "checkpoint": res["checkpoint"],
+    summary = {"accuracy": acc, "samples": len(labels), "cfg_scale": spec.guidance.scale, "nfe": g.nfe,
+               "sampler": spec.sampler.to_dict(), "steps": res["step"], "train_seconds": round(train_s, 1),
+               "sample_seconds": round(g.seconds, 1), "checkpoint": res["checkpoint"],
                "threads": torch.get_num_threads()}
     (figures / "digits_demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

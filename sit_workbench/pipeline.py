@@ -16,17 +16,18 @@ import yaml
 from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
 from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import is_accelerate_available
-from diffusers.utils.torch_utils import randn_tensor
 
-from .checkpoint import load_sit, load_vae, resolve_checkpoint
-from .model import SiT, SiT_models
-from .sample import VAE_SCALE
-from .transport import Sampler, create_transport
+from .checkpoint import RUN_FILE, load_vae
+from .model import SiT
+from .registry import DEFAULT_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec, normalize_mode
+from .run import TRANSPORT_KEYS, default_class_names, load_model, load_run_vae, read_run
+from .sample import Guidance, generate, to_images
+from .transport import create_transport
 from .errors import UserError
 
 # %% auto 0
 __all__ = ['CARD_KEY', 'OUTPUT_TYPES', 'read_card_data', 'HubUploadError', 'push_folder_to_hub', 'SiTTransformer2DModel',
-           'SiTScheduler', 'default_id2label', 'SiTPipeline', 'export_diffusers']
+           'SiTScheduler', 'SiTPipeline', 'run_description', 'export_diffusers']
 
 # %% ../nbs/20_diffusers.ipynb
 CARD_KEY = "sit_workbench"   # the model card's YAML entry holding our metadata
@@ -173,61 +174,51 @@ class SiTTransformer2DModel(SiT, ModelMixin, ConfigMixin):
 
 # %% ../nbs/20_diffusers.ipynb
 class SiTScheduler(SchedulerMixin, ConfigMixin):
-    "A SiT's transport and default sampler as a diffusers scheduler component: `sample_fn()` builds the sampler."
+    "A SiT's transport, default sampler and guidance as a diffusers scheduler component: `sample_fn()` builds the sampler."
     config_name = "scheduler_config.json"
     order = 1
 
     @register_to_config
     def __init__(self, path_type: str = "Linear", prediction: str = "velocity", loss_weight: Optional[str] = None,
-                 train_eps: Optional[float] = None, sample_eps: Optional[float] = None, mode: str = "ODE",
-                 sampling_method: str = "heun2", num_inference_steps: int = 25, guidance_scale: float = 1.0,
-                 cfg_channels: Optional[int] = None, guidance_interval: Optional[Sequence[float]] = None,
-                 atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma", diffusion_norm: float = 1.0,
-                 last_step: Optional[str] = "Mean", last_step_size: float = 0.04):
+                 train_eps: Optional[float] = None, sample_eps: Optional[float] = None, sampler: Optional[dict] = None,
+                 guidance_scale: float = 1.0, cfg_channels: Optional[int] = None,
+                 guidance_interval: Optional[Sequence[float]] = None):
         self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
-        self.sample_fn()   # validates the sampler settings now rather than at the first call
+        self.spec = SamplerSpec.from_dict(sampler) if sampler else DEFAULT_SAMPLER    # checked now, not at the first call
+        self.guidance = Guidance(guidance_scale, tuple(guidance_interval) if guidance_interval else None, cfg_channels)
+
+    @classmethod
+    def from_run(cls, spec) -> "SiTScheduler":
+        "The scheduler of a run (`run.RunSpec`): its transport, sampler and guidance."
+        g = spec.guidance
+        return cls(**spec.transport, sampler=spec.sampler.to_dict(), guidance_scale=g.scale, cfg_channels=g.channels,
+                   guidance_interval=list(g.interval) if g.interval else None)
+
+    def sampler_spec(self, num_inference_steps: Optional[int] = None, sampling_method: Optional[str] = None,
+                     mode: Optional[str] = None) -> SamplerSpec:
+        "The configured sampler with the arguments given (steps counted as diffusers does: time points - 1)."
+        if num_inference_steps is not None:
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+                    or num_inference_steps < 1:
+                raise UserError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        base = self.spec
+        if mode is not None and normalize_mode(mode) != base.mode: base = OFFICIAL_SAMPLERS[normalize_mode(mode)]
+        steps = None if num_inference_steps is None else int(num_inference_steps) + 1
+        return base.replace(mode=mode, sampling_method=sampling_method, num_steps=steps)
 
     def sample_fn(self, num_inference_steps: Optional[int] = None, sampling_method: Optional[str] = None,
                   mode: Optional[str] = None):
         "A `SampleFn` (`fn(x, model, **kw)[-1]` is the sample) with the configured sampler; arguments override it."
-        c = self.config
-        mode = mode or c.mode
-        steps = c.num_inference_steps if num_inference_steps is None else num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise UserError(f"num_inference_steps must be a positive integer, got {steps!r}")
-        sampler = Sampler(self.transport)
-        if mode == "ODE":
-            method = sampling_method or (c.sampling_method if c.mode == "ODE" else "dopri5")
-            return sampler.sample_ode(sampling_method=method, num_steps=int(steps) + 1, atol=c.atol, rtol=c.rtol)
-        if mode == "SDE":
-            method = sampling_method or (c.sampling_method if c.mode == "SDE" else "Euler")
-            return sampler.sample_sde(sampling_method=method, diffusion_form=c.diffusion_form,
-                                      diffusion_norm=c.diffusion_norm, last_step=c.last_step,
-                                      last_step_size=c.last_step_size, num_steps=int(steps) + 1)
-        raise UserError(f"mode must be 'ODE' or 'SDE', got {mode!r}")
-
-# %% ../nbs/20_diffusers.ipynb
-def default_id2label(num_classes: int) -> Optional[dict]:
-    "Class names for `num_classes`: ImageNet's for 1000 (torchvision's list), '0'..'9' for 10, else None."
-    if num_classes == 1000:
-        from torchvision.models import ResNet50_Weights
-        return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
-    if num_classes == 10:
-        return {i: str(i) for i in range(10)}
-    return None
+        return self.sampler_spec(num_inference_steps, sampling_method, mode).build(self.transport)
 
 # %% ../nbs/20_diffusers.ipynb
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
-class _Progress:
-    "Wrap a network so that each evaluation moves a progress bar to the sampler's time (as a fraction of the path)."
-    def __init__(self, fn, bar, t0, t1, total):
-        self.fn, self.bar, self.t0, self.t1, self.total = fn, bar, t0, t1, total
-    def __call__(self, x, t, **kwargs):
-        frac = (float(t.reshape(-1)[0]) - self.t0) / (self.t1 - self.t0) if self.t1 != self.t0 else 1.0
-        done = min(self.total, int(frac * self.total + 1e-6))
-        if done > self.bar.n: self.bar.update(done - self.bar.n)
-        return self.fn(x, t, **kwargs)
+def _seed_of_generator(generator) -> int:
+    "The seed of a `torch.Generator` (the first of a list); a fresh random one when there is none."
+    if generator is None: return int(torch.randint(0, 2 ** 62, (1,)))
+    g = generator[0] if isinstance(generator, (list, tuple)) else generator
+    return int(g.initial_seed())
 
 class SiTPipeline(DiffusionPipeline):
     "Class-conditional image generation with a SiT, our transport and samplers, and an optional VAE."
@@ -240,8 +231,28 @@ class SiTPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         if id2label is not None:
             self.register_to_config(id2label={str(k): v for k, v in id2label.items()})
-        names = id2label if id2label is not None else default_id2label(transformer.num_classes) or {}
+        names = id2label if id2label is not None else default_class_names(transformer.num_classes) or {}
         self.labels = dict(sorted((name.strip(), int(k)) for k, v in names.items() for name in str(v).split(",")))
+
+    @classmethod
+    def from_run(cls, run, vae="auto") -> "SiTPipeline":
+        """The pipeline of a run (a `run.RunSpec` or any source `run.read_run` reads): its EMA network, transport,
+        sampler, guidance, class names and VAE (`vae`: 'auto' for the run's, None, a name/folder or an `AutoencoderKL`)."""
+        spec = read_run(run)
+        net = load_model(spec)
+        meta = {"source": f"{spec.source}", "training_data": (spec.training or {}).get("data"),
+                "training_steps": (spec.training or {}).get("steps")}
+        v = load_run_vae(spec) if vae == "auto" else load_vae(vae) if vae is None or isinstance(vae, str) else vae
+        meta["latent"] = v is not None
+        return cls(transformer=SiTTransformer2DModel.from_sit(net, card_data=meta), scheduler=SiTScheduler.from_run(spec),
+                   vae=v, id2label=spec.class_names)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        "diffusers' `from_pretrained` for a pipeline folder or Hub repo; any other checkpoint through `from_run`."
+        p = Path(str(pretrained_model_name_or_path)).expanduser()
+        if p.exists() and not (p / "model_index.json").is_file(): return cls.from_run(p)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def get_label_ids(self, label: Union[str, Sequence[str]]) -> list:
         "Class labels for class names (ImageNet's for 1000-class models, '0'..'9' for the digits)."
@@ -260,7 +271,7 @@ class SiTPipeline(DiffusionPipeline):
         if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple)) and class_labels
                                              and all(isinstance(c, str) for c in class_labels)):
             class_labels = self.get_label_ids(class_labels)
-        labels = torch.as_tensor(class_labels, device=self._execution_device).reshape(-1)
+        labels = torch.as_tensor(class_labels).reshape(-1)
         k = self.transformer.num_classes
         if labels.numel() == 0 or labels.is_floating_point() or labels.dtype == torch.bool:
             raise UserError(f"class_labels must be a non-empty list of integer labels (or class names), got {class_labels!r}")
@@ -268,116 +279,91 @@ class SiTPipeline(DiffusionPipeline):
             raise UserError(f"class_labels must be in [0, {k - 1}] for this {k}-class model, got {labels.tolist()}")
         return labels.long()
 
-    @torch.no_grad()
-    def __call__(self, class_labels, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                 generator: Union[torch.Generator, list, None] = None, output_type: str = "pil", return_dict: bool = True,
-                 sampling_method: Optional[str] = None, mode: Optional[str] = None,
-                 guidance_interval: Optional[Sequence[float]] = None, sample_fn: Optional[Callable] = None):
-        """Sample one image per class label (ints, or class names). Unset arguments take the scheduler's defaults;
-        `sample_fn` replaces the scheduler's sampler by any `Sampler.sample_ode/sample_sde` function. Returns
-        `ImagePipelineOutput(images)` (or `(images,)` with `return_dict=False`)."""
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        cfg = self.scheduler.config
-        model = self.transformer
-        labels = self._label_tensor(class_labels)
-        scale = cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-        interval = cfg.guidance_interval if guidance_interval is None else guidance_interval
-        fn = sample_fn or self.scheduler.sample_fn(num_inference_steps, sampling_method, mode)
-        n, c, s = labels.shape[0], model.in_channels, model.input_size
-        z = randn_tensor((n, c, s, s), generator=generator, device=self._execution_device, dtype=model.dtype)
-        steps = (num_inference_steps or cfg.num_inference_steps) if sample_fn is None else 100
-        seed = None
-        if generator is not None:   # the SDE's Brownian increments: from a generator-seeded copy of the global RNG
-            g = generator[0] if isinstance(generator, list) else generator
-            seed = int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device))
-        with self.progress_bar(total=steps) as bar, torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None: torch.manual_seed(seed)
-            t0, t1 = getattr(fn, "t0", 0.0), getattr(fn, "t1", 1.0)
-            if scale != 1.0:
-                y = torch.cat([labels, torch.full_like(labels, model.null_class)])
-                kw = dict(cfg_scale=scale, cfg_channels=cfg.cfg_channels)
-                if interval is not None: kw["cfg_interval"] = tuple(interval)
-                x = fn(torch.cat([z, z]), _Progress(model.forward_with_cfg, bar, t0, t1, steps), y=y, **kw)[-1][:n]
-            else:
-                x = fn(z, _Progress(model.forward, bar, t0, t1, steps), y=labels)[-1]
-            bar.update(steps - bar.n)
-        images = self.decode(x, output_type)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+# %% ../nbs/20_diffusers.ipynb
+@torch.no_grad()
+def _pipeline_call(self, class_labels, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                   generator: Union[torch.Generator, list, None] = None, output_type: str = "pil",
+                   return_dict: bool = True, sampling_method: Optional[str] = None, mode: Optional[str] = None,
+                   guidance_interval: Optional[Sequence[float]] = None, sample_fn: Optional[Callable] = None,
+                   batch_size: Optional[int] = None):
+    """Sample one image per class label (ints, or class names). Unset arguments take the scheduler's defaults (the
+    run's); `sample_fn` replaces its sampler by any `Sampler.sample_ode/sample_sde` function. Returns
+    `ImagePipelineOutput(images)` (or `(images,)` with `return_dict=False`)."""
+    if output_type not in OUTPUT_TYPES:
+        raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    labels = self._label_tensor(class_labels)
+    g = self.scheduler.guidance
+    guidance = Guidance(g.scale if guidance_scale is None else float(guidance_scale),
+                        g.interval if guidance_interval is None else tuple(guidance_interval), g.channels)
+    fn = sample_fn or self.scheduler.sample_fn(num_inference_steps, sampling_method, mode)
+    total = 1000
+    with self.progress_bar(total=total) as bar:
+        def progress(frac, nfe):
+            if int(frac * total) > bar.n: bar.update(int(frac * total) - bar.n)
+        out = generate(self.transformer, fn, labels, guidance, None, _seed_of_generator(generator),
+                       self._execution_device, batch_size=batch_size, on_progress=progress)
+        bar.update(total - bar.n)
+    images = self.decode(out.samples.to(self._execution_device), output_type)
+    self.maybe_free_model_hooks()
+    return ImagePipelineOutput(images=images) if return_dict else (images,)
 
-    def decode(self, x: torch.Tensor, output_type: str = "pil"):
-        "Samples (latents, or pixels when there is no VAE) as images in [0, 1] in the `output_type` format."
-        if output_type == "latent": return x
-        if self.vae is not None:
-            x = self.vae.decode((x / VAE_SCALE).to(self.vae.dtype)).sample
-        images = (x.float().clamp(-1, 1) + 1) / 2
-        if output_type == "pt": return images
-        images = images.cpu().permute(0, 2, 3, 1).numpy()
-        return self.numpy_to_pil(images) if output_type == "pil" else images
+def _decode(self, x: torch.Tensor, output_type: str = "pil"):
+    "Samples (latents, or pixels when there is no VAE) as images in [0, 1] in the `output_type` format."
+    if output_type == "latent": return x
+    images = to_images(x, self.vae)
+    if output_type == "pt": return images
+    images = images.permute(0, 2, 3, 1).numpy()
+    return self.numpy_to_pil(images) if output_type == "pil" else images
 
-    def save_pretrained(self, save_directory, **kwargs):
-        "diffusers' layout (`model_index.json`, `transformer/`, `scheduler/`, `vae/`) plus a model card `README.md`."
-        if kwargs.pop("push_to_hub", False):
-            raise UserError("use pipe.push_to_hub(repo_id) to upload (it writes our model card)")
-        c = self.scheduler.config
-        card = self.transformer.card_data   # the transformer's own card gets the transport and sampler too
-        card["latent"] = self.vae is not None
-        card["transport"] = {k: c[k] for k in ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")}
-        card["sampler"] = {k: c[k] for k in ("mode", "sampling_method", "num_inference_steps", "guidance_scale",
-                                             "cfg_channels", "guidance_interval")}
-        super().save_pretrained(save_directory, **kwargs)
-        meta = {"model_name": getattr(self.transformer, "model_name", None), **card}
-        first = next(iter(self.labels), None)
-        usage = ("import torch\nfrom sit_workbench.pipeline import SiTPipeline\n"
-                 "pipe = SiTPipeline.from_pretrained('<this folder or repo>')\n"
-                 f"labels = {[0] if first is None else f'pipe.get_label_ids([{first!r}])'}\n"
-                 "image = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0)).images[0]")
-        (Path(save_directory) / "README.md").write_text(
-            _card_text(f"{meta['model_name'] or 'SiT'} pipeline", meta, dict(self.transformer.config), usage))
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        "Upload `save_pretrained` to the Hub repo `repo_id`; offline or on any failure a `HubUploadError`."
-        return push_folder_to_hub(self, repo_id, **kwargs)
+SiTPipeline.__call__, SiTPipeline.decode = _pipeline_call, _decode
 
 # %% ../nbs/20_diffusers.ipynb
-def _trainer_source(folder: Path):
-    "EMA network, scheduler settings, default VAE and card metadata of a training checkpoint folder of ours."
-    state = json.loads((folder / "trainer_state.json").read_text())
-    mc, dc = state["config"]["model_config"], state["config"]["dataset_config"]
-    sched = {k: mc[k] for k in ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")}
-    sched["guidance_scale"] = mc.get("cfg_scale", 1.0)
-    data = dc.get("dataset_path") or dc.get("dataset_format")
-    meta = {"training_data": f"{data} ({dc.get('dataset_format')}, {dc.get('image_size')}px)",
-            "training_steps": state.get("step"), "source": f"sit-workbench training checkpoint {folder.name}"}
-    return load_sit(folder, prefer="ema"), sched, mc.get("vae_path"), meta
+def run_description(self) -> dict:
+    "The pipeline's run (`run.json`): architecture, transport, sampler, guidance, VAE, classes, training."
+    c, card = self.scheduler.config, self.transformer.card_data
+    names = {v: k for k, v in self.labels.items()}
+    return {"format": 1, "model_name": getattr(self.transformer, "model_name", None),
+            "architecture": dict(self.transformer.config), "transport": {k: c[k] for k in TRANSPORT_KEYS},
+            "guidance": self.scheduler.guidance.to_dict(), "vae": "vae" if self.vae is not None else None,
+            "num_classes": self.transformer.num_classes,
+            "class_names": {str(k): names[k] for k in sorted(names)} or None,
+            "sampler": self.scheduler.spec.to_dict(),
+            "training": {"steps": card.get("training_steps"), "data": card.get("training_data")}}
 
-def _official_source(path: Path, model: str):
-    "EMA network, scheduler settings, default VAE and card metadata of an official `.pt`."
-    from sit_workbench.checkpoint import import_official
-    if model not in SiT_models:
-        raise UserError(f"unknown model {model!r} for the official checkpoint; choose one of {list(SiT_models)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        net = load_sit(import_official(path, Path(tmp) / "sit", model), prefer="ema")
-    sched = dict(path_type="Linear", prediction="velocity", cfg_channels=3)
-    return net, sched, "ema", {"source": f"official SiT checkpoint {path.name}"}
+def _save_pretrained(self, save_directory, **kwargs):
+    "diffusers' layout (`model_index.json`, `transformer/`, `scheduler/`, `vae/`), the run's `run.json` and a model card."
+    if kwargs.pop("push_to_hub", False):
+        raise UserError("use pipe.push_to_hub(repo_id) to upload (it writes our model card)")
+    run = self.run_description()
+    card = self.transformer.card_data   # the transformer's own card gets the transport and sampler too
+    card.update(latent=self.vae is not None, transport=run["transport"],
+                sampler={**run["sampler"], "guidance": run["guidance"]})
+    DiffusionPipeline.save_pretrained(self, save_directory, **kwargs)
+    (Path(save_directory) / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    meta = {"model_name": getattr(self.transformer, "model_name", None), **card}
+    first = next(iter(self.labels), None)
+    usage = ("import torch\nfrom sit_workbench.pipeline import SiTPipeline\n"
+             "pipe = SiTPipeline.from_pretrained('<this folder or repo>')\n"
+             f"labels = {[0] if first is None else f'pipe.get_label_ids([{first!r}])'}\n"
+             "image = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0)).images[0]")
+    (Path(save_directory) / "README.md").write_text(
+        _card_text(f"{meta['model_name'] or 'SiT'} pipeline", meta, dict(self.transformer.config), usage))
 
-def export_diffusers(src, dst, model: str = "SiT-XL/2", vae="auto", training_data: Optional[str] = None,
-                     **scheduler_kwargs) -> Path:
-    """Write a training checkpoint folder of ours or an official `.pt` (or name) as a diffusers pipeline folder.
-    `model` names the architecture of an official `.pt`; `vae`: 'auto', None, a name/folder or an `AutoencoderKL`."""
-    path = resolve_checkpoint(src)
-    if path.is_dir() and (path / "trainer_state.json").is_file():
-        net, sched, default_vae, meta = _trainer_source(path)
-    elif path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
-        net, sched, default_vae, meta = _official_source(path, model)
-    else:
-        raise UserError(f"{src!s} is neither a training checkpoint folder (with trainer_state.json) nor an official "
-                         ".pt checkpoint")
-    if training_data is not None: meta["training_data"] = training_data
-    vae = load_vae(default_vae if vae == "auto" else vae) if vae is None or isinstance(vae, str) else vae
-    meta["latent"] = vae is not None
-    transformer = SiTTransformer2DModel.from_sit(net, card_data=meta)
-    pipe = SiTPipeline(transformer=transformer, scheduler=SiTScheduler(**{**sched, **scheduler_kwargs}), vae=vae)
+def _push_to_hub(self, repo_id: str, **kwargs):
+    "Upload `save_pretrained` to the Hub repo `repo_id`; offline or on any failure a `HubUploadError`."
+    return push_folder_to_hub(self, repo_id, **kwargs)
+
+SiTPipeline.run_description, SiTPipeline.save_pretrained, SiTPipeline.push_to_hub = run_description, _save_pretrained, _push_to_hub
+
+# %% ../nbs/20_diffusers.ipynb
+def export_diffusers(src, dst, model: Optional[str] = None, vae="auto", training_data: Optional[str] = None,
+                     **run_options) -> Path:
+    """Write any checkpoint `run.read_run` reads as a diffusers pipeline folder (`model`: the architecture of a `.pt`
+    that does not record it; `vae`: 'auto', None, a name/folder or an `AutoencoderKL`; `run_options`: see
+    `RunSpec.with_options`)."""
+    spec = read_run(src, model)
+    if run_options: spec = spec.with_options(**run_options)
+    pipe = SiTPipeline.from_run(spec, vae=vae)
+    if training_data is not None: pipe.transformer.card_data["training_data"] = training_data
     pipe.save_pretrained(dst)
     return Path(dst)

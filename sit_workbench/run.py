@@ -23,7 +23,7 @@ from .model import SiT, SiT_models
 from .paths import looks_local
 from .registry import DEFAULT_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec
 from .sample import Guidance, generate
-from .transport import create_transport
+from .transport import transport_from_config
 
 # %% auto 0
 __all__ = ['TRANSPORT_KEYS', 'OFFICIAL_TRANSPORT', 'OFFICIAL_GUIDANCE', 'OFFICIAL_VAE', 'FORMAT', 'default_class_names',
@@ -76,7 +76,7 @@ class RunSpec:
 
     def build_transport(self):
         "The run's `Transport`."
-        return create_transport(*(self.transport.get(k) for k in TRANSPORT_KEYS))
+        return transport_from_config(self.transport)
 
 # %% ../nbs/04b_run.ipynb
 def with_options(self, **options) -> RunSpec:
@@ -279,6 +279,12 @@ def _hub(repo_id) -> Path:
                         f"network access (`huggingface-cli download {repo_id} --local-dir DIR`) and pass DIR") from None
 
 # %% ../nbs/04b_run.ipynb
+def _in_channels(spec) -> int | None:
+    "The channels of the run's input, from its architecture or its tensors (None when neither is known yet)."
+    if spec.architecture: return spec.architecture.get("in_channels")
+    w = next(iter(spec._tensors.values()), {}).get("x_embedder.proj.weight") if spec._tensors else None
+    return None if w is None else int(w.shape[1])
+
 def read_run(source, model_name=None) -> RunSpec:
     """The `RunSpec` of any checkpoint: a run or checkpoint folder of ours, a `save_pretrained`/`import` folder, a
     diffusers pipeline folder, an official or exported `.pt` (`model_name`: its `SiT_models` architecture when the
@@ -292,6 +298,9 @@ def read_run(source, model_name=None) -> RunSpec:
     elif not p.exists():
         p = resolve_checkpoint(source)       # a named official checkpoint, or a FileNotFoundError saying what exists
     spec = _from_folder(p, str(source)) if p.is_dir() else _from_file(p, str(source), model_name)
+    if "official defaults" in spec.origin["vae"] and _in_channels(spec) not in (None, 4):
+        spec.vae, spec.guidance = None, dataclasses.replace(spec.guidance, channels=None)   # not an SD-VAE latent model
+        spec.origin["vae"] = spec.origin["guidance"] = "official defaults, in pixel space (not 4 channels)"
     if spec.class_names is None and spec.num_classes in (10, 1000) and spec.vae is not None:
         spec.class_names = default_class_names(spec.num_classes)   # ImageNet's names for a latent 1000-class model
     return spec

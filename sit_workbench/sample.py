@@ -170,13 +170,14 @@ def generate(model, sample_fn, labels, guidance=None, vae=None, seed=0, device="
     bs = int(batch_size or n)
     if noise is not None and tuple(noise.shape) != (n, *shape):
         raise UserError(f"noise must be shaped {(n, *shape)}, got {tuple(noise.shape)}")
+    dtype = next(model.parameters()).dtype              # the noise in the model's precision
     xs, paths, nfe, start_t = [], [], 0, time.perf_counter()
     for b in range(0, n, bs):
         e = min(n, b + bs)
         z = (noise[b:e] if noise is not None else sample_noise(range(first_index + b, first_index + e), shape, seed))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(seed, first_index + b, 1))       # the SDE's Brownian increments
-            x, path = _solve(model, sample_fn, z.to(device), labels[b:e].to(device), guidance, b, e,
+            x, path = _solve(model, sample_fn, z.to(device, dtype), labels[b:e].to(device), guidance, b, e,
                              (on_progress, cancel, nfe), keep_path)
         nfe += sample_fn.nfe or 0
         xs.append(x); paths.append(path)

@@ -16,14 +16,14 @@ from .errors import UserError
 from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLossProfile,
                                         check_diffusion_form, expand_t_like_x)
 from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_num_steps,
-                                   check_sde_multistep,
+                                   check_sde_multistep, data_prediction,
                                    fixed_step_grid, multistep_sampler)
 
 # %% auto 0
 __all__ = ['PATH_TYPES', 'PREDICTIONS', 'LOSS_WEIGHTS', 'TIME_SAMPLERS', 'SDE_EPS', 'SDE_METHODS', 'LAST_STEPS',
            'ADAPTIVE_METHODS', 'FIXED_METHODS', 'ODE_METHODS', 'DIVERGENCES', 'ModelType', 'PathType', 'WeightType',
-           'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport', 'create_transport', 'Sampler',
-           'estimate_velocity_loss']
+           'mean_flat', 'UniformTime', 'LogitNormal', 'default_eps', 'Transport', 'create_transport',
+           'transport_from_config', 'Sampler', 'estimate_velocity_loss']
 
 # %% ../nbs/03_transport.ipynb
 class ModelType(enum.Enum):
@@ -171,9 +171,7 @@ class Transport:
 
     def denoise(self, x, t, score):
         "Tweedie's formula: the posterior mean of the data, `E[x1 | x_t = x] = (x + sigma_t^2 score) / alpha_t`."
-        t = expand_t_like_x(t, x)
-        a, sig = self.path_sampler.compute_alpha_t(t)[0], self.path_sampler.compute_sigma_t(t)[0]
-        return x / a + sig ** 2 / a * score
+        return data_prediction(self.path_sampler, "score", score, x, t)
 
     def score_from_output(self, out, x, t):
         if self.model_type == ModelType.SCORE: return out
@@ -215,6 +213,13 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
     if isinstance(time_sampler, str): time_sampler = _choose(time_sampler, TIME_SAMPLERS, "time_sampler")()
     return Transport(model_type=model_type, path_type=ptype, loss_type=loss_type, train_eps=train_eps,
                      sample_eps=sample_eps, path=path, time_sampler=time_sampler)
+
+def transport_from_config(config) -> Transport:
+    """The transport a run trains and samples with, from its model config: a `ModelConfig`, a dict of its keys, or a
+    run description's `transport` (`path_type`, `prediction`, `loss_weight`, `train_eps`, `sample_eps`)."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    return create_transport(get("path_type", "Linear"), get("prediction", "velocity"), get("loss_weight"),
+                            get("train_eps"), get("sample_eps"))
 
 # %% ../nbs/03_transport.ipynb
 SDE_METHODS = ("Euler", "Heun")

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from .interpolants import DIFFUSION_FORMS
-from .sample import image_grid
-from .transport import FIXED_METHODS, LAST_STEPS, ODE_METHODS, SDE_METHODS
+from .sample import Cancelled, image_grid
+from .registry import DEFAULT_SAMPLER, methods
+from .transport import LAST_STEPS
 
 # %% auto 0
 __all__ = ['set_png', 'error_text', 'SamplerPanel', 'CFGExplorer', 'trajectory_figure', 'plotly_bundle', 'TrajectoryScrubber']
@@ -83,14 +84,19 @@ def _labelled(text, widget, width="9em"):
 
 class SamplerPanel(W.VBox, _Messages):
     "Sampler and guidance controls, Generate and Cancel, a progress bar and the grid."
-    def __init__(self, checkpoint=None, classes=None, per_class=3, cfg_scale=None, mode="ODE", method="heun2",
-                 num_steps=26, seed=0, device=None):
-        "`classes`, `cfg_scale` and the guided channels default to the checkpoint's run (`run_defaults`)."
+    def __init__(self, checkpoint=None, classes=None, per_class=3, cfg_scale=None, mode=None, method=None,
+                 num_steps=None, seed=0, device=None):
+        "The classes, the guidance and the sampler default to the checkpoint's run (`run_defaults`)."
         super().__init__()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ck = default_checkpoint() if checkpoint is None else checkpoint
-        run = {"classes": "0-9", "cfg_scale": 4.0, "cfg_channels": 3, **(run_defaults(ck) if ck else {})}
-        classes, cfg_scale = run["classes"] if classes is None else classes, run["cfg_scale"] if cfg_scale is None else cfg_scale
+        d = DEFAULT_SAMPLER
+        run = {"classes": "0-9", "cfg_scale": 4.0, "cfg_channels": 3, "cfg_interval": (0.0, 1.0), "mode": d.mode.upper(),
+               "method": d.method, "num_steps": d.num_steps, "diffusion_form": "sigma", "diffusion_norm": 1.0,
+               "last_step": "Mean", **(run_defaults(ck) if ck else {})}
+        given = dict(classes=classes, cfg_scale=cfg_scale, mode=mode, method=method, num_steps=num_steps)
+        run.update({k: v for k, v in given.items() if v is not None})
+        classes, cfg_scale, mode, method, num_steps = (run[k] for k in given)
         style, wide = {"description_width": "9em"}, W.Layout(width="34em")
         self.checkpoint = W.Text(value=_short(ck) if ck else "", description="checkpoint", style=style,
                                  placeholder="a checkpoint folder, a run folder or a .pt file", layout=W.Layout(width="48em"))
@@ -100,22 +106,24 @@ class SamplerPanel(W.VBox, _Messages):
         self.cfg_scale = W.FloatSlider(value=cfg_scale, min=1.0, max=10.0, step=0.5, description="guidance",
                                        continuous_update=False, style=style, layout=wide)
         self.cfg_scale.add_class("sit-guidance")
-        self.cfg_interval = W.FloatRangeSlider(value=(0.0, 1.0), min=0.0, max=1.0, step=0.05,
+        self.cfg_interval = W.FloatRangeSlider(value=tuple(run["cfg_interval"]), min=0.0, max=1.0, step=0.05,
                                                description="guided for t in", continuous_update=False, style=style,
                                                layout=wide)
-        self.cfg_channels = W.ToggleButtons(options=_CHANNELS, value=run["cfg_channels"], style={"button_width": "10.5em"})
+        chans = _CHANNELS + ([(f"first {run['cfg_channels']}", run["cfg_channels"])]
+                             if run["cfg_channels"] not in (3, None) else [])
+        self.cfg_channels = W.ToggleButtons(options=chans, value=run["cfg_channels"], style={"button_width": "10.5em"})
         self.mode = W.ToggleButtons(options=["ODE", "SDE"], value=mode, style={"button_width": "8em"})
-        self.method = W.Dropdown(options=ODE_METHODS if mode == "ODE" else SDE_METHODS, value=method,
+        self.method = W.Dropdown(options=methods(mode), value=method,
                                  description="method", style=style)
         self.num_steps = W.IntSlider(value=num_steps, min=2, max=500, description="steps", continuous_update=False,
                                      style=style, layout=wide)
         forms = [f for f in DIFFUSION_FORMS if f != "inccreasing-decreasing"]     # the official spelling, an alias
-        self.diffusion_form = W.Dropdown(options=forms, value="SBDM", description="diffusion", style=style)
-        self.diffusion_norm = W.FloatSlider(value=1.0, min=0.0, max=5.0, step=0.1, description="diffusion norm",
+        self.diffusion_form = W.Dropdown(options=forms, value=run["diffusion_form"], description="diffusion", style=style)
+        self.diffusion_norm = W.FloatSlider(value=run["diffusion_norm"], min=0.0, max=5.0, step=0.1, description="diffusion norm",
                                             continuous_update=False, style=style, layout=wide)
         self.eta = W.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.05, description="eta (w_KL_eta)",
                                  continuous_update=False, style=style, layout=wide)
-        self.last_step = W.Dropdown(options=[(str(s), s) for s in LAST_STEPS], value="Mean", description="last step",
+        self.last_step = W.Dropdown(options=[(str(s), s) for s in LAST_STEPS], value=run["last_step"], description="last step",
                                     style=style)
         self.seed = W.IntText(value=seed, description="seed", style=style, layout=W.Layout(width="16em"))
         self.generate_button = W.Button(description="Generate", button_style="primary", icon="play")
@@ -147,7 +155,7 @@ class SamplerPanel(W.VBox, _Messages):
 
     def _on_mode(self, change=None):
         ode = self.mode.value == "ODE"
-        opts, default = (ODE_METHODS, "heun2") if ode else (SDE_METHODS, "Euler")
+        opts, default = (methods("ode"), "heun2") if ode else (methods("sde"), "Euler")
         if tuple(self.method.options) != tuple(opts):
             keep = self.method.value if self.method.value in opts else default
             self.method.options = opts; self.method.value = keep
@@ -291,7 +299,7 @@ class TrajectoryScrubber(W.VBox, _Messages):
         super().__init__()
         self.panel, self.max_samples = panel, max_samples
         style = {"description_width": "9em"}
-        self.method = W.Dropdown(options=FIXED_METHODS, value=method, description="ODE method", style=style)
+        self.method = W.Dropdown(options=methods("ode", "fixed"), value=method, description="ODE method", style=style)
         self.num_steps = W.IntSlider(value=num_steps, min=2, max=200, description="points", continuous_update=False,
                                      style=style)
         self.solve_button = W.Button(description="Solve", icon="play", button_style="info")

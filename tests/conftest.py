@@ -33,3 +33,24 @@ def sigterm_after():
         proc.send_signal(signal.SIGTERM)
         return proc.communicate(timeout=120)
     return stop
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_run(tmp_path_factory):
+    """A function training (once per set of options) a tiny digits run of `steps` steps and returning its last
+    checkpoint folder: one block of width 32, `overrides` as `digits_config` keys (e.g. path_type="GVP")."""
+    made = {}
+
+    def make(steps=20, **overrides):
+        key = (steps, tuple(sorted(overrides.items())))
+        if key not in made:
+            from sit_workbench.config import digits_config
+            from sit_workbench.train import train
+            out = tmp_path_factory.mktemp("tiny") / "run"
+            cfg = digits_config(**{"depth": 1, "hidden_size": 32, "num_heads": 2, "warmup_steps": 0, "max_steps": steps,
+                                   "save_steps": steps, "output_dir": str(out), **overrides})
+            res = train(cfg, progress=False)
+            assert res["status"] == "finished"
+            made[key] = res["checkpoint"]
+        return made[key]
+    return make

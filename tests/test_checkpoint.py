@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sit_workbench.checkpoint import export_official, import_official, load_sit, load_state_dict
+from sit_workbench.checkpoint import load_sit, load_state_dict
+from sit_workbench.run import export_official, import_official
 from sit_workbench.config import config_to_dict, digits_config
 from sit_workbench.model import SiT, SiT_models, infer_model_name
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sit_workbench.errors import UserError
 from sit_workbench import latents as L
 from sit_workbench.checkpoint import CONFIG_VAE_HINT, load_vae
 from sit_workbench.data import (BadImageWarning, ResumableSampler, augment_generator, build_dataset, center_crop_arr,
@@ -146,7 +147,7 @@ def test_hf_hub_name_offline_gives_a_clear_error(monkeypatch):
         calls.append((name, split))
         raise ConnectionError("Couldn't reach 'someone/cifar-thing' on the Hub (OfflineModeIsEnabled)")
     monkeypatch.setattr(datasets, "load_dataset", offline_load)
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UserError) as e:
         build_dataset(cfg("hf_dataset", "someone/cifar-thing"))
     msg = str(e.value)
     assert "someone/cifar-thing" in msg and "save_to_disk" in msg and "dataset_path" in msg
@@ -244,7 +245,7 @@ def test_corrupted_png_is_skipped_reported_and_counted(tmp_path):
     ds = build_dataset(cfg("imagefolder", tmp_path / "train", max_bad_images=1))
     with pytest.warns(BadImageWarning):
         ds[[k for k, (p, _) in enumerate(ds.samples) if p == str(bad)][0]]
-        with pytest.raises(RuntimeError, match=r"998\.png.*") as e:
+        with pytest.raises(UserError, match=r"998\.png.*") as e:
             ds[[k for k, (p, _) in enumerate(ds.samples) if p == str(bad2)][0]]
     assert "2 unreadable images" in str(e.value) and "max_bad_images=1" in str(e.value)
 
@@ -461,7 +462,7 @@ def test_latent_cache_resumes_and_refuses_incomplete(vae, tmp_path):
         build_latent_cache(Pairs(x, fail_from=4), vae, folder, batch_size=2, shard_size=2, progress=False)
     assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert not (folder / "meta.json").exists()
-    with pytest.raises(RuntimeError, match="incomplete.*2 shards"):
+    with pytest.raises(UserError, match="incomplete.*2 shards"):
         LatentDataset(folder)
     (folder / "shard-00002.safetensors.tmp").write_bytes(b"half a shard")  # left by a crash mid-write
     with pytest.raises(ValueError, match="count"):  # resuming with another dataset is refused
@@ -494,7 +495,7 @@ def test_latent_cache_float16_and_pickling(vae, tmp_path):
 
 
 def test_load_vae(vae, tmp_path):
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UserError) as e:
         load_vae(str(tmp_path / "sd-vae-ft-ema"), hint=CONFIG_VAE_HINT)
     msg = str(e.value)
     assert "sd-vae-ft-ema" in msg and "model_config.vae_path" in msg and "huggingface-cli download" in msg
@@ -503,5 +504,5 @@ def test_load_vae(vae, tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
     assert not loaded.training and load_vae("none") is None
     (tmp_path / "broken").mkdir()
-    with pytest.raises(RuntimeError, match="broken"):
+    with pytest.raises(UserError, match="broken"):
         load_vae(str(tmp_path / "broken"))

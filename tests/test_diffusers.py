@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from sit_workbench.config import digits_config
-from sit_workbench.demo import DEMO_SAMPLER
+from sit_workbench.registry import DEFAULT_SAMPLER
 from sit_workbench.checkpoint import load_into, load_sit, load_state_dict
 from sit_workbench.model import SiT, SiT_models
 from sit_workbench.pipeline import (SiTPipeline, SiTScheduler, SiTTransformer2DModel, export_diffusers,
                                     read_card_data)
-from sit_workbench.sample import generate
+from sit_workbench.sample import Guidance, generate, sample_noise
 from sit_workbench.train import train
 from sit_workbench.transport import Sampler, create_transport
 
@@ -37,22 +37,22 @@ def _quiet(pipe):
 def test_digits_export_reload_same_pixels(digits_ckpt, tmp_path):
     "Done when: SiTPipeline.from_pretrained(<exported digits model>)(class_labels=[3], generator=...) = our pixels."
     dst = export_diffusers(digits_ckpt, tmp_path / "pipe")
-    assert {p.name for p in dst.iterdir()} == {"model_index.json", "README.md", "transformer", "scheduler"}
+    assert {p.name for p in dst.iterdir()} == {"model_index.json", "README.md", "transformer", "scheduler", "run.json"}
     pipe = _quiet(SiTPipeline.from_pretrained(dst))
     assert pipe.vae is None and isinstance(pipe.transformer, SiTTransformer2DModel)
     cfg = digits_config()
-    # the scheduler carries the run's transport and guidance, and the demo's sampler
+    # the scheduler carries the run's transport, guidance and sampler (the registry's default for a run of ours)
     sc = pipe.scheduler.config
     assert (sc.path_type, sc.prediction, sc.guidance_scale) == ("Linear", "velocity", cfg.model_config.cfg_scale)
-    assert (sc.sampling_method, sc.num_inference_steps + 1) == (DEMO_SAMPLER["sampling_method"], DEMO_SAMPLER["num_steps"])
+    assert pipe.scheduler.spec == DEFAULT_SAMPLER
     # the EMA weights, keys unchanged
     ema = load_sit(digits_ckpt, prefer="ema")
     sd, ref = pipe.transformer.state_dict(), ema.state_dict()
     assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
 
     images = pipe(class_labels=[3], generator=torch.Generator().manual_seed(0), output_type="np").images
-    fn = Sampler(create_transport()).sample_ode(**DEMO_SAMPLER)
-    ours, _ = generate(ema, fn, [3], cfg_scale=cfg.model_config.cfg_scale, seed=0, cfg_channels=None)
+    fn = DEFAULT_SAMPLER.build(create_transport())
+    ours = generate(ema, fn, [3], Guidance(cfg.model_config.cfg_scale, None, None), seed=0).images
     assert images.shape == (1, 8, 8, 1)
     assert np.array_equal(images, ours.permute(0, 2, 3, 1).numpy())          # bit for bit
     pil = pipe(class_labels=["3"], generator=torch.Generator().manual_seed(0)).images[0]
@@ -61,6 +61,7 @@ def test_digits_export_reload_same_pixels(digits_ckpt, tmp_path):
     # the card names path, prediction, sampler and training data, and survives a reload and a second save
     card = read_card_data(dst / "transformer")
     assert card["transport"]["path_type"] == "Linear" and card["sampler"]["sampling_method"] == "heun2"
+    assert card["sampler"]["guidance"]["scale"] == cfg.model_config.cfg_scale
     assert card["training_data"].startswith("digits") and card["training_steps"] == 6
     assert "| training data | digits" in (dst / "README.md").read_text()
     pipe.save_pretrained(tmp_path / "again")
@@ -74,7 +75,7 @@ def test_sampler_options_and_sde_reproducible(digits_ckpt, tmp_path):
     # sampling method, steps and guidance interval as call arguments = the same Sampler + forward_with_cfg by hand
     out = pipe(class_labels=[1, 2], num_inference_steps=4, sampling_method="euler", guidance_scale=3.0,
                guidance_interval=(0.0, 0.5), generator=g(), output_type="latent").images
-    z = torch.randn(2, 1, 8, 8, generator=g())
+    z = sample_noise(range(2), (1, 8, 8), seed=5)
     fn = Sampler(create_transport()).sample_ode(sampling_method="euler", num_steps=5)
     with torch.no_grad():
         hand = fn(torch.cat([z, z]), ema.forward_with_cfg, y=torch.tensor([1, 2, 10, 10]), cfg_scale=3.0,
@@ -107,8 +108,8 @@ def test_latent_model_with_local_vae(tmp_path):
     net = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=1000).eval()
     for p in net.parameters(): torch.nn.init.normal_(p, std=0.1)
     vae = _tiny_vae()
-    pipe = SiTPipeline(transformer=SiTTransformer2DModel.from_sit(net), scheduler=SiTScheduler(guidance_scale=1.5,
-                       num_inference_steps=3), vae=vae)
+    pipe = SiTPipeline(transformer=SiTTransformer2DModel.from_sit(net), vae=vae,
+                       scheduler=SiTScheduler(guidance_scale=1.5, sampler={"sampling_method": "heun2", "num_steps": 4}))
     pipe.save_pretrained(tmp_path / "pipe")
     assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
     back = _quiet(SiTPipeline.from_pretrained(tmp_path / "pipe"))
@@ -116,7 +117,7 @@ def test_latent_model_with_local_vae(tmp_path):
     assert labels == [207, 0]
     images = back(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     fn = Sampler(create_transport()).sample_ode(sampling_method="heun2", num_steps=4)
-    ours, _ = generate(net, fn, labels, cfg_scale=1.5, vae=vae, seed=0, cfg_channels=None)
+    ours = generate(net, fn, labels, Guidance(1.5, None, None), vae=vae, seed=0).images
     assert images.shape == (2, 3, 8, 8) and torch.equal(images, ours)       # bit for bit, through the VAE
     assert read_card_data(tmp_path / "pipe")["latent"] is True
 
@@ -136,6 +137,7 @@ def test_official_checkpoint_converts_and_loads_strict_both_ways(tmp_path):
     dst = export_diffusers(pt, tmp_path / "pipe", model="SiT-S/8", vae=None)
     dm = SiTTransformer2DModel.from_pretrained(dst / "transformer")
     assert json.loads((dst / "scheduler" / "scheduler_config.json").read_text())["cfg_channels"] == 3
+    assert json.loads((dst / "run.json").read_text())["sampler"]["sampling_method"] == "dopri5"   # the official sample.py's
     # official -> diffusers layout: the same keys in the same order, the EMA tensors exactly
     sd = dm.state_dict()
     assert list(sd) == list(blob["ema"]) and all(torch.equal(sd[k], blob["ema"][k]) for k in sd)
@@ -200,5 +202,5 @@ def test_custom_class_names_survive_save_and_load(tmp_path):
     torch.save(net.state_dict(), tmp_path / "raw.pt")
     with pytest.raises(ValueError, match="unknown model 'SiT-Q/2'"):
         export_diffusers(tmp_path / "raw.pt", tmp_path / "x", model="SiT-Q/2")
-    with pytest.raises(ValueError, match="neither a training checkpoint folder"):
-        export_diffusers(tmp_path / "pipe", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        export_diffusers(tmp_path / "nothing-here", tmp_path / "x")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sit_workbench.evaluate as E
+from sit_workbench.errors import UserError
 from sit_workbench.gaussian import GaussianMixture
 
 FAST = dict(sampling_method="euler", num_steps=4)
@@ -32,9 +33,9 @@ def env(tmp_path_factory):
 
 
 def _model_transport(ckpt):
-    from sit_workbench.checkpoint import load_sit
-    from sit_workbench.train import build_transport
-    return load_sit(ckpt), build_transport(E.load_run_config(ckpt).model_config)
+    from sit_workbench.run import load_model, read_run
+    spec = read_run(ckpt)
+    return load_model(spec), spec.build_transport()
 
 
 # --- the ADM format -------------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_adm_reader_refuses_wrong_layouts(tmp_path, bad, msg):
 
 def test_resume_regenerates_only_missing_shard(env, tmp_path):
     model, tr = _model_transport(env["ckpt"])
-    kw = dict(sampler=FAST, cfg_scale=1.5, cfg_channels=None, shard_size=8, seed=3)
+    kw = dict(sampler=FAST, guidance=1.5, shard_size=8, seed=3)
     r1 = E.generate_samples(model, tr, tmp_path, 20, **kw)
     assert r1["made"] == [0, 8, 16] and r1["skipped"] == []
     first = np.load(r1["samples"])
@@ -90,7 +91,7 @@ def test_resume_regenerates_only_missing_shard(env, tmp_path):
 
 def test_results_independent_of_batch_size_and_processes(env, tmp_path):
     model, tr = _model_transport(env["ckpt"])
-    kw = dict(sampler=FAST, cfg_scale=1.5, cfg_channels=None, shard_size=8, seed=5)
+    kw = dict(sampler=FAST, guidance=1.5, shard_size=8, seed=5)
     a = np.load(E.generate_samples(model, tr, tmp_path / "a", 20, batch_size=8, **kw)["samples"])
     b = np.load(E.generate_samples(model, tr, tmp_path / "b", 20, batch_size=3, **kw)["samples"])
     # two "processes": rank 1 makes shard 8, rank 0 shards 0 and 16 and merges
@@ -107,10 +108,10 @@ def test_results_independent_of_batch_size_and_processes(env, tmp_path):
 
 
 def test_sample_eval_main_writes_adm_npz_and_digits_metrics(env, tmp_path):
-    from sit_workbench.cli import sample_eval_main, sample_eval_parser
+    from sit_workbench.sampling_cli import sample_eval_main, sample_eval_parser
     p = sample_eval_parser(argparse.ArgumentParser())
     args = p.parse_args([env["ckpt"], "--out-dir", str(tmp_path), "--num-samples", "12", "--shard-size", "5",
-                         "--sampler", json.dumps(FAST), "--cfg-scale", "2", "--device", "cpu"])
+                         "--sampling-method", "euler", "--num-sampling-steps", "4", "--cfg-scale", "2", "--device", "cpu"])
     m = sample_eval_main(args)
     arr = np.load(tmp_path / "samples.npz")["arr_0"]
     assert arr.shape == (12, 8, 8, 3) and arr.dtype == np.uint8
@@ -181,13 +182,13 @@ def test_inception_weights_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "INCEPTION_URL", "http://127.0.0.1:9/weights-inception-2015-12-05-6726825d.pth")
     expected = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     assert E.inception_weights_path() == expected
-    with pytest.raises(RuntimeError) as e: E.ensure_inception_weights(timeout=2)
+    with pytest.raises(UserError) as e: E.ensure_inception_weights(timeout=2)
     assert str(expected) in str(e.value) and "127.0.0.1:9" in str(e.value)
     assert not expected.exists()
     # metrics need the weights: the same error, before any work
     arr = np.zeros((2, 8, 8, 3), np.uint8)
     E.write_adm_npz(tmp_path / "s.npz", arr); E.write_adm_npz(tmp_path / "r.npz", arr)
-    with pytest.raises(RuntimeError, match="Inception weights"): E.imagenet_metrics(tmp_path / "s.npz", tmp_path / "r.npz")
+    with pytest.raises(UserError, match="Inception weights"): E.imagenet_metrics(tmp_path / "s.npz", tmp_path / "r.npz")
     # a file already in place is used without any download
     expected.write_bytes(b"x")
     assert E.ensure_inception_weights(timeout=2) == expected

@@ -20,11 +20,12 @@ def loaded(tmp_path_factory):
     "A tiny Linear velocity digits model trained for 20 steps, as `converged` returns it."
     from sit_workbench.checkpoint import load_sit
     from sit_workbench.config import digits_config
-    from sit_workbench.train import build_transport, train
+    from sit_workbench.train import train
+    from sit_workbench.transport import transport_from_config
     cfg = digits_config(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, max_steps=20, save_steps=20,
                         output_dir=str(tmp_path_factory.mktemp("few") / "run"))
     ck = train(cfg, progress=False)["checkpoint"]
-    return load_sit(ck).eval(), build_transport(cfg.model_config), Path(ck), 20
+    return load_sit(ck).eval(), transport_from_config(cfg.model_config), Path(ck), 20
 
 
 def test_wrapper_reproduces_our_euler(loaded):

@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sit_workbench.errors import UserError
 from sit_workbench import errors as E
-from sit_workbench.checkpoint import PROJECTOR_FILES, export_official, import_official, load_sit
+from sit_workbench.checkpoint import PROJECTOR_FILES, load_sit
+from sit_workbench.run import export_official, import_official
 from sit_workbench.config import config_from_dict, config_to_dict, digits_config, save_config
 from sit_workbench.digits import load_digits_encoder
 from sit_workbench.model import SiT
@@ -202,7 +204,7 @@ def test_timm_encoder_without_network_says_how_to_pass_a_file(monkeypatch):
             raise OSError("We couldn't connect to 'https://huggingface.co'")
         return real(name, pretrained=pretrained, **kw)
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match="repa_encoder_weights: /path/to/encoder.safetensors"):
+    with pytest.raises(UserError, match="repa_encoder_weights: /path/to/encoder.safetensors"):
         TimmEncoder("vit_tiny_patch16_224", resolution=32)
 
 

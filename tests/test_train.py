@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from sit_workbench.config import digits_config, save_config
-from sit_workbench.checkpoint import (clean_partial_checkpoints, export_official, import_official, latest_checkpoint,
-                                      list_checkpoints, load_sit, load_state_dict)
+from sit_workbench.checkpoint import clean_partial_checkpoints, latest_checkpoint, list_checkpoints, load_sit, load_state_dict
+from sit_workbench.run import export_official, import_official
 from sit_workbench.train import read_log, train
 
 BIN = Path(sys.executable).parent

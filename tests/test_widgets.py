@@ -13,7 +13,11 @@ from PIL import Image
 from sit_workbench import widgets as Wd
 from sit_workbench.model import SiT
 from sit_workbench.checkpoint import load_sit, save_pretrained
-from sit_workbench.sample import generate
+from pathlib import Path
+
+from sit_workbench.errors import UserError
+from sit_workbench.registry import methods
+from sit_workbench.sample import Guidance, generate, rows_by_class
 from sit_workbench.transport import Sampler, create_transport
 
 torch.set_num_threads(1)
@@ -63,7 +67,7 @@ def test_default_checkpoint_from_the_project_root(ckpt, tmp_path, monkeypatch):
 
 def test_run_folder_loads_its_latest_checkpoint(ckpt):
     loaded = Wd.load_checkpoint(os.path.dirname(ckpt))
-    assert loaded.path.name == "checkpoint-30" and loaded.vae is None and loaded.has_null_class
+    assert Path(loaded.location).name == "checkpoint-30" and loaded.vae is None
     assert Wd.load_checkpoint(ckpt) is Wd.load_checkpoint(ckpt)      # cached
 
 
@@ -84,11 +88,11 @@ def test_panel_generates_what_generate_gives(ckpt):
     p = panel(ckpt, classes="0-9", cfg_scale=4.0, seed=3)
     res = p.run()
     assert p.error == "" and res.nfe == 50 and "NFE 50" in p.status.value and p.progress.value == 1.0
-    assert png_size(p.image.value) == (8 * 102, 8 * 22) and p.image.width == str(8 * 102)
-    # the same images as generate() with the same sampler, labels (a column per class) and seed
+    assert png_size(p.image.value) == (6 * 22, 6 * 102) and p.image.width == str(6 * 22)   # fits 820 x 640
+    # the same images as `sit-workbench sample --seed 3 --cfg-scale 4`: sample i is class i % 10; one row per class
     fn = Sampler(create_transport("Linear", "velocity")).sample_ode(sampling_method="heun2", num_steps=26)
-    ref, info = generate(load_sit(ckpt), fn, torch.arange(10).repeat(2), cfg_scale=4.0, seed=3)
-    assert torch.equal(res.images, ref) and info["nfe"] == 50
+    ref = generate(load_sit(ckpt), fn, torch.arange(10).repeat(2), Guidance(4.0, None, None), seed=3)
+    assert torch.equal(res.images, rows_by_class(ref.images, 10)) and ref.nfe == 50
     before = p.image.value
     assert p.run() is not None and p.image.value == before    # same seed, same grid
     p.seed.value = 4
@@ -99,7 +103,10 @@ def test_panel_defaults_come_from_the_run(ckpt, tmp_path):
     p = Wd.SamplerPanel(checkpoint=ckpt, device="cpu")       # the digits run: 10 classes, guidance 2, pixel space
     assert (p.classes.value, p.cfg_scale.value, p.cfg_channels.value) == ("0-9", 2.0, None)
     run = str(Wd.find_path(ckpt).parent)                      # a run folder means its latest checkpoint
-    assert Wd.run_defaults(run) == {"classes": "0-9", "cfg_scale": 2.0, "cfg_channels": None}
+    assert Wd.run_defaults(run) == {"classes": "0-9", "cfg_scale": 2.0, "cfg_channels": None, "cfg_interval": (0.0, 1.0),
+                                    "mode": "ODE", "method": "heun2", "num_steps": 26, "diffusion_form": "sigma",
+                                    "diffusion_norm": 1.0, "last_step": "Mean"}
+    assert (p.mode.value, p.method.value, p.num_steps.value) == ("ODE", "heun2", 26)   # the run's sampler
     p = Wd.SamplerPanel(checkpoint=ckpt, cfg_scale=5.0, classes="3", device="cpu")   # given values win
     assert (p.classes.value, p.cfg_scale.value) == ("3", 5.0)
     assert Wd.run_defaults(tmp_path / "nothing") == {}
@@ -108,7 +115,7 @@ def test_panel_defaults_come_from_the_run(ckpt, tmp_path):
 def test_panel_options_reach_the_sampler(ckpt):
     p = panel(ckpt, classes="1", per_class=1)
     p.mode.value = "SDE"
-    assert tuple(p.method.options) == Wd.SDE_METHODS and p.method.value == "Euler"
+    assert list(p.method.options) == methods("sde") and p.method.value == "Euler"
     assert not p.diffusion_form.disabled and p.eta.disabled
     p.num_steps.value, p.last_step.value = 10, None
     assert p.run().nfe == 9
@@ -120,10 +127,10 @@ def test_panel_options_reach_the_sampler(ckpt):
     assert p.run().nfe == 4
     p.method.value = "dopri5"                                  # adaptive: the progress follows t
     assert p.run() is not None and p.progress.value == 1.0
-    req = p.request()
+    spec = Wd.load_checkpoint(ckpt)
+    assert Wd.with_request(spec, p.request()).guidance == Guidance(2.0, None, None)   # a pixel-space run: every channel
     p.cfg_interval.value, p.cfg_channels.value = (0.2, 0.8), 3
-    assert Wd.guidance_kwargs(req) == {"cfg_channels": None, "cfg_interval": None}   # a pixel-space run: every channel
-    assert Wd.guidance_kwargs(p.request()) == {"cfg_channels": 3, "cfg_interval": (0.2, 0.8)}
+    assert Wd.with_request(spec, p.request()).guidance == Guidance(2.0, (0.2, 0.8), 3)
     assert p.run() is not None and p.error == ""
 
 
@@ -179,7 +186,7 @@ def test_handler_errors_become_messages(ckpt):
 
 # --- cancelling and one job at a time -----------------------------------------------------------------------------
 
-def test_watch_stops_between_evaluations(ckpt):
+def test_a_cancelled_solve_stops_between_evaluations(ckpt):
     cancel, seen = threading.Event(), []
     def progress(frac, nfe):
         seen.append((frac, nfe))
@@ -273,6 +280,10 @@ def test_explorer_debounces_the_slider_and_shares_the_noise(ckpt):
     assert ex.scales() == [1.0, 3.5, 6.0] and "1, 3.5, 6" in ex.scales_label.value
     imgs = ex.result.images
     assert imgs.shape == (9, 1, 8, 8) and png_size(ex.image.value)[0] == ex.result.nrow * 10 * 8 + 2 * 8
+    # row r starts from the noise of sample (seed, r), the noise `sample` gives its sample r
+    first = generate(load_sit(ckpt), Sampler(create_transport()).sample_ode(sampling_method="heun2", num_steps=26),
+                     [0, 1, 2], Guidance(1.0, None, None), seed=1).images
+    assert torch.allclose(imgs[0::3], first, atol=2e-3)
     # one row per class with the same noise: at scale 1 each column is the same as a row of single-scale runs
     req = p.request()
     alone = Wd.sample_guidance_row(req, [6.0]).images
@@ -325,5 +336,5 @@ def test_scrubber_keeps_the_solve_and_moves_along_it(ckpt):
 
 def test_scrubber_needs_a_fixed_step_method(ckpt):
     req = Wd.Request(checkpoint=ckpt, classes="0")
-    with pytest.raises(ValueError, match="fixed-step"):
+    with pytest.raises(UserError, match="fixed-step"):
         Wd.solve_trajectory(req, method="dopri5")

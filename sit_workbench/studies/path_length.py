@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..digits import digits_arrays
-from ..evaluate import sample_labels, sample_noise
+from ..sample import random_labels, sample_noise
 from ..gaussian import GaussianMixture
 from ..transport import Sampler, create_transport
 from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_steps, RowLog, zoo_model
@@ -56,7 +56,7 @@ def model_path_length(name, setting, seed=0, sampler=None) -> dict:
     s = get_setting(setting)
     model, transport, _ = zoo_model(name, s)
     fn = Sampler(transport).sample_ode(**(sampler or PATH_SAMPLER))
-    y = sample_labels(s.num_samples, model.num_classes, seed)
+    y = random_labels(s.num_samples, model.num_classes, seed)
     z = sample_noise(range(s.num_samples), (model.in_channels, model.input_size, model.input_size), seed)
     with torch.no_grad(): xs = fn(z, model.forward, y=y)
     return _summary(*trajectory_lengths(xs), interpolant=ZOO[name]["path_type"], nfe=fn.nfe)

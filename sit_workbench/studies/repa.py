@@ -60,7 +60,8 @@ def measure_rung(objective, seed, steps, setting="full", ladder=None, clf=None, 
     from sit_workbench.evaluate import evaluate_digits_model
     from sit_workbench.studies.convergence import training_seconds
     from sit_workbench.studies.zoo import _classifier
-    from sit_workbench.train import build_transport, train
+    from sit_workbench.train import train
+    from sit_workbench.transport import transport_from_config
     s = get_setting(setting)
     cfg = run_config(objective, seed, steps, s, ladder)
     out = Path(cfg.output_dir)
@@ -70,7 +71,7 @@ def measure_rung(objective, seed, steps, setting="full", ladder=None, clf=None, 
         if checkpoint_problem(ck) is not None:
             res = train(cfg, progress=progress, encoder=_encoder() if objective == "repa" else None)
             if res["status"] != "finished" or res["step"] != steps: raise RuntimeError(f"training stopped early: {res}")
-    m = evaluate_digits_model(load_sit(ck), build_transport(cfg.model_config), n=s.num_samples, cfg_scale=1.0,
+    m = evaluate_digits_model(load_sit(ck), transport_from_config(cfg.model_config), n=s.num_samples, cfg_scale=1.0,
                               seed=s.seeds[0], batch_size=s.num_samples, clf=clf or _classifier(),
                               bootstrap=s.bootstrap)
     return {"objective": objective, "seed": int(seed), "steps": int(steps), "digits_fid": m["digits_fid"],

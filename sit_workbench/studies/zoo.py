@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, digits_config
-from ..train import build_transport, train
+from ..train import train
+from ..transport import transport_from_config
 from ..checkpoint import latest_checkpoint
 
 # %% auto 0
@@ -185,7 +186,7 @@ def zoo_model(name, setting="full", steps=None, progress=False):
 def _zoo_model(name, setting, steps, progress):
     from sit_workbench.checkpoint import load_sit
     ck = zoo_checkpoint(name, setting, steps, progress)
-    return load_sit(ck).eval(), build_transport(zoo_config(name, setting, steps).model_config), ck
+    return load_sit(ck).eval(), transport_from_config(zoo_config(name, setting, steps).model_config), ck
 
 @functools.lru_cache(maxsize=1)
 def _classifier():
