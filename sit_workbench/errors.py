@@ -161,13 +161,11 @@ def writing(tmp, target, needed=0):
         raise
 
 # %% ../nbs/00b_errors.ipynb
-def _fmt(v): return f"{v:g}" if isinstance(v, float) else str(v)
-
 def _bounds(lo, hi, lo_open, hi_open) -> str:
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
-    if lo is not None: return "positive" if lo == 0 and lo_open else f"{'>' if lo_open else '>='} {_fmt(lo)}"
-    return f"{'<' if hi_open else '<='} {_fmt(hi)}"
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None: return "positive" if lo == 0 and lo_open else f"{'>' if lo_open else '>='} {lo}"
+    return f"{'<' if hi_open else '<='} {hi}"
 
 def number_problem(value, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False) -> str | None:
     "What is wrong with `value` as a number within these bounds ('must be positive, got -1'), or None when it fits."
