@@ -222,8 +222,9 @@ def _describe(rec) -> str:
 class FolderLock:
     """`with FolderLock(folder, what="training run"):` one writer at a time for `folder` (see above); `name`: the lock
     file's name in `folder`, `warn`: how to report a takeover (default: a line on stderr)."""
-    def __init__(self, folder, what="writer", name=LOCK_FILE, warn=None):
+    def __init__(self, folder, what="writer", name=LOCK_FILE, warn=None, heartbeat=30.0, stale_after=300.0):
         self.folder, self.what, self.path, self._fd = Path(folder), what, Path(folder) / name, None
+        self.heartbeat, self.stale_after, self._stop = heartbeat, stale_after, None
         self._warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
 
     def _record(self, fd) -> dict | None:
@@ -249,12 +250,13 @@ class FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = self._open_locked()
         old, host = self._record(fd), socket.gethostname()
-        if old and old.get("host") != host:
+        idle = time.time() - os.fstat(fd).st_mtime
+        if old and old.get("host") != host and idle < self.stale_after:
             os.close(fd)
-            raise UserError(f"{self.folder} is in use by another writer: {_describe(old)} (lock file {self.path}); "
-                            f"this is host {host}, which cannot tell whether that process is alive. If it is gone, "
-                            f"delete {self.path} and run again")
-        if old and old.get("pid") != os.getpid() and _pid_alive(old.get("pid", 0)):
+            raise UserError(f"{self.folder} is in use by another writer: {_describe(old)} (lock file {self.path}, "
+                            f"touched {idle:.0f} s ago); this host ({host}) cannot tell whether it is alive. If it is "
+                            f"gone, delete {self.path} or wait {self.stale_after - idle:.0f} s and run again")
+        if old and old.get("host") == host and old.get("pid") != os.getpid() and _pid_alive(old.get("pid", 0)):
             os.close(fd)
             raise UserError(f"{self.folder} is in use by another writer: {_describe(old)}, still running, holds "
                             f"its record (lock file {self.path}); wait for it, stop it, or use another folder")
@@ -262,11 +264,21 @@ class FolderLock:
         rec = {"host": host, "pid": os.getpid(), "started": time.time(), "what": self.what}
         os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0); os.fsync(fd)
         self._fd, self.record = fd, rec
+        if self.heartbeat:
+            import threading
+            self._stop = threading.Event()
+            threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="FolderLock").start()
         return self
+
+    def _beat(self, stop):   # the path, not the fd: the fd may be closed (and its number reused) while this runs
+        while not stop.wait(self.heartbeat):
+            try: os.utime(self.path)
+            except OSError: return
 
     def release(self):
         "Remove the lock file and drop the flock (the file first: a waiting writer then opens a fresh one)."
         if self._fd is None: return
+        if self._stop is not None: self._stop.set()
         try: self.path.unlink(missing_ok=True)
         finally:
             os.close(self._fd); self._fd = None
