@@ -135,7 +135,8 @@ class Checkpointing:
     def _check_config(self, state: dict, folder: Path) -> dict:
         "The legitimate changes of this run's config from the checkpoint's; a `UserError` for the others (see above)."
         changes = config_changes(state.get("config"), config_to_dict(self.cfg))
-        refused = {k: v for k, v in changes.items() if k in MEANING_KEYS}
+        repa_off = state.get("config", {}).get("repa_encoder") is None and self.cfg.repa_encoder is None
+        refused = {k: v for k, v in changes.items() if k in MEANING_KEYS and not (repa_off and k.startswith("repa_"))}
         if refused:
             raise E.UserError(f"{folder} was trained with another model or objective: {show_changes(refused)}. Resume it "
                               "with the config it was trained with (its trainer_state.json holds it), or start this "
