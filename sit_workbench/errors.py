@@ -267,7 +267,8 @@ class FolderLock:
         if self.heartbeat:
             import threading
             self._stop = threading.Event()
-            threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="FolderLock").start()
+            self._thread = threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="FolderLock")
+            self._thread.start()
         return self
 
     def _beat(self, stop):   # the path, not the fd: the fd may be closed (and its number reused) while this runs
@@ -278,7 +279,8 @@ class FolderLock:
     def release(self):
         "Remove the lock file and drop the flock (the file first: a waiting writer then opens a fresh one)."
         if self._fd is None: return
-        if self._stop is not None: self._stop.set()
+        if self._stop is not None:   # stopped and joined: no thread left running into the interpreter's exit
+            self._stop.set(); self._thread.join(timeout=5); self._stop = None
         try: self.path.unlink(missing_ok=True)
         finally:
             os.close(self._fd); self._fd = None
