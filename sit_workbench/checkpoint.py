@@ -5,6 +5,7 @@
 # %% ../nbs/04a_checkpoint.ipynb 2
 from __future__ import annotations
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -27,9 +28,9 @@ from .paths import cache_dir, looks_local
 __all__ = ['PRETRAINED_URLS', 'WEIGHT_FILES', 'RUN_FILE', 'CHECKPOINT_RE', 'CHECKPOINT_FILES', 'COMPLETE', 'PROJECTOR_FILES',
            'OFFICIAL_VAES', 'VAE_HINT', 'CONFIG_VAE_HINT', 'CheckpointDownloadError', 'download_pretrained',
            'resolve_checkpoint', 'weights_file', 'load_state_dict', 'load_into', 'save_pretrained', 'load_sit',
-           'infer_architecture', 'sit_from_state_dict', 'checkpoint_problem', 'list_checkpoints', 'latest_checkpoint',
-           'write_checkpoint', 'read_projector', 'remove_checkpoint', 'prune_checkpoints', 'commit_checkpoint',
-           'clean_partial_checkpoints', 'load_vae']
+           'infer_architecture', 'sit_from_state_dict', 'checkpoint_problem', 'sha256', 'verify_checkpoint',
+           'list_checkpoints', 'latest_checkpoint', 'normal_file_mode', 'write_checkpoint', 'read_projector',
+           'remove_checkpoint', 'prune_checkpoints', 'commit_checkpoint', 'clean_partial_checkpoints', 'load_vae']
 
 # %% ../nbs/04a_checkpoint.ipynb
 PRETRAINED_URLS = {
@@ -241,11 +242,13 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], ema: U
     tensors = lambda sd: {k: v.detach().to("cpu").contiguous() for k, v in _strip_prefixes(dict(sd)).items()}
     sd = tensors(model.state_dict())
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(d / "model.safetensors", normal_file_mode())   # safetensors writes 0600
     if ema is not None:
         ema_sd = tensors(_unwrap(ema).state_dict() if isinstance(ema, nn.Module) else ema)
         if set(ema_sd) != set(sd):
             raise UserError("ema state dict keys differ from the model's")
         save_file(ema_sd, str(d / "ema.safetensors"), metadata={"format": "pt"})
+        os.chmod(d / "ema.safetensors", normal_file_mode())
     config = dict(model.config)
     name = getattr(model, "model_name", None) or infer_model_name(config)
     if name:
@@ -321,19 +324,26 @@ def sit_from_state_dict(state_dict, model=None, config=None) -> SiT:
 # %% ../nbs/04a_checkpoint.ipynb
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("model.safetensors", "ema.pt", "optimizer.pt", "scheduler.pt", "config.json", "trainer_state.json")
-COMPLETE = "complete.json"   # written last: {"files": {name: size in bytes}}
+COMPLETE = "complete.json"   # written last: {"files": {name: {"size": bytes, "sha256": hex digest}}}
 PROJECTOR_FILES = ("projector.safetensors", "projector_optimizer.pt")   # REPA's projector: training state only
+
+def _manifest(folder: Path) -> dict | str:
+    "`{name: (size, sha256)}` of `complete.json` (older ones: `{name: size}`, no checksum), or what is wrong with it."
+    try:
+        files = dict(json.loads((folder / COMPLETE).read_text())["files"])
+        return {n: (v["size"], v.get("sha256")) if isinstance(v, dict) else (int(v), None) for n, v in files.items()}
+    except (ValueError, KeyError, TypeError, OSError): return f"its {COMPLETE} is damaged"
 
 def checkpoint_problem(folder) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when it is: every file that its `complete.json` lists has
-    the size listed; a folder without `complete.json` (written before it existed) needs all of `CHECKPOINT_FILES`,
-    none empty."""
+    the size listed (cheap; `verify_checkpoint` also compares checksums); a folder without `complete.json` (written
+    before it existed) needs all of `CHECKPOINT_FILES`, none empty."""
     folder = Path(folder)
     if not folder.is_dir(): return "no such folder"
-    marker = folder / COMPLETE
-    if marker.is_file():
-        try: sizes = dict(json.loads(marker.read_text())["files"])
-        except (ValueError, KeyError, TypeError, OSError): return f"its {COMPLETE} is damaged"
+    if (folder / COMPLETE).is_file():
+        manifest = _manifest(folder)
+        if isinstance(manifest, str): return manifest
+        sizes = {n: size for n, (size, _) in manifest.items()}
     else:
         if not (folder / "trainer_state.json").is_file(): return f"it has no {COMPLETE} (a partial or deleted checkpoint)"
         sizes = {n: None for n in CHECKPOINT_FILES}
@@ -351,13 +361,40 @@ def _numbered(output_dir) -> list[Path]:
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
-def list_checkpoints(output_dir) -> list[Path]:
-    "Complete checkpoints in `output_dir`, oldest first (see `checkpoint_problem`)."
-    return [p for p in _numbered(output_dir) if checkpoint_problem(p) is None]
+def sha256(path, chunk=1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk): h.update(b)
+    return h.hexdigest()
 
-def latest_checkpoint(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
+def verify_checkpoint(folder) -> Path:
+    """`folder` when it is complete (`checkpoint_problem`) and every file matches the sha256 that `complete.json`
+    recorded; a `CheckpointError` naming the damaged file otherwise (folders written before checksums: sizes only)."""
+    folder = Path(folder)
+    problem = checkpoint_problem(folder)
+    if problem: raise CheckpointError(f"{folder} is not a complete checkpoint: {problem}")
+    manifest = _manifest(folder) if (folder / COMPLETE).is_file() else {}
+    for name, (_, digest) in manifest.items():
+        if digest is not None and (got := sha256(folder / name)) != digest:
+            raise CheckpointError(f"{folder / name} is damaged: its sha256 is {got[:16]}..., {COMPLETE} recorded "
+                                  f"{digest[:16]}... when it was written (changed on disk since)")
+    return folder
+
+def list_checkpoints(output_dir, verify=False) -> list[Path]:
+    "Complete checkpoints in `output_dir`, oldest first (see `checkpoint_problem`; `verify`: checksums too)."
+    def ok(p):
+        try: return verify_checkpoint(p) if verify else checkpoint_problem(p) is None
+        except CheckpointError: return False
+    return [p for p in _numbered(output_dir) if ok(p)]
+
+def latest_checkpoint(output_dir, verify=False) -> Path | None:
+    found = list_checkpoints(output_dir, verify)
     return found[-1] if found else None
+
+def normal_file_mode() -> int:
+    "The mode `open()` gives a new file: `0o666` less the process's umask."
+    mask = os.umask(0o22); os.umask(mask)
+    return 0o666 & ~mask
 
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)
@@ -383,10 +420,11 @@ def write_checkpoint(folder: Path, model_sd, ema_sd, opt_sd, sched_sd, trainer_s
                   metadata={"format": "pt"})
         torch.save({"optimizer": popt, "scheduler": psched}, folder / PROJECTOR_FILES[1])
     if run is not None: (folder / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
-    for f in folder.iterdir(): _fsync(f)
+    mode = normal_file_mode()   # safetensors writes 0600; every file of a checkpoint gets a normal file's mode
+    for f in folder.iterdir(): os.chmod(f, mode); _fsync(f)
     names = CHECKPOINT_FILES + (PROJECTOR_FILES if projector is not None else ()) + ((RUN_FILE,) if run is not None else ())
-    sizes = {n: (folder / n).stat().st_size for n in names}
-    (folder / COMPLETE).write_text(json.dumps({"files": sizes}) + "\n")   # last: marks the folder complete
+    files = {n: {"size": (folder / n).stat().st_size, "sha256": sha256(folder / n)} for n in names}
+    (folder / COMPLETE).write_text(json.dumps({"files": files}) + "\n")   # last: marks the folder complete
     _fsync(folder / COMPLETE)
     _fsync(folder)
 

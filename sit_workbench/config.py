@@ -5,9 +5,10 @@
 # %% auto 0
 __all__ = ['MODEL_TYPES', 'PATH_TYPES', 'PREDICTIONS', 'LOSS_WEIGHTS', 'DATASET_TYPES', 'DATASET_FORMATS', 'RECIPE_DATA_TYPES',
            'COLUMN_FORMATS', 'OPTIMIZERS', 'LR_SCHEDULERS', 'REPORTERS', 'TRAINER_TYPES', 'FSDP_CONFIG_KEYS',
-           'FSDP_WRAP_CLASSES', 'VAE_DOWNSAMPLE', 'VAE_CHANNELS', 'DIGITS_SHAPE', 'SECTIONS', 'ModelConfig',
-           'DatasetConfig', 'TrainConfig', 'unknown_key_error', 'check_type', 'config_from_dict', 'config_to_dict',
-           'load_config', 'save_config', 'validate', 'apply_overrides', 'digits_config']
+           'FSDP_WRAP_CLASSES', 'VAE_DOWNSAMPLE', 'VAE_CHANNELS', 'DIGITS_SHAPE', 'SECTIONS', 'POSITIVE', 'UNIT_OPEN',
+           'EPS', 'NUMBER_RANGES', 'ModelConfig', 'DatasetConfig', 'TrainConfig', 'unknown_key_error', 'check_type',
+           'config_from_dict', 'config_to_dict', 'load_config', 'save_config', 'validate', 'apply_overrides',
+           'digits_config']
 
 # %% ../nbs/06_config.ipynb
 import copy
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
+
+from .errors import UserError, check_number
 
 # %% ../nbs/06_config.ipynb
 MODEL_TYPES = ("sit",)
@@ -128,13 +131,13 @@ SECTIONS = {"": TrainConfig, "model_config": ModelConfig, "dataset_config": Data
 def _join(where, key): return f"{where}.{key}" if where else str(key)
 
 def unknown_key_error(path, key, valid, section=None):
-    "A `ValueError` for `key` (at dotted `path`) that suggests the closest of `valid` and lists them all."
+    "A `UserError` for `key` (at dotted `path`) that suggests the closest of `valid` and lists them all."
     valid_names = [str(v) for v in valid]
     close = (difflib.get_close_matches(str(key), valid_names, n=1, cutoff=0.6)
              or [v for v in valid_names if v.startswith(str(key))][:1])
     hint = f"; did you mean {close[0]!r}?" if close else "."
     section = section or (path.rsplit(".", 1)[0] if "." in path else "the top level")
-    return ValueError(f"unknown key {path!r}{hint} Valid keys of {section}: {', '.join(map(str, valid))}")
+    return UserError(f"unknown key {path!r}{hint} Valid keys of {section}: {', '.join(map(str, valid))}")
 
 def _split_optional(tp):
     "`(base type, None allowed)` for an annotation such as `Optional[float]`."
@@ -165,16 +168,16 @@ def _coerce(value, tp):
     return value
 
 def check_type(path, value, tp):
-    "Raise a `ValueError` naming `path`, the expected type and the value unless `value` fits annotation `tp`."
+    "Raise a `UserError` naming `path`, the expected type and the value unless `value` fits annotation `tp`."
     if not _has_type(value, tp):
-        raise ValueError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path}: expected a finite number, got {value!r}")
+        raise UserError(f"{path}: expected a finite number, got {value!r}")
 
 def _build(cls, d, where, **given):
     "A `cls` from the mapping `d`; unknown keys and wrong types raise, naming the key under the dotted `where`."
     if not isinstance(d, dict):
-        raise ValueError(f"{where or 'the config'}: expected a mapping of keys to values, got {d!r}")
+        raise UserError(f"{where or 'the config'}: expected a mapping of keys to values, got {d!r}")
     hints, names = typing.get_type_hints(cls), [f.name for f in fields(cls)]
     kwargs = dict(given)
     for key, value in d.items():
@@ -190,18 +193,18 @@ def _unwrap_recipe(d):
     "The trainer `config:` mapping of a recipe (`[{type: trainer, config: {...}}]`); flat dicts pass through."
     if isinstance(d, list):
         if len(d) != 1:
-            raise ValueError(f"a recipe list must hold exactly one `- type: trainer` entry; got {len(d)} entries "
+            raise UserError(f"a recipe list must hold exactly one `- type: trainer` entry; got {len(d)} entries "
                              "(only a single trainer entry is supported)")
         d = d[0]
         if not isinstance(d, dict) or "type" not in d:
-            raise ValueError(f"a recipe list entry must be a mapping with `type: trainer` and `config:`, got {d!r}")
+            raise UserError(f"a recipe list entry must be a mapping with `type: trainer` and `config:`, got {d!r}")
     if isinstance(d, dict) and "type" in d:
         for key in d:
             if key not in ("type", "config"): raise unknown_key_error(str(key), key, ["type", "config"], "a recipe entry")
-        if d["type"] != "trainer": raise ValueError(f"type: {d['type']!r} is not supported; the only entry type is 'trainer'")
-        if not isinstance(d.get("config"), dict): raise ValueError("a `type: trainer` entry needs a `config:` mapping")
+        if d["type"] != "trainer": raise UserError(f"type: {d['type']!r} is not supported; the only entry type is 'trainer'")
+        if not isinstance(d.get("config"), dict): raise UserError("a `type: trainer` entry needs a `config:` mapping")
         d = d["config"]
-    if not isinstance(d, dict): raise ValueError(f"a config must be a mapping (or a recipe list), got {d!r}")
+    if not isinstance(d, dict): raise UserError(f"a config must be a mapping (or a recipe list), got {d!r}")
     return d
 
 def _model_from(section):
@@ -217,42 +220,42 @@ def _model_from(section):
 def _recipe_dataset(section, datasets):
     "Map the recipe's `datasets: [{path, data_type}]` onto `dataset_path` and `dataset_format`."
     if "dataset_path" in section:
-        raise ValueError("dataset_config: give the data either as dataset_path or as datasets "
+        raise UserError("dataset_config: give the data either as dataset_path or as datasets "
                          "(with dataset_format: yaml), not both")
     where = "dataset_config.datasets"
     if not isinstance(datasets, list) or not datasets:
-        raise ValueError(f"{where}: dataset_format 'yaml' needs a list of one {{path, data_type}} entry, got {datasets!r}")
+        raise UserError(f"{where}: dataset_format 'yaml' needs a list of one {{path, data_type}} entry, got {datasets!r}")
     if len(datasets) > 1:
-        raise ValueError(f"{where}: {len(datasets)} datasets given, but only one dataset entry is supported; "
+        raise UserError(f"{where}: {len(datasets)} datasets given, but only one dataset entry is supported; "
                          "combine them into one dataset (or folder) first")
     entry = datasets[0]
-    if not isinstance(entry, dict): raise ValueError(f"{where}[0]: expected a mapping with path and data_type, got {entry!r}")
+    if not isinstance(entry, dict): raise UserError(f"{where}[0]: expected a mapping with path and data_type, got {entry!r}")
     for key in entry:
         if key not in ("path", "data_type"): raise unknown_key_error(f"{where}[0].{key}", key, ["path", "data_type"])
     for key in ("path", "data_type"):
-        if key not in entry: raise ValueError(f"{where}[0]: missing {key!r}")
+        if key not in entry: raise UserError(f"{where}[0]: missing {key!r}")
         check_type(f"{where}[0].{key}", entry[key], str)
     if entry["data_type"] not in RECIPE_DATA_TYPES:
-        raise ValueError(f"{where}[0].data_type: {entry['data_type']!r} is not supported; choose one of "
+        raise UserError(f"{where}[0].data_type: {entry['data_type']!r} is not supported; choose one of "
                          f"{', '.join(map(repr, RECIPE_DATA_TYPES))}")
     section["dataset_path"], section["dataset_format"] = entry["path"], entry["data_type"]
 
 def _processor(section, processor):
     "Read the recipe's `processor_config` (`processor_type: sit`, `extra_kwargs.image_size`) into `section`."
     where = "dataset_config.processor_config"
-    if not isinstance(processor, dict): raise ValueError(f"{where}: expected a mapping, got {processor!r}")
+    if not isinstance(processor, dict): raise UserError(f"{where}: expected a mapping, got {processor!r}")
     for key in processor:
         if key not in ("processor_type", "extra_kwargs"):
             raise unknown_key_error(f"{where}.{key}", key, ["processor_type", "extra_kwargs"])
     if processor.get("processor_type", "sit") != "sit":
-        raise ValueError(f"{where}.processor_type: {processor['processor_type']!r} is not supported; choose 'sit'")
+        raise UserError(f"{where}.processor_type: {processor['processor_type']!r} is not supported; choose 'sit'")
     extra = processor.get("extra_kwargs") or {}
-    if not isinstance(extra, dict): raise ValueError(f"{where}.extra_kwargs: expected a mapping, got {extra!r}")
+    if not isinstance(extra, dict): raise UserError(f"{where}.extra_kwargs: expected a mapping, got {extra!r}")
     for key in extra:
         if key != "image_size": raise unknown_key_error(f"{where}.extra_kwargs.{key}", key, ["image_size"])
     if "image_size" in extra:
         if "image_size" in section:
-            raise ValueError("dataset_config: image_size is given twice (also as processor_config.extra_kwargs.image_size)")
+            raise UserError("dataset_config: image_size is given twice (also as processor_config.extra_kwargs.image_size)")
         check_type(f"{where}.extra_kwargs.image_size", extra["image_size"], int)
         section["image_size"] = extra["image_size"]
 
@@ -265,7 +268,7 @@ def _dataset_from(section):
         del section["dataset_format"]
         _recipe_dataset(section, datasets)
     elif datasets is not None:
-        raise ValueError("dataset_config.datasets is read only with dataset_format: yaml (the lmms-engine recipe "
+        raise UserError("dataset_config.datasets is read only with dataset_format: yaml (the lmms-engine recipe "
                          "form); otherwise give dataset_path and dataset_format")
     if processor is not None: _processor(section, processor)
     return _build(DatasetConfig, section, "dataset_config")
@@ -277,7 +280,7 @@ def config_from_dict(d) -> TrainConfig:
     model = _model_from(d.pop("model_config", {}))
     data = _dataset_from(d.pop("dataset_config", {}))
     if "fsdp2" in d:  # the recipe's name for fsdp
-        if "fsdp" in d: raise ValueError("fsdp2 is another name for fsdp: give one of them, not both")
+        if "fsdp" in d: raise UserError("fsdp2 is another name for fsdp: give one of them, not both")
         check_type("fsdp2", d["fsdp2"], bool)
         d["fsdp"] = d.pop("fsdp2")
     if isinstance(d.get("report_to"), str): d["report_to"] = [d["report_to"]]  # `report_to: tensorboard`
@@ -294,9 +297,9 @@ def load_config(path_or_dict) -> TrainConfig:
     path = Path(path_or_dict)
     from sit_workbench.errors import read_yaml
     d = read_yaml(path, "config file")
-    if d is None: raise ValueError(f"{path}: the file is empty")
+    if d is None: raise UserError(f"{path}: the file is empty")
     try: return config_from_dict(d)
-    except ValueError as e: raise ValueError(f"{path}: {e}") from None
+    except ValueError as e: raise UserError(f"{path}: {e}") from None
 
 def save_config(cfg: TrainConfig, path) -> Path:
     "Validate `cfg` and write it to `path` in the flat YAML form; `load_config(path) == cfg`."
@@ -309,7 +312,7 @@ def save_config(cfg: TrainConfig, path) -> Path:
 
 # %% ../nbs/06_config.ipynb
 def _require(ok, message):
-    if not ok: raise ValueError(message)
+    if not ok: raise UserError(message)
 
 def _choice(path, value, choices):
     _require(value in choices, f"{path}: {value!r} is not a valid choice; choose one of {', '.join(map(repr, choices))}")
@@ -318,10 +321,27 @@ def _check_types(obj, where):
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj): check_type(_join(where, f.name), getattr(obj, f.name), hints[f.name])
 
-def _positive(obj, where, *names):
-    for name in names:
-        value = getattr(obj, name)
-        _require(value > 0, f"{_join(where, name)} must be positive, got {value!r}")
+POSITIVE, UNIT_OPEN = dict(lo=0, lo_open=True), dict(lo=0, hi=1, hi_open=True)
+EPS = dict(lo=0, hi=0.5, hi_open=True)
+NUMBER_RANGES = {   # every numeric key of each section: its bounds for `errors.check_number`
+    "model_config": dict(input_size=POSITIVE, patch_size=POSITIVE, in_channels=POSITIVE, hidden_size=POSITIVE,
+                         depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE, class_dropout_prob=UNIT_OPEN,
+                         num_classes=POSITIVE, train_eps=EPS, sample_eps=EPS, cfg_scale=dict(lo=1.0)),
+    "dataset_config": dict(image_size=POSITIVE, max_bad_images=dict(lo=0)),
+    "": dict(per_device_train_batch_size=POSITIVE, gradient_accumulation_steps=POSITIVE, learning_rate=POSITIVE,
+             weight_decay=dict(lo=0), adam_beta1=UNIT_OPEN, adam_beta2=UNIT_OPEN, adam_epsilon=POSITIVE,
+             warmup_steps=dict(lo=0), max_grad_norm=POSITIVE, num_train_epochs=POSITIVE, max_steps=dict(lo=-1),
+             save_steps=POSITIVE, save_total_limit=dict(lo=1), logging_steps=POSITIVE, dataloader_num_workers=dict(lo=0),
+             ema_decay=UNIT_OPEN, seed=dict(lo=0, hi=2**63 - 1), repa_encoder_resolution=POSITIVE, repa_block=dict(lo=1),
+             repa_lambda=POSITIVE, repa_projector_dim=POSITIVE),
+}
+
+def _check_numbers(obj, where):
+    "Each numeric key of `obj` (the section `where`) is finite and in its `NUMBER_RANGES` bounds (null where optional)."
+    hints = typing.get_type_hints(type(obj))
+    for name, bounds in NUMBER_RANGES[where].items():
+        base, optional = _split_optional(hints[name])
+        check_number(_join(where, name), getattr(obj, name), integer=base is int, optional=optional, **bounds)
 
 def _check_model(m: ModelConfig):
     w = "model_config"
@@ -329,20 +349,13 @@ def _check_model(m: ModelConfig):
     _choice(f"{w}.path_type", m.path_type, PATH_TYPES)
     _choice(f"{w}.prediction", m.prediction, PREDICTIONS)
     _choice(f"{w}.loss_weight", m.loss_weight, LOSS_WEIGHTS)
-    _positive(m, w, "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-              "num_classes")
     _require(m.hidden_size % m.num_heads == 0,
              f"{w}.hidden_size ({m.hidden_size}) must be divisible by {w}.num_heads ({m.num_heads})")
     _require(m.input_size % m.patch_size == 0,
              f"{w}.input_size ({m.input_size}) must be divisible by {w}.patch_size ({m.patch_size})")
-    _require(0 <= m.class_dropout_prob < 1, f"{w}.class_dropout_prob must be in [0, 1), got {m.class_dropout_prob}")
-    for name in ("train_eps", "sample_eps"):
-        eps = getattr(m, name)
-        _require(eps is None or 0 <= eps < 0.5, f"{w}.{name} must be null or in [0, 0.5), got {eps}")
     _require(m.loss_weight is None or m.prediction != "velocity",
              f"{w}.loss_weight {m.loss_weight!r} would be ignored: velocity models are trained unweighted; "
              "set it to null, or use prediction 'score' or 'noise'")
-    _require(m.cfg_scale >= 1.0, f"{w}.cfg_scale must be >= 1.0 (1.0 = no guidance), got {m.cfg_scale}")
     _require(m.cfg_scale == 1.0 or m.class_dropout_prob > 0,
              f"{w}.cfg_scale {m.cfg_scale} needs the null class, which exists only when class_dropout_prob > 0")
     _require(m.vae_path is None or m.vae_path.strip() != "", f"{w}.vae_path must be null (pixel space) or a name/path")
@@ -351,8 +364,6 @@ def _check_dataset(d: DatasetConfig):
     w = "dataset_config"
     _choice(f"{w}.dataset_type", d.dataset_type, DATASET_TYPES)
     _choice(f"{w}.dataset_format", d.dataset_format, DATASET_FORMATS)
-    _positive(d, w, "image_size")
-    _require(d.max_bad_images >= 0, f"{w}.max_bad_images must be >= 0, got {d.max_bad_images}")
     if d.dataset_format == "digits":
         _require(d.dataset_path is None, f"{w}.dataset_path must be null for the built-in digits, got {d.dataset_path!r}")
     else:
@@ -387,17 +398,9 @@ def _check_shapes(m: ModelConfig, d: DatasetConfig):
         _require(d.latent_cache is None, "dataset_config.latent_cache needs a VAE; set it to null in pixel space")
 
 def _check_training(c: TrainConfig):
-    _positive(c, "", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "adam_epsilon",
-              "save_steps", "logging_steps")
     _choice("optim", c.optim, OPTIMIZERS)
     _choice("lr_scheduler_type", c.lr_scheduler_type, LR_SCHEDULERS)
     _choice("trainer_type", c.trainer_type, TRAINER_TYPES)
-    _require(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
-    for name in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(c, name) < 1, f"{name} must be in [0, 1), got {getattr(c, name)}")
-    _require(0 <= c.ema_decay < 1, f"ema_decay must be in [0, 1), got {c.ema_decay}")
-    _require(c.max_grad_norm is None or c.max_grad_norm > 0, f"max_grad_norm must be null or positive, got {c.max_grad_norm}")
-    _require(c.num_train_epochs is None or c.num_train_epochs > 0, f"num_train_epochs must be null or positive, got {c.num_train_epochs}")
     if c.max_steps == -1:
         _require(c.num_train_epochs is not None, "max_steps is -1, so num_train_epochs must be set")
     else:
@@ -405,10 +408,6 @@ def _check_training(c: TrainConfig):
         _require(c.num_train_epochs is None, f"num_train_epochs ({c.num_train_epochs}) would be ignored because "
                  f"max_steps ({c.max_steps}) is set; set num_train_epochs to null or max_steps to -1")
         _require(c.warmup_steps < c.max_steps, f"warmup_steps ({c.warmup_steps}) must be below max_steps ({c.max_steps})")
-    _require(c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}")
-    _require(c.save_total_limit is None or c.save_total_limit >= 1, f"save_total_limit must be null or >= 1, got {c.save_total_limit}")
-    _require(c.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {c.dataloader_num_workers}")
-    _require(c.seed >= 0, f"seed must be >= 0, got {c.seed}")
     _require(c.output_dir.strip() != "", "output_dir must not be empty")
     _require(c.resume_from_checkpoint is None or c.resume_from_checkpoint.strip() != "",
              "resume_from_checkpoint must be null, 'latest' or a checkpoint directory")
@@ -437,10 +436,6 @@ def _check_repa(c: TrainConfig):
     _require(c.repa_encoder.strip() != "", "repa_encoder must be null, 'digits' or a timm model name")
     m = c.model_config
     _require(1 <= c.repa_block <= m.depth, f"repa_block must be in [1, {m.depth}] (model_config.depth), got {c.repa_block}")
-    _require(c.repa_lambda > 0, f"repa_lambda must be positive, got {c.repa_lambda}")
-    _require(c.repa_projector_dim > 0, f"repa_projector_dim must be positive, got {c.repa_projector_dim}")
-    _require(c.repa_encoder_resolution is None or c.repa_encoder_resolution > 0,
-             f"repa_encoder_resolution must be null or positive, got {c.repa_encoder_resolution}")
     _require(c.repa_feature_cache is None or c.repa_feature_cache.strip() != "", "repa_feature_cache must be null or a folder")
     _require(not (m.vae_path is not None and c.dataset_config.latent_cache and c.repa_feature_cache is None),
              "with dataset_config.latent_cache the trainer never sees the pixels that REPA's encoder reads: set "
@@ -452,11 +447,13 @@ def _check_repa(c: TrainConfig):
             _require(getattr(c, name) is None, f"{name} is not read by the 'digits' encoder; set it to null")
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    "Check every field of `cfg` (types, choices, ranges, consistency); raise a `ValueError` or return `cfg`."
+    "Check every field of `cfg` (types, choices, ranges, consistency); raise a `UserError` or return `cfg`."
     if not isinstance(cfg, TrainConfig): raise TypeError(f"expected a TrainConfig, got {type(cfg).__name__}")
     _check_types(cfg, "")
     _check_types(cfg.model_config, "model_config")
     _check_types(cfg.dataset_config, "dataset_config")
+    for obj, where in ((cfg, ""), (cfg.model_config, "model_config"), (cfg.dataset_config, "dataset_config")):
+        _check_numbers(obj, where)
     _check_model(cfg.model_config)
     _check_dataset(cfg.dataset_config)
     _check_shapes(cfg.model_config, cfg.dataset_config)
@@ -470,9 +467,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def _parse_override(item):
     key, sep, text = item.partition("=")
     key = key.strip()
-    if not sep or not key: raise ValueError(f"override {item!r} is not of the form KEY=VALUE")
+    if not sep or not key: raise UserError(f"override {item!r} is not of the form KEY=VALUE")
     try: value = yaml.safe_load(text)
-    except yaml.YAMLError as e: raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
+    except yaml.YAMLError as e: raise UserError(f"override {item!r}: the value is not valid YAML ({e})") from None
     parts = key.split(".")
     if parts[0] == "trainer" and len(parts) > 1: parts = parts[1:]
     if parts == ["fsdp2"]: parts = ["fsdp"]
@@ -489,7 +486,7 @@ def apply_overrides(cfg: TrainConfig, overrides) -> TrainConfig:
             if part not in node:
                 raise unknown_key_error(_join(where, part), part, list(node), where or None)
             if not isinstance(node[part], dict):
-                raise ValueError(f"override {item!r}: {_join(where, part)} is not a section")
+                raise UserError(f"override {item!r}: {_join(where, part)} is not a section")
             node, where = node[part], _join(where, part)
         node[parts[-1]] = value
     return config_from_dict(d)

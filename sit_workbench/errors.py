@@ -4,17 +4,26 @@
 
 # %% ../nbs/00b_errors.ipynb 3
 from __future__ import annotations
+import argparse
 import contextlib
 import errno
+import fcntl
 import json
+import math
+import numbers
 import os
 import shutil
+import socket
+import sys
+import time
 from pathlib import Path
 
 # %% auto 0
-__all__ = ['EXIT_USER_ERROR', 'EXIT_PREEMPTED', 'UserError', 'CheckpointError', 'NonFiniteError', 'DiskFullError', 'short_cause',
-           'read_yaml', 'read_json', 'load_safetensors', 'torch_load', 'first_nonfinite', 'check_finite', 'nbytes',
-           'free_space', 'disk_full_error', 'check_space', 'is_disk_full', 'writing']
+__all__ = ['EXIT_USER_ERROR', 'EXIT_PREEMPTED', 'finite_float', 'positive_float', 'nonnegative_float', 'probability',
+           'positive_int', 'nonnegative_int', 'LOCK_FILE', 'UserError', 'CheckpointError', 'NonFiniteError',
+           'DiskFullError', 'short_cause', 'read_yaml', 'read_json', 'load_safetensors', 'torch_load',
+           'first_nonfinite', 'check_finite', 'nbytes', 'free_space', 'disk_full_error', 'check_space', 'is_disk_full',
+           'writing', 'number_problem', 'check_number', 'arg_number', 'FolderLock']
 
 # %% ../nbs/00b_errors.ipynb
 class UserError(ValueError):
@@ -150,3 +159,136 @@ def writing(tmp, target, needed=0):
         _remove(tmp)
         if isinstance(e, Exception) and is_disk_full(e): raise disk_full_error(target, needed or nbytes()) from None
         raise
+
+# %% ../nbs/00b_errors.ipynb
+def _bounds(lo, hi, lo_open, hi_open) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None: return "positive" if lo == 0 and lo_open else f"{'>' if lo_open else '>='} {lo}"
+    return f"{'<' if hi_open else '<='} {hi}"
+
+def number_problem(value, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False) -> str | None:
+    "What is wrong with `value` as a number within these bounds ('must be positive, got -1'), or None when it fits."
+    null = "null or " if optional else ""
+    if value is None and optional: return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        return f"expected {null}{'an integer' if integer else 'a number'}, got {value!r} ({type(value).__name__})"
+    if not math.isfinite(value): return f"expected a finite number, got {value!r}"
+    if ((lo is not None and (value <= lo if lo_open else value < lo)) or
+            (hi is not None and (value >= hi if hi_open else value > hi))):
+        return f"must be {null}{_bounds(lo, hi, lo_open, hi_open)}, got {value!r}"
+    return None
+
+def check_number(name, value, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, optional=False):
+    "`value` when it is a finite number within the bounds; a `UserError` naming `name` and the valid range otherwise."
+    problem = number_problem(value, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, integer=integer, optional=optional)
+    if problem: raise UserError(f"{name}: {problem}" if problem.startswith("expected") else f"{name} {problem}")
+    return value
+
+# %% ../nbs/00b_errors.ipynb
+def arg_number(*, integer=False, name=None, **bounds):
+    "An argparse `type=` function: the option's text as an int (`integer`) or float within `bounds` (see `check_number`)."
+    def parse(text):
+        try: value = int(text) if integer else float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if integer else 'a number'}, got {text!r}") from None
+        problem = number_problem(value, integer=integer, **bounds)
+        if problem: raise argparse.ArgumentTypeError(problem)
+        return value
+    parse.__name__ = name or ("int" if integer else "float")
+    return parse
+
+finite_float = arg_number(name="finite_float")
+positive_float = arg_number(lo=0, lo_open=True, name="positive_float")
+nonnegative_float = arg_number(lo=0, name="nonnegative_float")
+probability = arg_number(lo=0, hi=1, name="probability")
+positive_int = arg_number(integer=True, lo=1, name="positive_int")
+nonnegative_int = arg_number(integer=True, lo=0, name="nonnegative_int")
+
+# %% ../nbs/00b_errors.ipynb
+LOCK_FILE = ".lock"
+
+def _pid_alive(pid) -> bool:
+    try: os.kill(int(pid), 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError, ValueError, TypeError): return True
+    return True
+
+def _describe(rec) -> str:
+    if not rec: return "a process that has not written its record yet"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("started", 0)))
+    return f"{rec.get('what', 'a writer')} pid {rec.get('pid')} on host {rec.get('host')}, started {when}"
+
+class FolderLock:
+    """`with FolderLock(folder, what="training run"):` one writer at a time for `folder` (see above); `name`: the lock
+    file's name in `folder`, `warn`: how to report a takeover (default: a line on stderr)."""
+    def __init__(self, folder, what="writer", name=LOCK_FILE, warn=None, heartbeat=30.0, stale_after=300.0):
+        self.folder, self.what, self.path, self._fd = Path(folder), what, Path(folder) / name, None
+        self.heartbeat, self.stale_after, self._stop = heartbeat, stale_after, None
+        self._warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+
+    def _record(self, fd) -> dict | None:
+        try: return json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        except (ValueError, OSError): return None
+
+    def _open_locked(self):
+        "An fd of the lock file holding its flock, the file still at `self.path` (not removed by a releasing holder)."
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                rec = self._record(fd); os.close(fd)
+                raise UserError(f"{self.folder} is in use by another writer: {_describe(rec)} (lock file {self.path}). "
+                                f"Wait for it to finish, stop it, or give this {self.what} another folder") from None
+            try: same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError: same = False
+            if same: return fd
+            os.close(fd)
+
+    def acquire(self) -> "FolderLock":
+        if self._fd is not None: raise RuntimeError(f"{self.path} is already held by this FolderLock")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = self._open_locked()
+        old, host = self._record(fd), socket.gethostname()
+        idle = time.time() - os.fstat(fd).st_mtime
+        if old and old.get("host") != host and idle < self.stale_after:
+            os.close(fd)
+            raise UserError(f"{self.folder} is in use by another writer: {_describe(old)} (lock file {self.path}, "
+                            f"touched {idle:.0f} s ago); this host ({host}) cannot tell whether it is alive. If it is "
+                            f"gone, delete {self.path} or wait {self.stale_after - idle:.0f} s and run again")
+        if old and old.get("host") == host and old.get("pid") != os.getpid() and _pid_alive(old.get("pid", 0)):
+            os.close(fd)
+            raise UserError(f"{self.folder} is in use by another writer: {_describe(old)}, still running, holds "
+                            f"its record (lock file {self.path}); wait for it, stop it, or use another folder")
+        if old: self._warn(f"took over the lock of {self.folder} left by {_describe(old)}, which is no longer running")
+        rec = {"host": host, "pid": os.getpid(), "started": time.time(), "what": self.what}
+        os.ftruncate(fd, 0); os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0); os.fsync(fd)
+        self._fd, self.record = fd, rec
+        if self.heartbeat:
+            import threading
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._beat, args=(self._stop,), daemon=True, name="FolderLock")
+            self._thread.start()
+        return self
+
+    def _beat(self, stop):   # the path, not the fd: the fd may be closed (and its number reused) while this runs
+        while not stop.wait(self.heartbeat):
+            try: os.utime(self.path)
+            except OSError: return
+
+    def release(self):
+        "Remove the lock file and drop the flock (the file first: a waiting writer then opens a fresh one)."
+        if self._fd is None: return
+        if self._stop is not None:   # stopped and joined: no thread left running into the interpreter's exit
+            self._stop.set(); self._thread.join(timeout=5); self._stop = None
+        try: self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd); self._fd = None
+
+    @property
+    def held(self) -> bool: return self._fd is not None
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __del__(self):
+        try: self.release()
+        except Exception: pass

@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import (CHECKPOINT_RE, COMPLETE, _numbered, _shape_hint, checkpoint_problem,
-                                      commit_checkpoint, list_checkpoints, read_projector, write_checkpoint)
+                                      commit_checkpoint, list_checkpoints, read_projector, verify_checkpoint,
+                                      write_checkpoint)
 from .config import config_to_dict
 from . import errors as E
 from .repa import check_projector, projector_state, restore_projector
 
 # %% auto 0
-__all__ = ['Checkpointing']
+__all__ = ['MEANING_KEYS', 'NOT_COMPARED', 'config_changes', 'show_changes', 'Checkpointing']
 
 # %% ../nbs/08b_resume.ipynb
 def _rng_state(noise_gen: torch.Generator):
@@ -37,6 +38,30 @@ def _set_rng_state(state, noise_gen: torch.Generator):
     noise_gen.set_state(torch.tensor(state["noise"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+# %% ../nbs/08b_resume.ipynb
+MEANING_KEYS = tuple(f"model_config.{k}" for k in (
+    "model_type", "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+    "class_dropout_prob", "num_classes", "learn_sigma", "vae_path", "path_type", "prediction", "loss_weight",
+    "train_eps")) + ("dataset_config.dataset_format", "dataset_config.image_size", "repa_encoder", "repa_block",
+    "repa_lambda", "repa_projector_dim", "repa_encoder_resolution")
+NOT_COMPARED = ("output_dir", "resume_from_checkpoint")   # where the run is and how it resumes, not what it is
+
+def _flat(d: dict, where="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{where}.{k}" if where else k
+        if isinstance(v, dict) and k in ("model_config", "dataset_config"): out.update(_flat(v, key))
+        else: out[key] = v
+    return out
+
+def config_changes(old: dict, new: dict) -> dict:
+    """`{dotted key: (old, new)}` for each key whose value differs between two flat-form configs (`config_to_dict`);
+    keys that `old` does not have (written by an older version) are not compared."""
+    a, b = _flat(old or {}), _flat(new)
+    return {k: (a[k], b[k]) for k in b if k in a and k not in NOT_COMPARED and a[k] != b[k]}
+
+def show_changes(changes: dict) -> str: return ", ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changes.items())
 
 # %% ../nbs/08b_resume.ipynb
 class Checkpointing:
@@ -77,9 +102,10 @@ class Checkpointing:
     def _read_checkpoint(self, folder: Path) -> dict:
         """Every file of a checkpoint, read and checked against this run's model before anything is changed: a
         `CheckpointError` names a damaged file, a `UserError` a checkpoint of another model."""
-        problem = checkpoint_problem(folder)
-        if problem: raise E.CheckpointError(f"{folder} is not a complete checkpoint: {problem}")
-        parts = {"state": E.read_json(folder / "trainer_state.json", "training state"),
+        verify_checkpoint(folder)   # sizes and checksums: a `CheckpointError` names a damaged file
+        state = E.read_json(folder / "trainer_state.json", "training state")
+        changes = self._check_config(state, folder)
+        parts = {"state": state, "changes": changes,
                  "model": E.load_safetensors(folder / "model.safetensors"), "ema": E.torch_load(folder / "ema.pt"),
                  "optimizer": E.torch_load(folder / "optimizer.pt"), "scheduler": E.torch_load(folder / "scheduler.pt"),
                  "projector": read_projector(folder)}
@@ -106,6 +132,35 @@ class Checkpointing:
             self._warn(f"{folder} holds REPA's projector; this run has no repa_encoder and continues without it")
         return parts
 
+    def _check_config(self, state: dict, folder: Path) -> dict:
+        "The legitimate changes of this run's config from the checkpoint's; a `UserError` for the others (see above)."
+        changes = config_changes(state.get("config"), config_to_dict(self.cfg))
+        repa_off = state.get("config", {}).get("repa_encoder") is None and self.cfg.repa_encoder is None
+        refused = {k: v for k, v in changes.items() if k in MEANING_KEYS and not (repa_off and k.startswith("repa_"))}
+        if refused:
+            raise E.UserError(f"{folder} was trained with another model or objective: {show_changes(refused)}. Resume it "
+                              "with the config it was trained with (its trainer_state.json holds it), or start this "
+                              "run in another output_dir")
+        step = int(state.get("step", 0))
+        if step > self.max_steps:
+            raise E.UserError(f"{folder} is at step {step}, past this run's max_steps ({self.max_steps}): nothing would "
+                              f"be trained. Set max_steps above {step} to continue it, or use another output_dir")
+        return changes
+
+    def _apply_changes(self, changes: dict):
+        "Give the restored optimizers and schedules this run's settings (they hold the old run's), and record the changes."
+        cfg = self.cfg
+        pairs = [(self.opt, self.sched)] + ([(self.repa.opt, self.repa.sched)] if self.repa is not None else [])
+        for opt, sched in pairs:
+            sched.base_lrs = [cfg.learning_rate] * len(opt.param_groups)
+            for g, f in zip(opt.param_groups, sched.lr_lambdas):
+                g.update(lr=cfg.learning_rate * f(sched.last_epoch), initial_lr=cfg.learning_rate, eps=cfg.adam_epsilon,
+                         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+        self.__dict__.setdefault("resume_events", []).append({"step": self.step, "event": "config_changed",
+                                   "changed": {k: [o, n] for k, (o, n) in changes.items()}})
+        self._say(f"resuming with changed settings: {show_changes(changes)}")
+
     def load(self, folder: Path):
         "Restore weights, EMA, optimizer, scheduler, data position and random generators from a checkpoint."
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -121,6 +176,7 @@ class Checkpointing:
         if self.repa is not None: restore_projector(self.repa, parts["projector"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
+        if parts["changes"]: self._apply_changes(parts["changes"])
         rngs = state["rng"]
         if len(rngs) == self.env.world_size: _set_rng_state(rngs[self.env.rank], self.noise)
         else:   # other process count: the shared stream is the same for all ranks; per-rank streams restart
@@ -141,23 +197,34 @@ class Checkpointing:
             for p in _numbered(self.out):   # newer folders that are not complete: damaged, or killed while pruning
                 if int(CHECKPOINT_RE.match(p.name).group(1)) > newest:
                     problem = checkpoint_problem(p)
-                    if problem and (p / COMPLETE).is_file(): self._warn(f"skipping the damaged checkpoint {p}: {problem}")
+                    if problem and (p / COMPLETE).is_file():
+                        self._warn(f"skipping the damaged checkpoint {p}: {problem}")
+                        self._skipped[str(p)] = problem
             return found[::-1], True
         p = Path(r)
         problem = checkpoint_problem(p)
         if problem: raise E.CheckpointError(f"resume_from_checkpoint={r!r} is not a complete checkpoint: {problem}")
         return [p], False
 
+    def _fallback(self, target, skipped: dict):
+        "Record in `log.jsonl` (through `resume_events`) that the newest checkpoints were damaged and which one was used."
+        self._warn(f"resumed from {target} instead of the newer, damaged {', '.join(Path(p).name for p in skipped)}")
+        self.__dict__.setdefault("resume_events", []).append(
+            {"step": self.step, "event": "resume_fallback", "resumed_from": str(target), "skipped": skipped})
+
     def _resume(self):
         "Load the newest usable checkpoint (skipping damaged ones, with a warning naming each); the one loaded or None."
+        self.resume_events, self._skipped = [], {}   # records for log.jsonl; damaged checkpoints passed over
         targets, may_skip = self._resume_targets()
         for target in targets:
             try:
                 self.load(target)
+                if self._skipped: self._fallback(target, self._skipped)
                 return target
             except E.CheckpointError as e:
                 if not may_skip: raise
                 self._warn(f"skipping the damaged checkpoint {target}: {e}")
+                self._skipped[str(target)] = str(e)
         if targets:
             raise E.CheckpointError(f"none of the checkpoints in {self.out} can be read ({', '.join(p.name for p in targets)}): "
                                     "remove them to start afresh, or set resume_from_checkpoint")

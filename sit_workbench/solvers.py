@@ -234,12 +234,30 @@ def _grid_from_params(theta, t0, t1):
     inner = t0 + (t1 - t0) * torch.cumsum(torch.softmax(theta, 0), 0)[:-1]
     return torch.cat([torch.tensor([t0], dtype=torch.float64), inner, torch.tensor([t1], dtype=torch.float64)])
 
+def _check_schedule_args(x, reference, t0, t1, num_steps, method, init, iters, lr):
+    "A `UserError` naming the argument of `optimize_schedule` that cannot work (before any model call)."
+    from sit_workbench.errors import UserError, check_number
+    check_number("num_steps", num_steps, lo=3, integer=True)   # both ends are fixed: at least one time to move
+    check_number("iters", iters, lo=0, integer=True)
+    check_number("lr", lr, lo=0, lo_open=True)
+    check_number("t0", t0); check_number("t1", t1)
+    if t0 == t1: raise UserError(f"t0 and t1 are both {t0}: the schedule needs an interval")
+    if method not in MULTISTEP_METHODS:
+        raise UserError(f"method {method!r} is not a multistep solver; choose one of {', '.join(MULTISTEP_METHODS)}")
+    if isinstance(init, (tuple, list)) and not init:
+        raise UserError("init is an empty tuple: give a schedule name (e.g. 'uniform') or a tuple of them")
+    if not torch.is_tensor(x) or not torch.is_tensor(reference) or reference.shape != x.shape:
+        shape = lambda v: tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+        raise UserError(f"reference must be a tensor shaped like the noise x {shape(x)} (the fine solve from the same "
+                        f"noise), got {shape(reference)}")
+
 def optimize_schedule(denoise, x, reference, path: Interpolant, t0, t1, num_steps, method="dpm++3m", init="uniform",
                       iters=150, lr=0.05, progress=False) -> tuple[torch.Tensor, dict]:
     """The grid of `num_steps` times minimising the mean squared distance of `method`'s solve from noise `x` to
     `reference` (the fine solve from the same noise), by Adam on softmax increments. `denoise(x, t)` must be
     differentiable in `t`. `init` is the starting schedule, or a tuple of them: each is fitted and the grid with the
     lowest final RMS is kept (`info["init"]` names it). Returns `(times, info)` with the initial and final RMS distances."""
+    _check_schedule_args(x, reference, t0, t1, num_steps, method, init, iters, lr)
     if isinstance(init, (tuple, list)):
         fits = [optimize_schedule(denoise, x, reference, path, t0, t1, num_steps, method, i, iters, lr, progress)
                 for i in init]

@@ -308,8 +308,29 @@ class Trainer(Checkpointing):
         while True:
             yield from self.data
 
+    @contextlib.contextmanager
+    def _output_lock(self):
+        "`output_dir/.lock`, taken by the first process for the whole run; the others learn whether it was refused."
+        lock, refused = None, None
+        if self.env.main:
+            try: lock = E.FolderLock(self.out, "training run", warn=self._warn).acquire()
+            except E.UserError as e: refused = e
+        if self.env.distributed:
+            flag = torch.tensor([0.0 if refused is None else 1.0], device=self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and refused is None:
+                refused = E.UserError(f"{self.out} is in use by another writer (the first process names it)")
+        if refused is not None: raise refused
+        try: yield lock
+        finally:
+            if lock is not None: lock.release()
+
     def train(self) -> dict:
-        "Run (or resume) the training; returns a summary with `status` 'finished' or 'preempted'."
+        "Run (or resume) the training, holding the output folder's lock; returns a summary with `status` 'finished' or 'preempted'."
+        with self._output_lock():
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, env = self.cfg, self.env
         self.setup()
         if env.main:
@@ -320,6 +341,8 @@ class Trainer(Checkpointing):
         if target is not None:
             self._say(f"resumed from {target} (step {self.step} of {self.max_steps})")
         log = JsonlLog(self.out / "log.jsonl", keep_until=self.step) if env.main else None
+        for event in self.resume_events if log else ():   # changed settings, a damaged checkpoint passed over
+            log.write(event)
         tb = _tensorboard(self.out, cfg) if env.main else None
         if env.main:
             from sit_workbench.config import save_config
@@ -346,7 +369,7 @@ class Trainer(Checkpointing):
                 bar.update(1)
                 if self.step % cfg.save_steps == 0 or self.step == self.max_steps:
                     self.save(); saved_at = self.step
-                flag = torch.tensor([1.0 if stop.signal else 0.0])
+                flag = torch.tensor([1.0 if stop.signal else 0.0], device=env.device)   # NCCL: on the GPU
                 if env.distributed: dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 if flag.item() and self.step < self.max_steps:
                     if saved_at != self.step: self.save()
@@ -383,8 +406,10 @@ class JsonlLog:
     def write(self, row: dict):
         with open(self.path, "a") as f: f.write(json.dumps({**row, "time": time.time()}) + "\n")
 
-def read_log(path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+def read_log(path, events=False) -> list[dict]:
+    "The rows of a `log.jsonl`: the logged steps, and with `events` also the records of resumes with changes."
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return rows if events else [r for r in rows if "event" not in r]
 
 def plot_loss(log_path, out_path, title=None):
     "The loss curve of a run's `log.jsonl` as a PNG (each log row, and a moving average)."

@@ -21,6 +21,7 @@ from ..config import TrainConfig, digits_config
 from ..train import train
 from ..transport import transport_from_config
 from ..checkpoint import latest_checkpoint
+from ..errors import FolderLock
 
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
@@ -217,6 +218,7 @@ def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cf
 # %% ../../nbs/14_zoo.ipynb
 class RowLog:
     "The rows a study has measured so far, kept on disk as each is measured, so a rerun after a kill resumes."
+    _held = {}   # partial-rows path -> the FolderLock of this process's RowLog on it
     def __init__(self, study, setting):
         s = get_setting(setting)
         self.path = results_path(study, s).with_suffix(".partial.jsonl")
@@ -228,6 +230,8 @@ class RowLog:
                 except json.JSONDecodeError: break   # a line torn by the kill: measure it again
         self.rows = {l["key"]: l["row"] for l in lines[1:]} if lines and lines[0] == self.header else {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if (old := RowLog._held.pop(self.path, None)) is not None: old.release()   # this process's earlier RowLog
+        self.lock = RowLog._held[self.path] = FolderLock(self.path.parent, f"study {study}", f".{study}.rows.lock").acquire()
         with open(self.path, "w") as f:   # rewrite: drops a torn line or another setting's rows
             for l in [self.header, *({"key": k, "row": r} for k, r in self.rows.items())]: f.write(json.dumps(l) + "\n")
 
@@ -240,6 +244,8 @@ class RowLog:
         return self.rows[key]
 
     def finish(self):
-        "Remove the file (call once the study's results are saved)."
+        "Remove the file (call once the study's results are saved) and release the study's lock."
         self.path.unlink(missing_ok=True)
+        if RowLog._held.get(self.path) is self.lock: del RowLog._held[self.path]
+        self.lock.release()
 
