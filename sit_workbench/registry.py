@@ -59,10 +59,14 @@ def normalize_mode(mode) -> str:
 # %% ../nbs/03c_registry.ipynb
 _RUNTIME = ("sampling_method", "num_steps", "progress", "velocity_loss", "schedule_dir")   # not options
 
+def _keywords(fn) -> list[str]:
+    return [k for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and k not in _RUNTIME]
+
+_OPTIONS = {"ode": _keywords(Sampler.sample_ode), "sde": _keywords(Sampler.sample_sde)}
+
 def option_names(mode) -> list[str]:
     "The keyword options of the mode's `Sampler` method (besides method and steps), in its order."
-    fn = Sampler.sample_ode if normalize_mode(mode) == "ode" else Sampler.sample_sde
-    return [k for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and k not in _RUNTIME]
+    return list(_OPTIONS[normalize_mode(mode)])
 
 def _check_option(name, value):
     if isinstance(value, float) and not math.isfinite(value):

@@ -18,6 +18,7 @@ from .checkpoint import (CHECKPOINT_RE, COMPLETE, _numbered, _shape_hint, checkp
                                       commit_checkpoint, list_checkpoints, read_projector, verify_checkpoint,
                                       write_checkpoint)
 from .config import config_to_dict
+from .run import describe_training_run, read_trainer_state
 from . import errors as E
 from .repa import check_projector, projector_state, restore_projector
 
@@ -93,7 +94,8 @@ class Checkpointing:
             if tmp.exists(): shutil.rmtree(tmp)
             mcfg = dict(self.raw.config if hasattr(self.raw, "config") else {})
             with E.writing(tmp, final, E.nbytes(model_sd, ema_sd, opt_sd, proj)):   # a full disk: named, tmp removed
-                write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg, projector=proj)
+                write_checkpoint(tmp, model_sd, ema_sd, opt_sd, self.sched.state_dict(), state, mcfg, projector=proj,
+                                 run=describe_training_run(state["config"], self.step))
             commit_checkpoint(tmp, final, self.cfg.save_total_limit)
         if env.distributed: dist.barrier()
         self.last_checkpoint = final
@@ -103,7 +105,7 @@ class Checkpointing:
         """Every file of a checkpoint, read and checked against this run's model before anything is changed: a
         `CheckpointError` names a damaged file, a `UserError` a checkpoint of another model."""
         verify_checkpoint(folder)   # sizes and checksums: a `CheckpointError` names a damaged file
-        state = E.read_json(folder / "trainer_state.json", "training state")
+        state = read_trainer_state(folder)
         changes = self._check_config(state, folder)
         parts = {"state": state, "changes": changes,
                  "model": E.load_safetensors(folder / "model.safetensors"), "ema": E.torch_load(folder / "ema.pt"),

@@ -27,12 +27,12 @@ from . import errors as E
 from .model import SiT, SiTBlock
 from .repa import setup_alignment
 from .resume import Checkpointing
-from .transport import create_transport
+from .transport import transport_from_config
 
 # %% auto 0
-__all__ = ['DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda', 'build_optimizer',
-           'total_steps', 'check_num_classes', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log',
-           'plot_loss', 'measure_velocity_loss']
+__all__ = ['DistEnv', 'init_distributed', 'build_model', 'update_ema', 'lr_lambda', 'build_optimizer', 'total_steps',
+           'check_num_classes', 'TrainingDiverged', 'Trainer', 'train', 'JsonlLog', 'read_log', 'plot_loss',
+           'measure_velocity_loss']
 
 # %% ../nbs/08_train.ipynb
 @dataclasses.dataclass
@@ -69,9 +69,6 @@ def build_model(mcfg) -> SiT:
     return SiT(input_size=mcfg.input_size, patch_size=mcfg.patch_size, in_channels=mcfg.in_channels,
                hidden_size=mcfg.hidden_size, depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
                class_dropout_prob=mcfg.class_dropout_prob, num_classes=mcfg.num_classes, learn_sigma=mcfg.learn_sigma)
-
-def build_transport(mcfg):
-    return create_transport(mcfg.path_type, mcfg.prediction, mcfg.loss_weight, mcfg.train_eps, mcfg.sample_eps)
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, foreach: bool = True):
@@ -190,7 +187,7 @@ class Trainer(Checkpointing):
         self.raw, self.ema = raw, ema
         if cfg.repa_encoder is not None: self.repa = setup_alignment(cfg, raw, env, self._encoder)   # REPA
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model
-        self.transport = build_transport(mcfg)
+        self.transport = transport_from_config(mcfg)
         self.data = self._build_data()
         self.steps_per_epoch = len(self.data) // cfg.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
@@ -307,6 +304,13 @@ class Trainer(Checkpointing):
     def _batches_forever(self):
         while True:
             yield from self.data
+
+    def prepared_batches(self, n):
+        """The first `n` training batches as a step sees them (flipped, encoded), for measurements outside training:
+        the run's data, the run's preprocessing, no model."""
+        if getattr(self, "data", None) is None: self.data = self._build_data()
+        it = iter(self._batches_forever())
+        for k in range(n): yield self._prepare(next(it), k, 0)
 
     @contextlib.contextmanager
     def _output_lock(self):
@@ -438,18 +442,13 @@ def measure_velocity_loss(checkpoint, num_batches=20, num_bins=20, prefer="ema",
     "`L_t` of a checkpoint's model (EMA by default) on its run's training data, saved as `velocity_loss.json` there."
     from sit_workbench.config import config_from_dict
     from sit_workbench.checkpoint import load_sit
+    from sit_workbench.run import read_trainer_state
     from sit_workbench.transport import estimate_velocity_loss
     checkpoint = Path(checkpoint)
-    state = E.read_json(checkpoint / "trainer_state.json", "training state")
-    cfg = config_from_dict(state["config"])
-    tr = Trainer(cfg, env=DistEnv(), progress=False)
-    tr.data = tr._build_data()
+    cfg = config_from_dict(read_trainer_state(checkpoint)["config"])
+    batches = Trainer(cfg, env=DistEnv(), progress=False).prepared_batches(num_batches)
     model = load_sit(checkpoint, prefer=prefer)
-    def batches():
-        it = iter(tr._batches_forever())
-        for k in range(num_batches):
-            yield tr._prepare(next(it), k, 0)
     torch.manual_seed(cfg.seed)
-    prof = estimate_velocity_loss(build_transport(cfg.model_config), model, batches(), num_bins=num_bins, progress=progress)
+    prof = estimate_velocity_loss(transport_from_config(cfg.model_config), model, batches, num_bins=num_bins, progress=progress)
     prof.save(checkpoint)
     return prof

@@ -21,7 +21,8 @@ from ..config import TrainConfig, digits_config
 from ..train import train
 from ..transport import transport_from_config
 from ..checkpoint import latest_checkpoint
-from ..errors import FolderLock
+from ..errors import FolderLock, UserError
+from ..run import read_trainer_state
 
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
@@ -158,11 +159,11 @@ def zoo_checkpoint(name, setting="full", steps=None, progress=False) -> Path:
         ck = out / f"checkpoint-{cfg.max_steps}"
         if not (ck / "trainer_state.json").is_file():
             last = latest_checkpoint(out)
-            if last is not None and json.loads((last / "trainer_state.json").read_text())["step"] > cfg.max_steps:
+            if last is not None and read_trainer_state(last)["step"] > cfg.max_steps:
                 raise FileNotFoundError(f"{out} has no checkpoint at step {cfg.max_steps} but one past it ({last.name}): "
                                         f"the rungs of the ladder are {s.ladder}")
             res = train(cfg, progress=progress)
-            if res["status"] != "finished": raise RuntimeError(f"training {name} stopped early: {res['status']}")
+            if res["status"] != "finished": raise UserError(f"training {name} stopped early: {res['status']}")
     return ck
 
 def final_steps(name, setting="full") -> int:
