@@ -1,0 +1,80 @@
+"""One run, one way to generate from it: a training checkpoint, its official-format export, the folder `import`
+makes of that, and its diffusers export give the same images from `sit-workbench sample`, `SiTPipeline` and
+`sample-eval`, with no sampler or guidance option given; a GVP noise run stays a GVP noise run through every door."""
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sit_workbench.cli as C
+from sit_workbench.pipeline import SiTPipeline
+from sit_workbench.run import read_run
+from sit_workbench.explore import run_defaults
+
+torch.set_num_threads(1)
+SEED = 7
+
+
+def cli(*argv):
+    with contextlib.redirect_stdout(io.StringIO()) as out: C.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_digits_run, tmp_path_factory):
+    "A GVP noise run with guidance 3, and the same run exported every way the package writes one."
+    ck = Path(tiny_digits_run(steps=20, path_type="GVP", prediction="noise", cfg_scale=3.0))
+    d = tmp_path_factory.mktemp("exports")
+    cli("export", ck, d / "official.pt")
+    cli("import", d / "official.pt", d / "imported")
+    cli("export", ck, d / "pipe", "--format", "diffusers")
+    return {"checkpoint": ck, "run folder": ck.parent, "official .pt": d / "official.pt", "imported": d / "imported",
+            "pipeline": d / "pipe"}
+
+
+def _sample_npz(src, tmp_path):
+    out = tmp_path / "s.npz"
+    msg = cli("sample", src, "--seed", SEED, "--per-class", 2, "--out", tmp_path / "s.png", "--npz", out)
+    with np.load(out) as f: return f["arr_0"], f["arr_1"], msg
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "run folder", "official .pt", "imported", "pipeline"])
+def test_every_source_samples_the_same_images_from_every_front_end(sources, name, tmp_path):
+    ref_images, ref_labels, _ = _sample_npz(sources["checkpoint"], tmp_path / "ref")
+    images, labels, msg = _sample_npz(sources[name], tmp_path)
+    assert "transport GVP noise" in msg and "guidance 3 on all channels" in msg and "ODE heun2, 26 points" in msg, msg
+    assert np.array_equal(labels, ref_labels) and labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert np.abs(images.astype(int) - ref_images.astype(int)).max() <= 1            # within one grey level
+    # the diffusers pipeline, from the same source, with the seed's generator and no option
+    pipe = SiTPipeline.from_pretrained(sources[name])
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=labels.tolist(), generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    pipe_u8 = np.clip(np.round(out * 255), 0, 255).astype(int).repeat(3, axis=-1)
+    assert np.abs(pipe_u8 - ref_images.astype(int)).max() <= 1
+    # the widgets' defaults are the run's
+    d = run_defaults(sources[name])
+    assert (d["cfg_scale"], d["cfg_channels"], d["method"], d["num_steps"]) == (3.0, None, "heun2", 26)
+
+
+def test_sample_eval_reproduces_sample(sources, tmp_path):
+    ref_images, ref_labels, _ = _sample_npz(sources["official .pt"], tmp_path / "ref")
+    cli("sample-eval", sources["official .pt"], "--out-dir", tmp_path / "eval", "--num-samples", 25, "--seed", SEED,
+        "--shard-size", 10, "--batch-size", 4, "--no-eval", "--device", "cpu")
+    with np.load(tmp_path / "eval" / "samples.npz") as f: images, labels = f["arr_0"], f["arr_1"]
+    assert np.array_equal(labels[:20], ref_labels)
+    assert np.abs(images[:20].astype(int) - ref_images.astype(int)).max() <= 1
+    m = json.loads((tmp_path / "eval" / "manifest.json").read_text())
+    assert m["guidance"]["scale"] == 3.0 and m["sampler"]["sampling_method"] == "heun2"
+
+
+def test_the_description_survives_every_round_trip(sources):
+    want = read_run(sources["checkpoint"]).to_dict()
+    for name, src in sources.items():
+        got = read_run(src).to_dict()
+        for key in ("transport", "guidance", "sampler", "num_classes", "class_names"):
+            assert got[key] == want[key], (name, key, got[key], want[key])
+        assert got["vae"] is None, name
