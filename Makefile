@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # project's machines) instead of resolving a newer one; the package itself asks only torch>=2.3.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-nbs test-py check-export readme clean slurm-up
+.PHONY: install demo figures test test-nbs test-py check-export readme clean slurm-up
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,11 @@ $(VENV)/.installed: settings.ini setup.py
 
 demo: install
 	$(BIN)/sit-workbench demo
+
+# the README's figures (tracked): the demo's samples, loss and summary, and the widgets' screenshot (needs chromium)
+figures: install
+	$(BIN)/sit-workbench demo --figures figures
+	SIT_WORKBENCH_FIGURES=figures $(BIN)/python -m pytest -q tests/test_widgets_browser.py
 
 # the package and README.md must be what the notebooks generate
 check-export: install

@@ -1,6 +1,49 @@
-"""Fixtures shared by the test files."""
+"""Fixtures and helpers shared by the test files (`from conftest import ...` for the plain helpers)."""
+import math
+
 import pytest
 import torch
+
+from sit_workbench.gaussian import GaussianMixture
+
+
+# --- the exact Gaussian-mixture field the transport and solver tests check samplers against ---------------------
+
+PATHS = ("Linear", "GVP", "VP")
+PREDICTIONS = ("velocity", "score", "noise")
+GAUSS = GaussianMixture(means=[1.0, -0.5, 0.0], stds=[0.5, 1.5, 1.0])
+
+
+def exact(tr):
+    return GAUSS.model(tr.path_sampler, tr.model_type.name.lower())
+
+
+def noise(n, seed=0, dtype=torch.float64):
+    return torch.randn(n, GAUSS.dim, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def assert_moments(x, n_sigma=5.0, slack=0.0, what=""):
+    """Sample mean and std equal the Gaussian's to within n_sigma Monte-Carlo standard errors (+ slack)."""
+    n = x.shape[0]
+    std = GAUSS.std()
+    err_mean = (x.double().mean(0) - GAUSS.mean()).abs()
+    err_std = (x.double().std(0) - std).abs()
+    assert (err_mean <= n_sigma * std / math.sqrt(n) + slack).all(), f"{what}: mean off by {err_mean.tolist()}"
+    assert (err_std <= n_sigma * std / math.sqrt(2 * n) + slack).all(), f"{what}: std off by {err_std.tolist()}"
+
+
+class Strict:
+    """The exact field, but raising if called outside [lo, hi]."""
+    def __init__(self, tr, lo, hi):
+        self.inner, self.lo, self.hi = exact(tr), min(lo, hi), max(lo, hi)
+        self.seen = []
+
+    def __call__(self, x, t, **kwargs):
+        if (t < self.lo).any() or (t > self.hi).any():
+            raise AssertionError(f"model called at t in [{float(t.min())}, {float(t.max())}], outside [{self.lo}, {self.hi}]")
+        self.seen.append(float(t.min()))
+        return self.inner(x, t)
+
 
 
 @pytest.fixture

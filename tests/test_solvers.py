@@ -8,7 +8,7 @@ from sit_workbench.model import SiT
 from sit_workbench.solvers import optimize_schedule, save_schedule, time_grid, data_prediction, multistep_solve
 from sit_workbench.transport import Sampler, create_transport
 
-from test_transport import GAUSS, PATHS, PREDICTIONS, Strict, assert_moments, exact, noise
+from conftest import PATHS, PREDICTIONS, Strict, assert_moments, exact, noise
 
 METHODS = ("dpm++2m", "dpm++3m", "unipc", "unipc3", "ab2", "ab3", "abm3")
 

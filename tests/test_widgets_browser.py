@@ -1,6 +1,7 @@
 """The widgets as a person uses them: JupyterLab on localhost, nbs/12_widgets.ipynb opened in headless Chromium
 (Debian's package, driven by Playwright), Run All Cells, the guidance slider moved with the keyboard, Generate
-clicked; the grid must change and no error or traceback may appear. Saves figures/widgets.png (the panel).
+clicked; the grid must change and no error or traceback may appear. Saves a screenshot of the panel as
+runs/figures/widgets.png (`make figures` sets SIT_WORKBENCH_FIGURES=figures for the README's).
 
 Skipped when chromium or playwright is missing, unless CI is set (then it fails): `.ci/run` installs both."""
 import io
@@ -24,7 +25,7 @@ NOTEBOOK = ROOT / "nbs" / "12_widgets.ipynb"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOT = ROOT / "figures" / "widgets.png"
+SCREENSHOT = ROOT / os.environ.get("SIT_WORKBENCH_FIGURES", "runs/figures") / "widgets.png"
 
 
 def _missing():
