@@ -5,7 +5,6 @@
 # %% ../nbs/13_evaluate.ipynb 3
 from __future__ import annotations
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 
 from .digits import fid_from_features, frechet_distance, gaussian_stats
-from .errors import UserError
+from .errors import FolderLock, UserError
 
 # %% auto 0
 __all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 'to_uint8_nhwc', 'check_adm_images',
@@ -53,8 +52,11 @@ def write_adm_npz(path, images_uint8_nhwc, labels=None) -> Path:
         arrays["arr_1"] = labels
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:   # interrupted (Ctrl-C, SIGTERM) or failed: no partial file left behind
+        tmp.unlink(missing_ok=True)
     return path
 
 def read_adm_npz(path):
@@ -146,7 +148,10 @@ def write_shard(path, images_uint8, labels) -> Path:
     "An ADM shard and its checksum beside it (written after the shard: a shard without one is not trusted)."
     write_adm_npz(path, images_uint8, labels)
     sums = Path(path).with_name(Path(path).name + ".sha256")
-    tmp = sums.with_name(sums.name + ".tmp"); tmp.write_text(file_sha256(path) + "\n"); os.replace(tmp, sums)
+    tmp = sums.with_name(sums.name + ".tmp")
+    try:
+        tmp.write_text(file_sha256(path) + "\n"); os.replace(tmp, sums)
+    finally: tmp.unlink(missing_ok=True)
     return Path(path)
 
 def merge_shards(out_dir, n, shard_size, out_name="samples.npz") -> Path:
@@ -181,7 +186,7 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
     into `out_dir/samples.npz`. Returns a summary dict."""
     from sit_workbench.errors import UserError
     from sit_workbench.registry import DEFAULT_SAMPLER, SamplerSpec
-    from sit_workbench.sample import Guidance, generate
+    from sit_workbench.sample import Guidance
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or shard_size < 1:
         raise UserError(f"the number of samples and the shard size must be positive integers, got {n!r}, {shard_size!r}")
     r, w = _dist_env()
@@ -197,7 +202,24 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
                                 "vae": type(vae).__name__ if vae is not None else None}),
                 "num_samples": int(n), "seed": seed, "labels": labels if isinstance(labels, str) else list(labels),
                 "sampler": spec.to_dict(), "guidance": guidance.to_dict(), "shard_size": shard_size, "preset": preset}
-    claim_out_dir(out_dir, manifest, overwrite, rank, world_size, shard_size)
+    with FolderLock(out_dir, "sample-eval", name=f".lock-rank{rank}"):      # one writer per process slot
+        claim_out_dir(out_dir, manifest, overwrite, rank, world_size, shard_size)
+        res = _write_shards(model, sample_fn, out_dir, n, labels_t, guidance, vae, seed, device, shard_size, batch_size,
+                            rank, world_size, progress)
+    res["manifest"] = manifest
+    if rank == 0:
+        starts = range(0, n, shard_size)
+        deadline = time.time() + wait_s
+        while not all(shard_path(out_dir, s).with_name(shard_path(out_dir, s).name + ".sha256").is_file() for s in starts):
+            if time.time() > deadline: raise TimeoutError(f"shards in {out_dir} still missing after {wait_s} s")
+            time.sleep(2)
+        res["samples"] = str(merge_shards(out_dir, n, shard_size))
+    return res
+
+def _write_shards(model, sample_fn, out_dir, n, labels_t, guidance, vae, seed, device, shard_size, batch_size, rank,
+                  world_size, progress) -> dict:
+    "This process's shards: made where missing or damaged (said so), kept where whole."
+    from sit_workbench.sample import generate
     made, skipped, nfe, t0 = [], [], None, time.perf_counter()
     starts = list(range(0, n, shard_size))
     for k, start in enumerate(starts):
@@ -212,16 +234,8 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
         write_shard(p, to_uint8_nhwc(g.images), labels_t[start:stop].numpy())
         made.append(start)
         if progress: print(f"[rank {rank}] wrote {p.name} ({stop}/{n})", flush=True)
-    res = {"out_dir": str(out_dir), "n": n, "made": made, "skipped": skipped, "nfe": nfe, "rank": rank,
-           "world_size": world_size, "seconds": round(time.perf_counter() - t0, 2), "samples": None,
-           "manifest": manifest}
-    if rank == 0:
-        deadline = time.time() + wait_s
-        while not all(shard_path(out_dir, s).with_name(shard_path(out_dir, s).name + ".sha256").is_file() for s in starts):
-            if time.time() > deadline: raise TimeoutError(f"shards in {out_dir} still missing after {wait_s} s")
-            time.sleep(2)
-        res["samples"] = str(merge_shards(out_dir, n, shard_size))
-    return res
+    return {"out_dir": str(out_dir), "n": n, "made": made, "skipped": skipped, "nfe": nfe, "rank": rank,
+            "world_size": world_size, "seconds": round(time.perf_counter() - t0, 2), "samples": None}
 
 # %% ../nbs/13_evaluate.ipynb
 def sample_run(run, out_dir, n, device="cpu", **kwargs) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from .interpolants import Interpolant, expand_t_like_x
 
 # %% auto 0
@@ -30,7 +31,7 @@ def data_prediction(path: Interpolant, prediction: str, out, x, t):
     velocity: solve `x = a x1 + s x0`, `v = a' x1 + s' x0` for `x1`; noise/score: `x1 = (x - s eps) / a`
     (`eps = -s * score`)."""
     if prediction not in PREDICTION_NAMES:
-        raise ValueError(f"prediction must be one of {', '.join(PREDICTION_NAMES)}, not {prediction!r}")
+        raise UserError(f"prediction must be one of {', '.join(PREDICTION_NAMES)}, not {prediction!r}")
     t = expand_t_like_x(t, x)
     (a, da), (s, ds) = path.compute_alpha_t(t), path.compute_sigma_t(t)
     a, da, s, ds = (torch.as_tensor(v).to(x.dtype) for v in (a, da, s, ds))
@@ -142,11 +143,11 @@ def multistep_solve(denoise, x, ts, path: Interpolant, method="dpm++3m", progres
     interpolate in `rho = alpha / sigma` (exact there); the step into `sigma = 0` ends on the last data prediction (the
     limit of the one-node step; higher-degree polynomials in `lambda` diverge there)."""
     if method not in MULTISTEP_METHODS:
-        raise ValueError(f"unknown multistep method {method!r}; choose one of {', '.join(MULTISTEP_METHODS)}")
+        raise UserError(f"unknown multistep method {method!r}; choose one of {', '.join(MULTISTEP_METHODS)}")
     order, correct, stochastic = MULTISTEP_METHODS[method]
     ts = torch.as_tensor(ts, dtype=torch.float64)
     if ts.ndim != 1 or len(ts) < 2 or not bool((ts.diff() > 0).all()):
-        raise ValueError("the time grid must be increasing (noise to data) with at least two points")
+        raise UserError("the time grid must be increasing (noise to data) with at least two points")
     if method.startswith("ab"): return _adams_solve(denoise, x, ts, path, order, correct, progress)
     c = 2.0 if stochastic else 1.0
     a = path.compute_alpha_t(ts)[0].to(torch.float64); s = path.compute_sigma_t(ts)[0].to(torch.float64)
@@ -198,7 +199,7 @@ def load_schedule(name, num_steps, directory=None) -> torch.Tensor:
     if not p.is_file(): raise FileNotFoundError(f"no optimised schedule {p}: make it with `optimize_schedule` first")
     grids = json.loads(p.read_text())["grids"]
     if str(num_steps) not in grids:
-        raise ValueError(f"schedule {p} has grids for num_steps {', '.join(sorted(grids, key=int))}, not {num_steps}")
+        raise UserError(f"schedule {p} has grids for num_steps {', '.join(sorted(grids, key=int))}, not {num_steps}")
     return torch.tensor(grids[str(num_steps)], dtype=torch.float64)
 
 def time_grid(schedule, t0, t1, num_steps, path: Interpolant, directory=None) -> torch.Tensor:
@@ -207,9 +208,9 @@ def time_grid(schedule, t0, t1, num_steps, path: Interpolant, directory=None) ->
     (`load_schedule`) or an increasing tensor/list of times (which must start at t0 and end at t1)."""
     if not isinstance(schedule, str):
         ts = torch.as_tensor(schedule, dtype=torch.float64).flatten()
-        if len(ts) != num_steps: raise ValueError(f"the schedule has {len(ts)} times but num_steps is {num_steps}")
+        if len(ts) != num_steps: raise UserError(f"the schedule has {len(ts)} times but num_steps is {num_steps}")
         if abs(float(ts[0]) - t0) > 1e-9 or abs(float(ts[-1]) - t1) > 1e-9 or not bool((ts.diff() > 0).all()):
-            raise ValueError(f"a schedule of times must increase from t0={t0:g} to t1={t1:g}")
+            raise UserError(f"a schedule of times must increase from t0={t0:g} to t1={t1:g}")
         return ts
     u = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     if schedule == "uniform": return t0 + u * (t1 - t0)
@@ -222,11 +223,11 @@ def time_grid(schedule, t0, t1, num_steps, path: Interpolant, directory=None) ->
     if schedule.startswith("shift:"):
         try: shift = float(schedule[6:])
         except ValueError: shift = -1.0
-        if not shift > 0: raise ValueError(f"schedule {schedule!r}: the shift must be a positive number, e.g. 'shift:3'")
+        if not shift > 0: raise UserError(f"schedule {schedule!r}: the shift must be a positive number, e.g. 'shift:3'")
         return t0 + shift_times(u, shift) * (t1 - t0)
     if schedule.startswith("optimized:"):
         return t0 + load_schedule(schedule[10:], num_steps, directory) * (t1 - t0)
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    raise UserError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 # %% ../nbs/03a_solvers.ipynb
 def _grid_from_params(theta, t0, t1):
@@ -288,7 +289,7 @@ def save_schedule(directory, name, grids: dict, t0, t1, **meta) -> Path:
 def _check_output(out, x):
     if not torch.is_tensor(out) or out.shape != x.shape:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(f"the model returned {shape} for an input of shape {tuple(x.shape)}; "
+        raise UserError(f"the model returned {shape} for an input of shape {tuple(x.shape)}; "
                          "a transport model must return a tensor shaped like its input (learn_sigma models "
                          "must drop their variance channels, as SiT.forward does)")
 
@@ -364,10 +365,10 @@ def check_sde_multistep(method, diffusion_form, diffusion_norm, schedule):
     "Is `method` one of our SDE solvers (True), or a plain SDE method that takes no `schedule` (False)?"
     if method not in SDE_MULTISTEP:
         if not (isinstance(schedule, str) and schedule == "uniform"):
-            raise ValueError(f"schedule={schedule!r} needs a multistep SDE method ({', '.join(SDE_MULTISTEP)})")
+            raise UserError(f"schedule={schedule!r} needs a multistep SDE method ({', '.join(SDE_MULTISTEP)})")
         return False
     if diffusion_form != "SBDM" or diffusion_norm != 1.0:
-        raise ValueError(f"{method!r} solves the SDE with diffusion_form='SBDM' and diffusion_norm=1 "
+        raise UserError(f"{method!r} solves the SDE with diffusion_form='SBDM' and diffusion_norm=1 "
                          f"only, got {diffusion_form!r} x {diffusion_norm}")
     return True
 
@@ -384,13 +385,13 @@ def fixed_step_grid(schedule, adaptive, reverse, t0, t1, num_steps, path, direct
     "The time grid of a torchdiffeq method: None for 'uniform' (the default linspace), else `time_grid`'s."
     if isinstance(schedule, str) and schedule == "uniform": return None
     if adaptive or reverse:
-        raise ValueError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
+        raise UserError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
     return time_grid(schedule, t0, t1, num_steps, path, directory)
 
 def multistep_sampler(transport, method, num_steps, schedule="uniform", directory=None, progress=False, reverse=False):
     """A `SampleFn` solving `transport`'s ODE (or SDE, 'sde-...') with
     `multistep_solve` on the grid `schedule` (`time_grid`): one network evaluation per step, `num_steps - 1` in all."""
-    if reverse: raise ValueError(f"{method!r} integrates from noise to data only (reverse=False)")
+    if reverse: raise UserError(f"{method!r} integrates from noise to data only (reverse=False)")
     num_steps = check_num_steps(num_steps)
     tr = transport
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)

@@ -28,6 +28,7 @@ from .model import SiT, SiTBlock
 from .repa import setup_alignment
 from .resume import Checkpointing
 from .transport import transport_from_config
+from .errors import UserError
 
 # %% auto 0
 __all__ = ['DistEnv', 'init_distributed', 'build_model', 'update_ema', 'lr_lambda', 'build_optimizer', 'total_steps',
@@ -113,7 +114,7 @@ def build_optimizer(model, cfg: TrainConfig, max_steps: int):
 def total_steps(cfg: TrainConfig, steps_per_epoch: int | None = None) -> int:
     "Optimizer steps of the run: `max_steps`, or `num_train_epochs` epochs when `max_steps` is -1."
     if cfg.max_steps > 0: return cfg.max_steps
-    if steps_per_epoch is None: raise ValueError("max_steps is -1: the number of steps per epoch is needed")
+    if steps_per_epoch is None: raise UserError("max_steps is -1: the number of steps per epoch is needed")
     return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
 # %% ../nbs/08_train.ipynb
@@ -191,7 +192,7 @@ class Trainer(Checkpointing):
         self.data = self._build_data()
         self.steps_per_epoch = len(self.data) // cfg.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the dataset has {len(self.data.dataset)} samples, fewer than one global batch of "
+            raise UserError(f"the dataset has {len(self.data.dataset)} samples, fewer than one global batch of "
                              f"{cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps}")
         self.max_steps = total_steps(cfg, self.steps_per_epoch)
         self.opt, self.sched = build_optimizer(raw, cfg, self.max_steps)

@@ -406,6 +406,240 @@ def _explicit_damaged(ctx):
 row("resume-explicit-damaged-is-an-error", _explicit_damaged, "checkpoint_error", "ema.pt is damaged")
 
 
+# --- 8. sampling: sample, sample-eval, export, import, and the generation entry points ---------------------------
+def _ck(ctx): return ctx.run() / "checkpoint-4"
+
+
+def _sample(*args):
+    "`sit-workbench sample CHECKPOINT ARGS` on a copy of the tiny run's last checkpoint, writing under tmp."
+    return lambda ctx: [str(a) for a in ("sample", _ck(ctx), *args, "--out", ctx.tmp / "s.png")]
+
+
+for opt, value, frag in [("--cfg-scale", "nan", "argument --cfg-scale"), ("--cfg-scale", "inf", "argument --cfg-scale"),
+                         ("--cfg-scale", "x", "argument --cfg-scale"), ("--cfg-channels", "0", "argument --cfg-channels"),
+                         ("--cfg-channels", "some", "argument --cfg-channels"), ("--atol", "nan", "argument --atol"),
+                         ("--rtol", "inf", "argument --rtol"), ("--diffusion-norm", "nan", "argument --diffusion-norm"),
+                         ("--last-step-size", "-inf", "argument --last-step-size"), ("--eta", "nan", "argument --eta"),
+                         ("--sample-eps", "nan", "argument --sample-eps"), ("--train-eps", "inf", "argument --train-eps"),
+                         ("--sampling-method", "heun9", "argument --sampling-method"), ("--mode", "xde", "argument --mode"),
+                         ("--path-type", "Cosine", "argument --path-type"), ("--prediction", "eps", "argument --prediction"),
+                         ("--preset", "paper", "argument --preset"), ("--model", "SiT-Q/2", "argument --model"),
+                         ("--num-sampling-steps", "2.5", "argument --num-sampling-steps"),
+                         ("--per-class", "two", "argument --per-class"), ("--seed", "x", "argument --seed")]:
+    cli_row(f"sample-option{opt}={value}", _sample(opt, value), frag)
+for args, frag in [(("--num-sampling-steps", "1"), "integer >= 2"), (("--num-sampling-steps", "0"), "integer >= 2"),
+                   (("--mode", "ode", "--sampling-method", "Euler"), "is an SDE method"),
+                   (("--mode", "sde", "--sampling-method", "heun2"), "is an ODE method"),
+                   (("--mode", "ode", "--diffusion-form", "sigma"), "unknown ODE sampler option"),
+                   (("--cfg-interval", "0.6", "0.2"), "guidance interval"), (("--cfg-interval", "-1", "0.5"), "guidance interval"),
+                   (("--cfg-interval", "0", "2"), "guidance interval"), (("--classes", "10"), "[0, 9]"),
+                   (("--classes", "-1"), "[0, 9]"), (("--per-class", "0"), "--per-class"),
+                   (("--mode", "sde", "--last-step-size", "2"), "does not fit"),
+                   (("--schedule", "bogus"), "schedule"), (("--schedule", "optimized:missing", "--sampling-method", "abm3"), "missing"),
+                   (("--mode", "sde", "--diffusion-form", "w_KL_eta"), "measure L_t first"),
+                   (("--likelihood",), "no guidance"), (("--likelihood", "--mode", "sde", "--cfg-scale", "1"), "ODE"),
+                   (("--vae", "/no/such/vae"), "no folder"), (("--path-type", "VP", "--sample-eps", "0.9", "--train-eps", "0.9"), "")]:
+    cli_row(f"sample{'-'.join(args)}", _sample(*args), frag)
+cli_row("sample-two-checkpoints", lambda ctx: ["sample", str(_ck(ctx)), "--ckpt", str(ctx.tmp / "other.pt")], "two checkpoints")
+cli_row("sample-three-positionals", lambda ctx: ["sample", "ODE", str(_ck(ctx)), "extra"], "give one checkpoint")
+cli_row("sample-missing-file", lambda ctx: ["sample", str(ctx.tmp / "missing.pt")], "No checkpoint found")
+cli_row("sample-empty-folder", lambda ctx: ["sample", str(ctx.tmp)], "neither a checkpoint folder")
+
+
+def _garbage(name, data=b"\x00garbage\xff" * 10):
+    def argv(ctx):
+        ck = _ck(ctx)
+        (ck / name).write_bytes(data)
+        return ["sample", str(ck), "--out", str(ctx.tmp / "s.png")]
+    return argv
+
+
+cli_row("sample-run-json-garbage", _garbage("run.json"), "not valid JSON")
+cli_row("sample-config-json-garbage", _garbage("config.json"), "not valid JSON")
+cli_row("sample-ema-garbage", _garbage("ema.pt"), "not a readable")
+cli_row("sample-run-json-without-transport", _garbage("run.json", b'{"sampler": {}}'), "no run description")
+cli_row("sample-run-json-bad-sampler", _garbage("run.json", json.dumps({"transport": {}, "sampler": {"sampling_method": "x"}}).encode()),
+        "unknown sampling method")
+
+
+def _pt_file(ctx, data):
+    p = ctx.tmp / "file.pt"
+    p.write_bytes(data)
+    return p
+
+
+cli_row("sample-random-bytes-pt", lambda ctx: ["sample", str(_pt_file(ctx, os.urandom(300)))], "not a readable")
+cli_row("sample-truncated-pt", lambda ctx: ["sample", str(_pt_file(ctx, (_ck(ctx) / "ema.pt").read_bytes()[:200]))],
+        "not a readable")
+cli_row("sample-run-folder-without-checkpoints",
+        lambda ctx: ["sample", str((lambda r: ([shutil.rmtree(p) for p in r.glob("checkpoint-*")], r)[1])(ctx.run()))],
+        "neither a checkpoint folder")
+
+
+def _eval(*args):
+    return lambda ctx: [str(a) for a in ("sample-eval", _ck(ctx), "--out-dir", ctx.tmp / "ev", "--no-eval",
+                                          "--device", "cpu", "--num-sampling-steps", "3", *args)]
+
+
+for args, frag in [(("--num-samples", "0"), "--num-samples must be at least 1"), (("--shard-size", "0"), "--shard-size"),
+                   (("--num-samples", "-3"), "--num-samples"), (("--classes", "12"), "do not exist"),
+                   (("--labels", "skewed"), "argument --labels"), (("--cfg-scale", "nan"), "argument --cfg-scale"),
+                   (("--sampling-method", "Heun", "--mode", "ode"), "is an SDE method"),
+                   (("--cfg-interval", "0.9", "0.1"), "guidance interval")]:
+    cli_row(f"sample-eval{'-'.join(args)}", _eval(*args), frag)
+cli_row("sample-eval-no-checkpoint", lambda ctx: ["sample-eval", "--out-dir", str(ctx.tmp / "ev")], "give a checkpoint")
+
+
+def _eval_twice(ctx):
+    from sit_workbench.cli import main
+    argv = _eval("--num-samples", "2")(ctx)
+    main(argv)
+    return main(argv + ["--seed", "1"])
+
+
+cli_row("sample-eval-other-settings-in-out-dir", _eval_twice, "holds samples made with other settings")
+cli_row("export-one-path", lambda ctx: ["export", str(_ck(ctx))], "give the checkpoint and the output")
+cli_row("export-a-pt", lambda ctx: ["export", str(_pt_file(ctx, b"x")), str(ctx.tmp / "o.pt")], "not a readable")
+cli_row("import-a-folder", lambda ctx: ["import", str(_ck(ctx)), str(ctx.tmp / "o")], "already a folder")
+cli_row("import-random-bytes", lambda ctx: ["import", str(_pt_file(ctx, os.urandom(100))), str(ctx.tmp / "o")], "not a readable")
+cli_row("velocity-loss-no-checkpoint", ["velocity-loss"], "give a checkpoint")
+cli_row("velocity-loss-missing", lambda ctx: ["velocity-loss", str(ctx.tmp / "nothing")], "No checkpoint found")
+
+
+def _spec(**kw):
+    from sit_workbench.registry import SamplerSpec
+    return lambda ctx: SamplerSpec.create(**kw)
+
+
+for kw, frag in [(dict(sampling_method="rk45"), "unknown sampling method"), (dict(mode="pf"), "unknown sampling mode"),
+                 (dict(mode="sde", sampling_method="dopri5"), "is an ODE method"), (dict(num_steps=1), "integer >= 2"),
+                 (dict(num_steps=3.0), "integer >= 2"), (dict(num_steps=True), "integer >= 2"),
+                 (dict(num_steps="26"), "integer >= 2"), (dict(mode="ode", atol=float("nan")), "finite"),
+                 (dict(mode="ode", rtol=float("inf")), "finite"), (dict(mode="ode", eta=0.5), "unknown ODE sampler option"),
+                 (dict(mode="sde", atol=1e-3), "unknown SDE sampler option")]:
+    row(f"sampler-spec-{'-'.join(f'{k}={v}' for k, v in kw.items())}", _spec(**kw), "user_error", frag)
+row("sampler-spec-numpy-steps", lambda ctx: __import__("sit_workbench.registry", fromlist=["SamplerSpec"]).SamplerSpec.create(
+    "ode", "heun2", __import__("numpy").int64(11)).nfe, "ok", "20")
+
+
+def _guidance(**kw):
+    from sit_workbench.sample import Guidance
+    return lambda ctx: Guidance(**kw)
+
+
+for kw, frag in [(dict(scale=float("nan")), "finite"), (dict(scale=float("inf")), "finite"), (dict(scale="2"), "finite"),
+                 (dict(scale=()), "finite"), (dict(interval=(0.6, 0.2)), "guidance interval"),
+                 (dict(interval=(-0.1, 0.5)), "guidance interval"), (dict(channels=0), "guided channels"),
+                 (dict(channels=True), "guided channels")]:
+    row(f"guidance-{'-'.join(f'{k}={v}' for k, v in kw.items())}", _guidance(**kw), "user_error", frag)
+
+
+def _tiny_model(dropout=0.1):
+    from sit_workbench.model import SiT
+    torch.manual_seed(0)
+    return SiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+               class_dropout_prob=dropout, learn_sigma=False).eval()
+
+
+def _generate(labels=(0, 1), model=None, **kw):
+    def call(ctx):
+        from sit_workbench.registry import SamplerSpec
+        from sit_workbench.sample import generate
+        from sit_workbench.transport import create_transport
+        fn = SamplerSpec.create("ode", "euler", 3).build(create_transport())
+        return generate(model() if model else _tiny_model(), fn, labels, **kw).images.shape
+    return call
+
+
+for id_, kw, frag in [("label-out-of-range", dict(labels=(0, 3)), "do not exist"), ("negative-label", dict(labels=(-1,)), "do not exist"),
+                      ("no-labels", dict(labels=()), "non-empty"), ("2d-labels", dict(labels=[[0, 1]]), "non-empty"),
+                      ("noise-shape", dict(noise=torch.zeros(2, 1, 5, 5)), "noise must be shaped"),
+                      ("scales-count", dict(guidance=(1.0, 2.0, 3.0)), "3 guidance scales for 2 samples"),
+                      ("no-null-class", dict(guidance=2.0, model=lambda: _tiny_model(0.0)), "no null class"),
+                      ("nan-guidance", dict(guidance=float("nan")), "finite")]:
+    row(f"generate-{id_}", _generate(**kw), "user_error", frag)
+row("generate-spec-without-transport", lambda ctx: __import__("sit_workbench.sample", fromlist=["generate"]).generate(
+    _tiny_model(), {"sampling_method": "euler"}, [0]), "user_error", "needs a transport")
+row("generate-ok", _generate(), "ok", "torch.Size([2, 1, 4, 4])")
+row("cycle-labels-empty", lambda ctx: __import__("sit_workbench.sample", fromlist=["cycle_labels"]).cycle_labels(4, []),
+    "user_error", "no classes")
+row("label-plan-unknown", lambda ctx: __import__("sit_workbench.evaluate", fromlist=["label_plan"]).label_plan(4, 10, "skewed"),
+    "user_error", "'balanced', 'random'")
+
+
+def _generate_samples(n, shard_size=5):
+    def call(ctx):
+        from sit_workbench.evaluate import generate_samples
+        from sit_workbench.transport import create_transport
+        return generate_samples(_tiny_model(), create_transport(), ctx.tmp / "g", n, shard_size=shard_size)
+    return call
+
+
+for id_, n, shard, frag in [("zero", 0, 5, "positive integers"), ("bool", True, 5, "positive integers"),
+                            ("float", 2.5, 5, "positive integers"), ("shard-0", 4, 0, "positive integers")]:
+    row(f"generate-samples-{id_}", _generate_samples(n, shard), "user_error", frag)
+
+
+def _damaged_shard_merge(ctx):
+    from sit_workbench.evaluate import merge_shards, shard_path
+    _generate_samples(4, 2)(ctx)
+    p = shard_path(ctx.tmp / "g", 2)
+    p.write_bytes(p.read_bytes()[:-9])
+    return merge_shards(ctx.tmp / "g", 4, 2)
+
+
+row("merge-damaged-shard", _damaged_shard_merge, "checkpoint_error", "is damaged")
+
+
+def _read_run(source, **kw):
+    return lambda ctx: __import__("sit_workbench.run", fromlist=["read_run"]).read_run(source(ctx), **kw)
+
+
+row("read-run-unknown-model", _read_run(lambda ctx: _ck(ctx), model_name="SiT-Q/2"), "user_error", "unknown model")
+row("read-run-empty-folder", _read_run(lambda ctx: ctx.tmp), "checkpoint_error", "neither a checkpoint folder")
+row("read-run-ok", lambda ctx: __import__("sit_workbench.run", fromlist=["read_run"]).read_run(_ck(ctx)).transport["path_type"],
+    "ok", "Linear")
+row("run-options-unknown", lambda ctx: __import__("sit_workbench.run", fromlist=["read_run"]).read_run(_ck(ctx)).with_options(
+    steps=3), "user_error", "unknown run option")
+row("run-options-nan-guidance", lambda ctx: __import__("sit_workbench.run", fromlist=["read_run"]).read_run(_ck(ctx)).with_options(
+    guidance_scale=float("nan")), "user_error", "finite")
+row("run-options-bad-sampler", lambda ctx: __import__("sit_workbench.run", fromlist=["read_run"]).read_run(_ck(ctx)).with_options(
+    sampler={"num_steps": 0}), "user_error", "integer >= 2")
+
+
+def _pipe(**call):
+    def go(ctx):
+        from sit_workbench.pipeline import SiTPipeline
+        pipe = SiTPipeline.from_pretrained(_ck(ctx))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(**{"class_labels": [1], **call})
+    return go
+
+
+for id_, kw, frag in [("output-type", dict(output_type="jpg"), "output_type"), ("float-labels", dict(class_labels=[1.5]), "integer labels"),
+                      ("label-range", dict(class_labels=[10]), "[0, 9]"), ("steps-0", dict(num_inference_steps=0), "positive integer"),
+                      ("mode", dict(mode="pf"), "unknown sampling mode"), ("method", dict(sampling_method="heun9"), "unknown sampling method"),
+                      ("name", dict(class_labels=["eleven"]), "unknown class name"), ("nan-guidance", dict(guidance_scale=float("nan")), "finite")]:
+    row(f"pipeline-{id_}", _pipe(**kw), "user_error", frag)
+
+
+def _explore(fn):
+    return lambda ctx: fn(__import__("sit_workbench.explore", fromlist=["parse_classes"]), ctx)
+
+
+for id_, fn, frag in [("classes-text", lambda X, ctx: X.parse_classes("three"), "cannot read"),
+                      ("classes-range", lambda X, ctx: X.parse_classes("5-2"), "cannot read"),
+                      ("classes-none", lambda X, ctx: X.parse_classes(" , "), "none given"),
+                      ("classes-all-unknown", lambda X, ctx: X.parse_classes("all"), "number of classes"),
+                      ("scales-small", lambda X, ctx: X.guidance_scales(0.5, 3), ">= 1"),
+                      ("scales-none", lambda X, ctx: X.guidance_scales(3, 0), "at least one column"),
+                      ("request-method", lambda X, ctx: X.Request(mode="ODE", method="Euler").sampler(), "is an SDE method"),
+                      ("request-steps", lambda X, ctx: X.Request(num_steps=1).sampler(), "integer >= 2"),
+                      ("trajectory-adaptive", lambda X, ctx: X.solve_trajectory(X.Request(checkpoint=str(_ck(ctx))), method="dopri5"),
+                       "fixed-step")]:
+    row(f"explore-{id_}", _explore(fn), "user_error", frag)
+
+
 # --- running the table --------------------------------------------------------------------------------------------
 class Ctx:
     "What a row gets: a fresh `tmp`, and fresh copies of the shared checkpoint and run (made once per module)."

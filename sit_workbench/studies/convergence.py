@@ -13,6 +13,7 @@ import torch
 
 from .zoo import (ZOO, _locked, figures_dir, get_setting, load_results, markdown_table, results_path,
                                save_results, zoo_checkpoint, zoo_config, zoo_dir, zoo_model)
+from ..errors import UserError
 
 # %% auto 0
 __all__ = ['STUDY', 'PROBE_SIGMAS', 'label_following', 'training_seconds', 'is_converged', 'measure_rung', 'ladder_rows',
@@ -99,7 +100,7 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     s = get_setting(setting)
     models = list(ZOO) if models is None else list(models)
     for m in models:
-        if m not in ZOO: raise ValueError(f"unknown zoo model {m!r}; choose from {', '.join(ZOO)}")
+        if m not in ZOO: raise UserError(f"unknown zoo model {m!r}; choose from {', '.join(ZOO)}")
     for steps in s.ladder:
         for name in models:
             done = ladder_rows(name, s)

@@ -40,7 +40,7 @@ def runs_dir(setting) -> Path:
 def run_config(objective, seed, steps, setting="full", ladder=None):
     """The config of one arm: the zoo's `linear-velocity` config for `steps` steps (`zoo_config`), with the training
     `seed`, a checkpoint at every rung of `ladder`, the run in `runs_dir`, and REPA's keys for `objective='repa'`."""
-    if objective not in OBJECTIVES: raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective not in OBJECTIVES: raise UserError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     s = get_setting(setting)
     ladder = tuple(LADDERS[s.name] if ladder is None else ladder)
     d = config_to_dict(zoo_config(MODEL, s, steps))

@@ -68,7 +68,7 @@ SETTINGS = {
 def get_setting(setting) -> StudySetting:
     "A `StudySetting` from its name (`'quick'`, `'full'`) or itself."
     if isinstance(setting, StudySetting): return setting
-    if setting not in SETTINGS: raise ValueError(f"unknown study setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+    if setting not in SETTINGS: raise UserError(f"unknown study setting {setting!r}; choose one of {', '.join(SETTINGS)}")
     return SETTINGS[setting]
 
 # %% ../../nbs/14_zoo.ipynb
@@ -133,10 +133,10 @@ def zoo_config(name, setting="full", steps=None) -> TrainConfig:
     """The training config of zoo model `name` trained for `steps` (default: the setting's cap): `digits_config` with
     the zoo entry's transport, a constant learning rate after warm-up (so that a longer budget continues a shorter
     one exactly, as the paper's constant-rate runs do) and a checkpoint kept at every rung of the ladder."""
-    if name not in ZOO: raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
+    if name not in ZOO: raise UserError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
     s = get_setting(setting)
     steps = s.max_steps if steps is None else int(steps)
-    if steps <= 0: raise ValueError(f"steps must be positive, got {steps}")
+    if steps <= 0: raise UserError(f"steps must be positive, got {steps}")
     return digits_config(**ZOO[name], max_steps=steps, save_steps=math.gcd(*s.ladder), save_total_limit=None,
                          lr_scheduler_type="constant", ema_decay=s.ema_decay, warmup_steps=min(100, s.ladder[0] // 10),
                          output_dir=str(zoo_dir(s) / name))
