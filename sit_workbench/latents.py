@@ -6,19 +6,16 @@
 from __future__ import annotations
 import hashlib
 import json
-import math
-import os
-from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
 from .data import _existing, _global_draw
 from .sample import VAE_SCALE
+from .shards import ShardReader, build_shards, shard_name
 from .errors import UserError
 
 # %% auto 0
-__all__ = ['TINY_VAE_FACTOR', 'CACHE_VERSION', 'tiny_vae', 'encode_distribution', 'encode_images', 'vae_identity',
+__all__ = ['TINY_VAE_FACTOR', 'CACHE_VERSION', 'PREFIX', 'tiny_vae', 'encode_distribution', 'encode_images', 'vae_identity',
            'build_latent_cache', 'LatentDataset', 'latents_from_cache_batch']
 
 # %% ../nbs/07a_latents.ipynb
@@ -53,27 +50,7 @@ def encode_images(vae, x, sample=True, generator=None, rank=0, world_size=1):
 
 # %% ../nbs/07a_latents.ipynb
 CACHE_VERSION = 1
-_META, _PLAN = "meta.json", "plan.json"
-
-def _shard_name(k): return f"shard-{k:05d}.safetensors"
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass  # not every platform lets a directory be opened or synced
-
-def _atomic_write(path, data: bytes):
-    "Write `data` to `path` so that `path` never exists half-written: temporary file, fsync, rename."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+PREFIX = "shard"        # shard-00000.safetensors, ...
 
 def vae_identity(vae):
     "The VAE's name, a hash of its config and a hash of its encoder weights (what the latents depend on)."
@@ -87,115 +64,61 @@ def vae_identity(vae):
             "config_hash": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
             "encoder_hash": h.hexdigest()[:16]}
 
-def _json_bytes(obj): return (json.dumps(obj, indent=1, default=str) + "\n").encode()
-
-def _check_plan(old, new, folder, complete=False):
-    keys = ("version", "count", "dtype", "encoder_hash", "image_size") + (() if complete else ("shard_size",))
-    diff = [k for k in keys if old.get(k) != new.get(k)]
-    if diff:
-        raise UserError(f"the latent cache in {folder} was started with other settings ("
-                         + ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
-                         + "); use another folder, or delete this one to start over")
-
 # %% ../nbs/07a_latents.ipynb
 def build_latent_cache(dataset, vae, folder, batch_size=64, device="cpu", progress=True, shard_size=4096,
                        dtype=torch.float32, num_workers=0):
     "Encode every image of `dataset` and its flip into a latent cache in `folder` (resumable); returns the meta dict."
     from safetensors.torch import save as st_save, safe_open
-    from tqdm.auto import tqdm
-    folder = Path(folder)
     n = len(dataset)
-    if n == 0: raise UserError("the dataset is empty")
     plan = {"version": CACHE_VERSION, "count": n, "shard_size": int(shard_size), "dtype": str(dtype).split(".")[-1],
             **vae_identity(vae), "scale": VAE_SCALE, "image_size": getattr(dataset, "image_size", None),
             "dataset_path": getattr(dataset, "path", None)}
-    if (folder / _META).exists():
-        meta = json.loads((folder / _META).read_text())
-        _check_plan(meta, plan, folder, complete=True)
-        return meta
-    folder.mkdir(parents=True, exist_ok=True)
-    if (folder / _PLAN).exists(): _check_plan(json.loads((folder / _PLAN).read_text()), plan, folder)
-    else: _atomic_write(folder / _PLAN, _json_bytes(plan))
-    for tmp in folder.glob("*.tmp"): tmp.unlink()
-    num_shards = math.ceil(n / shard_size)
-    todo = [k for k in range(num_shards) if not (folder / _shard_name(k)).exists()]
-    remaining = sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo)
     vae = vae.to(device).eval()
-    with tqdm(total=n, initial=n - remaining, disable=not progress, desc="latent cache", unit="img") as bar:
-        for k in todo:
-            lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)),
-                                                 batch_size=batch_size, shuffle=False, num_workers=num_workers)
-            means, stds, labels = [], [], []
-            for x, y in loader:
-                b = x.shape[0]
-                x = x.to(device)
-                mean, std = encode_distribution(vae, torch.cat([x, x.flip(-1)]))
-                means.append(torch.stack([mean[:b], mean[b:]], 1).to("cpu", dtype))
-                stds.append(torch.stack([std[:b], std[b:]], 1).to("cpu", dtype))
-                labels.append(torch.as_tensor(y, dtype=torch.long))
-                bar.update(b)
-            tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
-                       "label": torch.cat(labels), "index": torch.arange(lo, hi)}
-            _atomic_write(folder / _shard_name(k), st_save(tensors, metadata={"first": str(lo), "count": str(hi - lo)}))
-    with safe_open(str(folder / _shard_name(0)), framework="pt") as f:
-        latent_shape = f.get_slice("mean").get_shape()[2:]
-    labels_seen = getattr(dataset, "num_classes", None)
-    meta = {**plan, "complete": True, "num_shards": num_shards, "latent_shape": list(latent_shape),
-            "scaled": True, "flips": ["none", "horizontal"], "num_classes": labels_seen,
-            "stores": "mean and std of the VAE posterior times scale, for the image and its horizontal flip",
-            "bad_items": list(getattr(dataset, "bad_items", []))}
-    _atomic_write(folder / _META, _json_bytes(meta))
-    (folder / _PLAN).unlink(missing_ok=True)
-    return meta
+
+    def encode(lo, hi) -> bytes:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                             shuffle=False, num_workers=num_workers)
+        means, stds, labels = [], [], []
+        for x, y in loader:
+            b = x.shape[0]
+            mean, std = encode_distribution(vae, torch.cat([x, x.flip(-1)]).to(device))
+            means.append(torch.stack([mean[:b], mean[b:]], 1).to("cpu", dtype))
+            stds.append(torch.stack([std[:b], std[b:]], 1).to("cpu", dtype))
+            labels.append(torch.as_tensor(y, dtype=torch.long))
+        return st_save({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(),
+                        "label": torch.cat(labels), "index": torch.arange(lo, hi)},
+                       metadata={"first": str(lo), "count": str(hi - lo)})
+
+    def finished(folder, num_shards) -> dict:
+        with safe_open(str(folder / shard_name(PREFIX, 0)), framework="pt") as f:
+            latent_shape = f.get_slice("mean").get_shape()[2:]
+        return {"latent_shape": list(latent_shape), "scaled": True, "flips": ["none", "horizontal"],
+                "num_classes": getattr(dataset, "num_classes", None),
+                "stores": "mean and std of the VAE posterior times scale, for the image and its horizontal flip",
+                "bad_items": list(getattr(dataset, "bad_items", []))}
+    return build_shards(folder, plan, n, int(shard_size), encode, PREFIX, "latent cache", progress,
+                        keys=("version", "count", "dtype", "encoder_hash", "image_size"), finished=finished)
 
 # %% ../nbs/07a_latents.ipynb
 class LatentDataset(torch.utils.data.Dataset):
     "A complete latent cache written by `build_latent_cache`: items `(mean [2, C, h, w], std [2, C, h, w], label)`."
-    max_open = 32
     def __init__(self, folder, in_memory=False):
-        folder = _existing(folder, "latent cache")
-        if not (folder / _META).exists():
-            done = len(list(folder.glob("shard-*.safetensors")))
-            raise UserError(f"the latent cache {folder} is incomplete (no {_META}; {done} shards written): run "
-                               "build_latent_cache again with the same dataset and VAE to finish it (it resumes)")
-        self.folder, self.meta = folder, json.loads((folder / _META).read_text())
+        self.shards = ShardReader(_existing(folder, "latent cache"), PREFIX, "latent cache")
+        self.folder, self.meta = self.shards.folder, self.shards.meta
         if self.meta.get("version") != CACHE_VERSION:
-            raise UserError(f"the latent cache {folder} has format version {self.meta.get('version')}, this "
-                               f"code reads version {CACHE_VERSION}; rebuild it")
-        self.count, self.shard_size = self.meta["count"], self.meta["shard_size"]
-        self.files = [folder / _shard_name(k) for k in range(self.meta["num_shards"])]
-        missing = [f.name for f in self.files if not f.exists()]
-        if missing: raise UserError(f"the latent cache {folder} lacks shards {missing[:3]}; rebuild it")
-        self.latent_shape, self.num_classes = tuple(self.meta["latent_shape"]), self.meta.get("num_classes")
-        self._handles, self._data = OrderedDict(), None
-        if in_memory:
-            from safetensors.torch import load_file
-            parts = [load_file(str(f)) for f in self.files]
-            self._data = {k: torch.cat([p[k] for p in parts]) for k in ("mean", "std", "label")}
+            raise UserError(f"the latent cache {self.folder} has format version {self.meta.get('version')}, this "
+                            f"code reads version {CACHE_VERSION}; rebuild it")
+        self.count, self.latent_shape = self.meta["count"], tuple(self.meta["latent_shape"])
+        self.num_classes = self.meta.get("num_classes")
+        self._data = self.shards.load_all(("mean", "std", "label")) if in_memory else None
 
     def __len__(self): return self.count
-
-    def _handle(self, k):
-        from safetensors import safe_open
-        if k in self._handles: self._handles.move_to_end(k)
-        else:
-            if len(self._handles) >= self.max_open: self._handles.popitem(last=False)
-            self._handles[k] = safe_open(str(self.files[k]), framework="pt")
-        return self._handles[k]
 
     def __getitem__(self, i):
         if not -self.count <= i < self.count: raise IndexError(f"index {i} out of range for {self.count} items")
         i %= self.count
         if self._data is not None: return self._data["mean"][i], self._data["std"][i], int(self._data["label"][i])
-        k, j = divmod(i, self.shard_size)
-        f = self._handle(k)
-        return f.get_slice("mean")[j], f.get_slice("std")[j], int(f.get_slice("label")[j:j + 1][0])
-
-    def __getstate__(self):  # open files don't travel to DataLoader workers; each opens its own
-        state = self.__dict__.copy()
-        state["_handles"] = OrderedDict()
-        return state
+        return self.shards.row(i, "mean"), self.shards.row(i, "std"), int(self.shards.row(i, "label"))
 
 def latents_from_cache_batch(batch, flip_mask=None, generator=None, sample=True, rank=0, world_size=1):
     "`(latents [B, C, h, w], labels)` from a `LatentDataset` batch: flipped where `flip_mask`, `mean + std * noise`."

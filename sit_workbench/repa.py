@@ -5,9 +5,7 @@
 # %% ../nbs/08a_repa.ipynb 3
 from __future__ import annotations
 import hashlib
-import json
 import math
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -17,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .shards import ShardReader, build_shards
 
 # %% auto 0
-__all__ = ['FEATURES_VERSION', 'alignment_loss', 'build_projector', 'HiddenCapture', 'match_tokens', 'FrozenEncoder',
+__all__ = ['FEATURES_VERSION', 'PREFIX', 'alignment_loss', 'build_projector', 'HiddenCapture', 'match_tokens', 'FrozenEncoder',
            'TimmEncoder', 'ModuleEncoder', 'build_encoder', 'Alignment', 'setup_alignment', 'projector_state',
            'check_projector', 'restore_projector', 'encoder_identity', 'build_feature_cache', 'FeatureDataset',
            'select_flip']
@@ -303,81 +302,40 @@ def encoder_identity(encoder: nn.Module) -> dict:
     return {"encoder": getattr(encoder, "name", type(encoder).__name__), "dim": int(encoder.dim),
             "resolution": getattr(encoder, "resolution", None), "weights_hash": h.hexdigest()[:16]}
 
-def _features_shard(k): return f"features-{k:05d}.safetensors"
+PREFIX = "features"      # features-00000.safetensors, ...
 
 @torch.no_grad()
 def build_feature_cache(dataset, encoder: nn.Module, folder, flips: bool = True, batch_size: int = 256,
                         device="cpu", dtype=torch.float32, shard_size: int = 4096, progress: bool = True) -> dict:
     """Encode every image of `dataset` (items `(image in [-1, 1], label)`) and, with `flips`, its horizontal flip into
-    shards of `features [n, F, M, D]` in `folder` (resumable; reused when complete); returns the meta dict."""
+    shards of `features [n, F, M, D]` in `folder` (a `sit_workbench.shards` cache: resumable, reused when complete);
+    returns the meta dict."""
     from safetensors.torch import save as st_save
-    from tqdm.auto import tqdm
-    from sit_workbench.latents import _atomic_write, _json_bytes
-    folder = Path(folder)
-    n = len(dataset)
-    if n == 0: raise UserError("the dataset is empty")
-    plan = {"version": FEATURES_VERSION, "count": n, "flips": 2 if flips else 1, "shard_size": int(shard_size),
-            "dtype": str(dtype).split(".")[-1], **encoder_identity(encoder)}
-    for name in ("meta.json", "plan.json"):
-        if (folder / name).is_file():
-            old = json.loads((folder / name).read_text())
-            diff = [k for k in plan if old.get(k) != plan[k]]
-            if diff:
-                raise UserError(f"the features cache in {folder} was made with other settings (" +
-                                 ", ".join(f"{k}: {old.get(k)!r} there, {plan[k]!r} now" for k in diff) +
-                                 "); use another folder, or delete this one")
-            if name == "meta.json": return old
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "plan.json", _json_bytes(plan))
+    plan = {"version": FEATURES_VERSION, "count": len(dataset), "flips": 2 if flips else 1,
+            "shard_size": int(shard_size), "dtype": str(dtype).split(".")[-1], **encoder_identity(encoder)}
     encoder = encoder.to(device).eval()
-    num_shards = math.ceil(n / shard_size)
-    todo = [k for k in range(num_shards) if not (folder / _features_shard(k)).exists()]
-    with tqdm(total=n, disable=not progress, desc="features cache", unit="img") as bar:
-        bar.update(n - sum(min(n, (k + 1) * shard_size) - k * shard_size for k in todo))
-        for k in todo:
-            lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size)
-            feats = []
-            for x, _ in loader:
-                x = x.to(device)
-                views = [x, x.flip(-1)] if flips else [x]
-                feats.append(torch.stack([encoder(v) for v in views], 1).to("cpu", dtype))
-                bar.update(len(x))
-            _atomic_write(folder / _features_shard(k), st_save({"features": torch.cat(feats).contiguous()}))
-    meta = {**plan, "complete": True, "num_shards": num_shards}
-    _atomic_write(folder / "meta.json", _json_bytes(meta))
-    (folder / "plan.json").unlink(missing_ok=True)
-    return meta
+
+    def encode(lo, hi) -> bytes:
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size)
+        feats = []
+        for x, _ in loader:
+            x = x.to(device)
+            feats.append(torch.stack([encoder(v) for v in ([x, x.flip(-1)] if flips else [x])], 1).to("cpu", dtype))
+        return st_save({"features": torch.cat(feats).contiguous()})
+    return build_shards(folder, plan, len(dataset), int(shard_size), encode, PREFIX, "features cache", progress)
 
 class FeatureDataset(torch.utils.data.Dataset):
     "The items of `dataset` with their cached encoder features `[F, M, D]` appended (from `build_feature_cache`)."
-    max_open = 32
     def __init__(self, dataset, folder):
-        folder = Path(folder)
-        if not (folder / "meta.json").is_file():
-            raise UserError(f"the features cache {folder} is incomplete or missing: run build_feature_cache (it resumes)")
-        self.dataset, self.folder = dataset, folder
-        self.meta = json.loads((folder / "meta.json").read_text())
+        self.dataset, self.shards = dataset, ShardReader(folder, PREFIX, "features cache")
+        self.folder, self.meta = self.shards.folder, self.shards.meta
         if self.meta["count"] != len(dataset):
             raise UserError(f"the features cache {folder} holds {self.meta['count']} images, the dataset {len(dataset)}")
-        self.shard_size, self._handles = self.meta["shard_size"], OrderedDict()
 
     def __len__(self): return len(self.dataset)
 
-    def _handle(self, k):
-        from safetensors import safe_open
-        if k in self._handles: self._handles.move_to_end(k)
-        else:
-            if len(self._handles) >= self.max_open: self._handles.popitem(last=False)
-            self._handles[k] = safe_open(str(self.folder / _features_shard(k)), framework="pt")
-        return self._handles[k]
-
     def __getitem__(self, i):
-        k, j = divmod(i % len(self), self.shard_size)
-        return (*self.dataset[i], self._handle(k).get_slice("features")[j])
-
-    def __getstate__(self):   # open files don't travel to DataLoader workers
-        return {**self.__dict__, "_handles": OrderedDict()}
+        return (*self.dataset[i], self.shards.row(i % len(self), "features"))
 
 def select_flip(features: torch.Tensor, flip_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     "Each sample's features `[B, M, D]` from cached `[B, F, M, D]`: the flipped view where `flip_mask`, else the image's."

@@ -7,7 +7,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones above
     ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "transport", "registry",
               "sample"}),
     ("checkpoint", {"checkpoint", "run"}),
-    ("training", {"config", "data", "latents", "repa", "resume", "train", "launch"}),
+    ("training", {"config", "data", "shards", "latents", "repa", "resume", "train", "launch"}),
     ("evaluation", {"digits", "evaluate"}),
     ("studies", {"studies.zoo", "studies.path_length", "studies.nfe", "studies.diffusion_coefficient",
                  "studies.design_space", "studies.convergence", "studies.repa"}),
