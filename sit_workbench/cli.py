@@ -35,11 +35,7 @@ def cmd_train(args):
     from sit_workbench.train import train
     cfg = load_config(args.config) if args.config else digits_config()
     if args.set: cfg = apply_overrides(cfg, args.set)
-    encoder = None
-    if cfg.repa_encoder == "digits":   # REPA's digits encoder is a digits classifier (the evaluation layer)
-        from sit_workbench.digits import load_digits_encoder
-        encoder = load_digits_encoder()
-    res = train(cfg, progress=not args.no_progress, encoder=encoder)
+    res = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
     if res["status"] == "preempted": sys.exit(EXIT_PREEMPTED)   # saved; a scheduler tells this from a finished run

@@ -173,9 +173,8 @@ def build_encoder(spec, image_shape, weights=None, resolution=None, device="cpu"
     if isinstance(spec, FrozenEncoder) and isinstance(getattr(spec, "dim", None), int): enc = spec
     elif isinstance(spec, nn.Module): enc = ModuleEncoder(spec, image_shape)
     elif spec == "digits":
-        raise UserError("repa_encoder 'digits' is the digits classifier, which the trainer does not build: pass it, "
-                        "`train(cfg, encoder=sit_workbench.digits.load_digits_encoder())` (`sit-workbench train` "
-                        "does this for you)")
+        raise UserError("repa_encoder 'digits' is the digits classifier: pass the module, "
+                        "`sit_workbench.digits.load_digits_encoder()` (`train` does this for you)")
     elif isinstance(spec, str) and spec.strip(): enc = TimmEncoder(spec, weights=weights, resolution=resolution)
     else: raise UserError(f"repa_encoder must be 'digits', a timm model name or an encoder module, got {spec!r}")
     return enc.to(device).eval()

@@ -392,7 +392,10 @@ class Trainer(Checkpointing):
 
 def train(cfg: TrainConfig, progress: bool = True, dataset=None, encoder=None) -> dict:
     """Train (or resume) as `cfg` says, in this process or in the torchrun process group it belongs to; `encoder`: a
-    module for REPA's `repa_encoder` (the digits encoder must be passed: `digits.load_digits_encoder()`)."""
+    module for REPA's `repa_encoder` (default: built from its name; `'digits'` is the digits encoder)."""
+    if encoder is None and cfg.repa_encoder == "digits":
+        from sit_workbench.digits import load_digits_encoder
+        encoder = load_digits_encoder()
     env = init_distributed()
     try:
         return Trainer(cfg, env, dataset=dataset, progress=progress, encoder=encoder).train()
