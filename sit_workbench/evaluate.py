@@ -180,8 +180,10 @@ def label_plan(n, num_classes, labels="balanced", seed=0) -> torch.Tensor:
 
 def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=None, vae=None, seed=0,
                      labels="balanced", shard_size=1000, batch_size=None, device="cpu", rank=None, world_size=None,
-                     wait_s=24 * 3600, progress=False, identity=None, overwrite=False, preset=None) -> dict:
-    """Draw `n` samples of `model` (`sampler`: a `SamplerSpec` or its dict; `guidance`: a `Guidance` or scale) into
+                     wait_s=24 * 3600, progress=False, identity=None, overwrite=False, preset=None,
+                     guide_model=None) -> dict:
+    """Draw `n` samples of `model` (`sampler`: a `SamplerSpec` or its dict; `guidance`: a `Guidance` or scale, with
+    `guide_model` for autoguidance) into
     ADM-format shards in `out_dir` (resumable; this process's share under torchrun), and on process 0 merge them
     into `out_dir/samples.npz`. Returns a summary dict."""
     from sit_workbench.errors import UserError
@@ -205,7 +207,7 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
     with FolderLock(out_dir, "sample-eval", name=f".lock-rank{rank}"):      # one writer per process slot
         claim_out_dir(out_dir, manifest, overwrite, rank, world_size, shard_size)
         res = _write_shards(model, sample_fn, out_dir, n, labels_t, guidance, vae, seed, device, shard_size, batch_size,
-                            rank, world_size, progress)
+                            rank, world_size, progress, guide_model)
     res["manifest"] = manifest
     if rank == 0:
         starts = range(0, n, shard_size)
@@ -217,7 +219,7 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
     return res
 
 def _write_shards(model, sample_fn, out_dir, n, labels_t, guidance, vae, seed, device, shard_size, batch_size, rank,
-                  world_size, progress) -> dict:
+                  world_size, progress, guide_model=None) -> dict:
     "This process's shards: made where missing or damaged (said so), kept where whole."
     from sit_workbench.sample import generate
     made, skipped, nfe, t0 = [], [], None, time.perf_counter()
@@ -229,7 +231,7 @@ def _write_shards(model, sample_fn, out_dir, n, labels_t, guidance, vae, seed, d
         if why is None: skipped.append(start); continue
         if why != "missing": print(f"[rank {rank}] {p.name}: {why}; making it again", flush=True)
         g = generate(model, sample_fn, labels_t[start:stop], guidance, vae, seed, device, first_index=start,
-                     batch_size=batch_size)
+                     batch_size=batch_size, guide_model=guide_model)
         nfe = g.nfe
         write_shard(p, to_uint8_nhwc(g.images), labels_t[start:stop].numpy())
         made.append(start)
@@ -240,11 +242,12 @@ def _write_shards(model, sample_fn, out_dir, n, labels_t, guidance, vae, seed, d
 # %% ../nbs/13_evaluate.ipynb
 def sample_run(run, out_dir, n, device="cpu", **kwargs) -> dict:
     "`generate_samples` for a run (a `RunSpec` or a source `read_run` reads), with its model, transport, sampler, guidance and VAE."
-    from sit_workbench.run import load_model, load_run_vae, read_run
+    from sit_workbench.run import load_guide, load_model, load_run_vae, read_run
     spec = read_run(run)
     kwargs.setdefault("identity", checkpoint_identity(spec))
     return generate_samples(load_model(spec, device), spec.build_transport(), out_dir, n, sampler=spec.sampler,
-                            guidance=spec.guidance, vae=load_run_vae(spec, device), device=device, **kwargs)
+                            guidance=spec.guidance, vae=load_run_vae(spec, device), device=device,
+                            guide_model=load_guide(spec, device), **kwargs)
 
 # %% ../nbs/13_evaluate.ipynb
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

@@ -20,8 +20,9 @@ from .checkpoint import latest_checkpoint
 from .errors import UserError
 from .paths import project_root
 from .registry import OFFICIAL_SAMPLERS, SamplerSpec, methods, normalize_mode
-from .run import RunSpec, load_model, load_run_vae, read_run, run_sample_fn
-from .sample import Cancelled, cycle_labels, generate, image_grid, rows_by_class, sample_noise
+from .run import RunSpec, load_guide, load_model, load_run_vae, read_run, run_sample_fn
+from .sample import (Cancelled, autoguided, cycle_labels, generate, image_grid, rows_by_class,
+                                  sample_noise)
 from .solvers import data_prediction
 
 # %% auto 0
@@ -100,6 +101,7 @@ class Request:
     last_step: Optional[str] = "Mean"
     eta: float = 0.0                          # diffusion_form='w_KL_eta' only
     seed: int = 0
+    guide: str = ""                           # autoguidance: a weaker checkpoint guides ('': classifier-free)
 
     def sampler(self) -> SamplerSpec:
         "The request's sampler, checked by the registry."
@@ -135,7 +137,8 @@ def with_request(spec: RunSpec, req: Request, scale=None) -> RunSpec:
     lo, hi = (float(v) for v in req.cfg_interval)
     return spec.with_options(sampler=req.sampler(), guidance_scale=req.cfg_scale if scale is None else scale,
                              guidance_interval=None if (lo, hi) == (0.0, 1.0) else (lo, hi),
-                             guidance_channels="all" if req.cfg_channels is None else req.cfg_channels)
+                             guidance_channels="all" if req.cfg_channels is None else req.cfg_channels,
+                             guide=str(find_path(req.guide)) if str(req.guide).strip() else "cfg")
 
 # %% ../nbs/12a_explore.ipynb
 def to_png(images, nrow, width=820, height=640, max_scale=8) -> bytes:
@@ -171,7 +174,7 @@ def _load(req: Request, device):
 
 def _solve(spec, labels, seed, device, cancel, on_progress, **kw):
     return generate(load_model(spec, device), run_sample_fn(spec), labels, spec.guidance, load_run_vae(spec, device),
-                    seed, device, cancel=cancel, on_progress=on_progress, **kw)
+                    seed, device, cancel=cancel, on_progress=on_progress, guide_model=load_guide(spec, device), **kw)
 
 def sample_grid(req: Request, cancel=None, on_progress=None, device="cpu") -> Result:
     "The panel's grid: `per_class` samples of each class, one row per class."
@@ -236,7 +239,10 @@ def solve_trajectory(req: Request, method="heun2", num_steps=26, max_samples=10,
             if cancel is not None and cancel.is_set(): raise Cancelled()
             x = g.path[k].to(device)
             tb = torch.full((n,), float(t), device=device)
-            if guidance.guided:
+            if guidance.guided and guidance.guide is not None:
+                out = autoguided(m, load_guide(spec, device), guidance.model_kwargs(0, n, device)["cfg_scale"],
+                                 guidance.channels, guidance.interval)(x, tb, labels)
+            elif guidance.guided:
                 out = m.forward_with_cfg(torch.cat([x, x]), torch.cat([tb, tb]),
                                          torch.cat([labels, torch.full_like(labels, m.null_class)]),
                                          **guidance.model_kwargs(0, n, device))[:n]

@@ -285,27 +285,42 @@ def _pipeline_call(self, class_labels, num_inference_steps: Optional[int] = None
                    generator: Union[torch.Generator, list, None] = None, output_type: str = "pil",
                    return_dict: bool = True, sampling_method: Optional[str] = None, mode: Optional[str] = None,
                    guidance_interval: Optional[Sequence[float]] = None, sample_fn: Optional[Callable] = None,
-                   batch_size: Optional[int] = None):
+                   batch_size: Optional[int] = None, guide=None):
     """Sample one image per class label (ints, or class names). Unset arguments take the scheduler's defaults (the
-    run's); `sample_fn` replaces its sampler by any `Sampler.sample_ode/sample_sde` function. Returns
+    run's); `sample_fn` replaces its sampler by any `Sampler.sample_ode/sample_sde` function; `guide` (autoguidance):
+    a weaker network for the same data, or its checkpoint, guides instead of the unconditional branch. Returns
     `ImagePipelineOutput(images)` (or `(images,)` with `return_dict=False`)."""
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     labels = self._label_tensor(class_labels)
     g = self.scheduler.guidance
+    guide_model = _guide_model(self, guide)
     guidance = Guidance(g.scale if guidance_scale is None else float(guidance_scale),
-                        g.interval if guidance_interval is None else tuple(guidance_interval), g.channels)
+                        g.interval if guidance_interval is None else tuple(guidance_interval), g.channels,
+                        None if guide is None else str(guide) if not isinstance(guide, torch.nn.Module)
+                        else getattr(guide, "model_name", None) or "a network")
     fn = sample_fn or self.scheduler.sample_fn(num_inference_steps, sampling_method, mode)
     total = 1000
     with self.progress_bar(total=total) as bar:
         def progress(frac, nfe):
             if int(frac * total) > bar.n: bar.update(int(frac * total) - bar.n)
         out = generate(self.transformer, fn, labels, guidance, None, _seed_of_generator(generator),
-                       self._execution_device, batch_size=batch_size, on_progress=progress)
+                       self._execution_device, batch_size=batch_size, on_progress=progress, guide_model=guide_model)
         bar.update(total - bar.n)
     images = self.decode(out.samples.to(self._execution_device), output_type)
     self.maybe_free_model_hooks()
     return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+def _guide_model(pipe, guide):
+    "The guiding network: `guide` itself (a SiT), or loaded from its checkpoint and checked against the pipeline's transport."
+    if guide is None or isinstance(guide, torch.nn.Module): return guide
+    spec = read_run(guide)
+    c = pipe.scheduler.config
+    for k in ("path_type", "prediction"):
+        if spec.transport.get(k) != c[k]:
+            raise UserError(f"the guide {guide} was trained with {k} {spec.transport.get(k)}, the pipeline's model with "
+                            f"{c[k]}: a guide must share the model's transport")
+    return load_model(spec, pipe._execution_device)
 
 def _decode(self, x: torch.Tensor, output_type: str = "pil"):
     "Samples (latents, or pixels when there is no VAE) as images in [0, 1] in the `output_type` format."

@@ -20,8 +20,8 @@ from .registry import SamplerSpec
 
 # %% auto 0
 __all__ = ['VAE_SCALE', 'PRESETS', 'sample_noise', 'cycle_labels', 'random_labels', 'Guidance', 'Cancelled', 'watched',
-           'to_images', 'Generated', 'generate', 'image_grid', 'rows_by_class', 'save_grid', 'Preset', 'paper_ode',
-           'paper_sde', 'repa_interval', 'preset']
+           'to_images', 'Generated', 'check_guide', 'autoguided', 'generate', 'image_grid', 'rows_by_class',
+           'save_grid', 'Preset', 'paper_ode', 'paper_sde', 'repa_interval', 'preset']
 
 # %% ../nbs/04_sample.ipynb
 def _seed_of(*key) -> int:
@@ -46,10 +46,12 @@ def random_labels(n, num_classes, seed=0) -> torch.Tensor:
 # %% ../nbs/04_sample.ipynb
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-    "Classifier-free guidance: `scale` (one value, or one per sample), `interval` in t (None: everywhere), `channels`."
+    """Guidance: `scale` (one value, or one per sample), `interval` in t (None: everywhere), `channels` guided (None:
+    all), and the `guide`: None for the unconditional branch (CFG), else the checkpoint of the guiding model."""
     scale: float | tuple = 1.0
     interval: Optional[tuple] = None
     channels: Optional[int] = 3
+    guide: Optional[str] = None
 
     def __post_init__(self):
         scales = self.scale if isinstance(self.scale, tuple) else (self.scale,)
@@ -77,15 +79,17 @@ class Guidance:
         return any(s != 1.0 for s in scales)
 
     def to_dict(self) -> dict:
-        return {"scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
-                "interval": None if self.interval is None else list(self.interval), "channels": self.channels}
+        d = {"scale": list(self.scale) if isinstance(self.scale, tuple) else self.scale,
+             "interval": None if self.interval is None else list(self.interval), "channels": self.channels}
+        return {**d, "guide": self.guide} if self.guide is not None else d
 
     def describe(self) -> str:
         if not self.guided: return "no guidance"
         scale = f"{self.scale:g}" if not isinstance(self.scale, tuple) else f"{min(self.scale):g}-{max(self.scale):g}"
         chans = " on all channels" if self.channels is None else f" on the first {self.channels} channels"
         where = "" if self.interval is None else f" for t in [{self.interval[0]:g}, {self.interval[1]:g}]"
-        return f"guidance {scale}{chans}{where}"
+        by = "" if self.guide is None else f", guided by {self.guide} (autoguidance)"
+        return f"guidance {scale}{chans}{where}{by}"
 
     def model_kwargs(self, start, stop, device) -> dict:
         "`forward_with_cfg`'s guidance keywords for samples `start:stop` of the batch."
@@ -134,16 +138,44 @@ def _check_guidable(model, guidance):
     if guidance.guided and model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         raise UserError("this model was trained without class dropout, so it has no null class: guidance needs scale 1")
 
+def check_guide(model, guide):
+    "A `UserError` unless `guide` can guide `model`: the same data shape and classes (the transport is checked by the run)."
+    for what in ("in_channels", "input_size", "num_classes"):
+        if getattr(guide, what) != getattr(model, what):
+            raise UserError(f"the guide does not match the model: {what} {getattr(guide, what)} against {getattr(model, what)}")
+    if guide.out_channels != model.out_channels:
+        raise UserError(f"the guide does not match the model: {guide.out_channels} output channels against "
+                        f"{model.out_channels} (one predicts a learned sigma, the other not)")
+
 def _check_labels(model, labels):
     if labels.ndim != 1 or labels.numel() == 0: raise UserError(f"labels must be a non-empty list of class labels, got shape {tuple(labels.shape)}")
     bad = labels[(labels < 0) | (labels >= model.num_classes)]
     if bad.numel(): raise UserError(f"labels {sorted(set(bad.tolist()))[:10]} do not exist: the model has {model.num_classes} classes (0-{model.num_classes - 1})")
 
 # %% ../nbs/04_sample.ipynb
-def _solve(model, sample_fn, z, y, guidance, start, stop, progress, keep_path):
+def autoguided(model, guide, scale, channels=None, interval=None):
+    """`f(x, t, y)`: `guide`'s prediction extrapolated towards `model`'s, `guide + scale * (model - guide)`, on the
+    first `channels` channels (None: all) and for `t` in `interval` (elsewhere `model`'s alone, the guide not run)."""
+    def call(x, t, y):
+        main = model.forward(x, t, y)
+        inside = None if interval is None else ((t >= interval[0]) & (t <= interval[1])).view(-1, *[1] * (x.ndim - 1))
+        if inside is not None and not bool(inside.any()): return main
+        weak = guide.forward(x, t, y)
+        k = main.shape[1] if channels is None else min(int(channels), main.shape[1])
+        w = scale.view(-1, *[1] * (x.ndim - 1)) if isinstance(scale, torch.Tensor) else scale
+        mixed = weak[:, :k] + w * (main[:, :k] - weak[:, :k])
+        if inside is not None: mixed = torch.where(inside, mixed, main[:, :k])
+        return torch.cat([mixed, main[:, k:]], 1)
+    return call
+
+def _solve(model, sample_fn, z, y, guidance, start, stop, progress, keep_path, guide_model=None):
     "One batch: the guided or plain model call through `sample_fn`; the final state (and every state)."
     n = len(z)
-    if guidance.guided:
+    if guidance.guided and guide_model is not None:
+        kw = guidance.model_kwargs(start, stop, z.device)
+        fn = autoguided(model, guide_model, kw["cfg_scale"], guidance.channels, guidance.interval)
+        out = sample_fn(z, watched(fn, sample_fn.t0, sample_fn.t1, *progress), y=y)
+    elif guidance.guided:
         fn = watched(model.forward_with_cfg, sample_fn.t0, sample_fn.t1, *progress)
         ys = torch.cat([y, torch.full_like(y, model.null_class)])
         out = sample_fn(torch.cat([z, z]), fn, y=ys, **guidance.model_kwargs(start, stop, z.device))
@@ -154,18 +186,22 @@ def _solve(model, sample_fn, z, y, guidance, start, stop, progress, keep_path):
 
 @torch.no_grad()
 def generate(model, sample_fn, labels, guidance=None, vae=None, seed=0, device="cpu", *, transport=None,
-             first_index=0, batch_size=None, noise=None, on_progress=None, cancel=None, keep_path=False) -> Generated:
+             first_index=0, batch_size=None, noise=None, on_progress=None, cancel=None, keep_path=False,
+             guide_model=None) -> Generated:
     """Images of `model` for `labels`, sample `i` from the noise of `(seed, first_index + i)` (or the given `noise`).
     `sample_fn`: a `SampleFn`, or a `SamplerSpec` / its dict with `transport`. `guidance`: a `Guidance`, a scale or
     None. `batch_size`: samples per solve (default: all). `on_progress(fraction, nfe)` / `cancel` (a
-    `threading.Event`): see `watched`; `keep_path` keeps every state of the solve."""
+    `threading.Event`): see `watched`; `keep_path` keeps every state of the solve. `guide_model`: the network that
+    guides (autoguidance) instead of the unconditional branch."""
     if not callable(sample_fn):
         if transport is None: raise UserError("generate needs a transport to build a sampler from a SamplerSpec")
         sample_fn = SamplerSpec.from_dict(sample_fn).build(transport)
     guidance = Guidance.of(guidance)
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     if labels.ndim == 0: labels = labels.reshape(1)
-    _check_labels(model, labels); _check_guidable(model, guidance)
+    _check_labels(model, labels)
+    if guide_model is None: _check_guidable(model, guidance)
+    else: check_guide(model, guide_model)
     n, shape = len(labels), (model.in_channels, model.input_size, model.input_size)
     if isinstance(guidance.scale, tuple) and len(guidance.scale) != n:
         raise UserError(f"{len(guidance.scale)} guidance scales for {n} samples")
@@ -180,7 +216,7 @@ def generate(model, sample_fn, labels, guidance=None, vae=None, seed=0, device="
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed_of(seed, first_index + b, 1))       # the SDE's Brownian increments
             x, path = _solve(model, sample_fn, z.to(device, dtype), labels[b:e].to(device), guidance, b, e,
-                             (on_progress, cancel, nfe), keep_path)
+                             (on_progress, cancel, nfe), keep_path, guide_model)
         nfe += sample_fn.nfe or 0
         xs.append(x); paths.append(path)
     x = torch.cat(xs)

@@ -17,7 +17,7 @@ from .evaluate import (digits_metrics, imagenet_metrics, read_adm_npz, sample_ru
 from .interpolants import DIFFUSION_FORMS
 from .model import SiT_models
 from .registry import METHODS, OFFICIAL_SAMPLERS, normalize_mode
-from .run import RunSpec, _official, load_model, load_run_vae, read_run, run_sample_fn
+from .run import RunSpec, _official, load_guide, load_model, load_run_vae, read_run, run_sample_fn
 from .sample import PRESETS, cycle_labels, generate, preset, rows_by_class, save_grid
 from .transport import LAST_STEPS
 
@@ -95,6 +95,9 @@ def add_run_options(p):
                    help="guide only for t in [T_LO, T_HI], t = 0 noise, t = 1 data (default: the run's, else everywhere)")
     g.add_argument("--cfg-channels", type=_channels, help="'all' or the number of leading channels guided (the "
                    "official code guides 3 of 4 latent channels) (default: the run's)")
+    g.add_argument("--guide", help="autoguidance: a checkpoint of a weaker model for the same data (an earlier or "
+                   "smaller one) guides instead of the unconditional branch; 'cfg' for classifier-free guidance "
+                   "(default: the run's, classifier-free)")
     g = p.add_argument_group("transport (default: the run's, else Linear velocity)")
     g.add_argument("--path-type", choices=["Linear", "GVP", "VP"], help="default: the run's")
     g.add_argument("--prediction", choices=["velocity", "score", "noise"], help="default: the run's")
@@ -118,7 +121,8 @@ def run_from_args(args, checkpoint, mode=None) -> RunSpec:
     out = spec.with_options(sampler=sampler, vae=args.vae, **{k: given.get(k) for k in _TRANSPORT_OPTIONS},
                             guidance_scale=args.cfg_scale if args.cfg_scale is not None else g.scale,
                             guidance_interval=args.cfg_interval or g.interval,
-                            guidance_channels=args.cfg_channels if args.cfg_channels is not None else g.channels or "all")
+                            guidance_channels=args.cfg_channels if args.cfg_channels is not None else g.channels or "all",
+                            guide=args.guide)
     if pre:
         for k, given_now in (("sampler", changes or mode), ("guidance", args.cfg_scale is not None or args.cfg_interval
                                                             or args.cfg_channels is not None)):
@@ -213,7 +217,7 @@ def cmd_sample(args):
     labels = cycle_labels(len(classes) * args.per_class, classes)
     print(spec.describe(), flush=True)
     g = generate(model, run_sample_fn(spec), labels, spec.guidance, load_run_vae(spec, args.device), args.seed,
-                 args.device, batch_size=args.batch_size)
+                 args.device, batch_size=args.batch_size, guide_model=load_guide(spec, args.device))
     scale = args.scale or max(1, 64 // g.images.shape[-1])
     out = save_grid(rows_by_class(g.images, len(classes)), args.out, nrow=args.per_class, scale=scale)
     if args.npz: write_adm_npz(args.npz, to_uint8_nhwc(g.images), labels.numpy())

@@ -112,6 +112,8 @@ class SamplerPanel(W.VBox, _Messages):
         chans = _CHANNELS + ([(f"first {run['cfg_channels']}", run["cfg_channels"])]
                              if run["cfg_channels"] not in (3, None) else [])
         self.cfg_channels = W.ToggleButtons(options=chans, value=run["cfg_channels"], style={"button_width": "10.5em"})
+        self.guide = W.Text(value="", description="guided by", style=style, layout=wide,
+                            placeholder="empty: the unconditional branch (CFG); a checkpoint: autoguidance")
         self.mode = W.ToggleButtons(options=["ODE", "SDE"], value=mode, style={"button_width": "8em"})
         self.method = W.Dropdown(options=methods(mode), value=method,
                                  description="method", style=style)
@@ -146,7 +148,7 @@ class SamplerPanel(W.VBox, _Messages):
         sde = W.VBox([self.diffusion_form, self.diffusion_norm, self.eta, self.last_step])
         self.children = [W.HTML("<b>SiT sampler</b>"), self.checkpoint,
                          W.HBox([W.VBox([self.classes, self.per_class, self.cfg_scale, self.cfg_interval,
-                                         _labelled("guided channels", self.cfg_channels), self.seed]),
+                                         _labelled("guided channels", self.cfg_channels), self.guide, self.seed]),
                                  W.VBox([_labelled("solver", self.mode), self.method, self.num_steps, sde])]),
                          W.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
                          self.message, self.image]
@@ -169,7 +171,7 @@ class SamplerPanel(W.VBox, _Messages):
                        cfg_channels=self.cfg_channels.value, mode=self.mode.value, method=self.method.value,
                        num_steps=self.num_steps.value, diffusion_form=self.diffusion_form.value,
                        diffusion_norm=self.diffusion_norm.value, last_step=self.last_step.value, eta=self.eta.value,
-                       seed=self.seed.value)
+                       seed=self.seed.value, guide=self.guide.value)
 
     def start(self, background=True) -> Job:
         "What Generate does: sample the request in a background thread (cancelling a running one)."

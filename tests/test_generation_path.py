@@ -78,3 +78,28 @@ def test_the_description_survives_every_round_trip(sources):
         for key in ("transport", "guidance", "sampler", "num_classes", "class_names"):
             assert got[key] == want[key], (name, key, got[key], want[key])
         assert got["vae"] is None, name
+
+
+def test_autoguidance_from_every_front_end(tiny_digits_run, tmp_path):
+    "`--guide` (an earlier checkpoint of the same run) in sample and sample-eval, the pipeline's guide=, the widgets."
+    main, guide = Path(tiny_digits_run(steps=20)), Path(tiny_digits_run(steps=6))
+    msg = cli("sample", main, "--guide", guide, "--per-class", 1, "--out", tmp_path / "a.png", "--npz", tmp_path / "a.npz")
+    assert f"guided by {guide} (autoguidance)" in msg, msg
+    with np.load(tmp_path / "a.npz") as f: images, labels = f["arr_0"], f["arr_1"]
+    cli("sample", main, "--per-class", 1, "--out", tmp_path / "c.png", "--npz", tmp_path / "c.npz")
+    with np.load(tmp_path / "c.npz") as f: assert not np.array_equal(f["arr_0"], images)   # not classifier-free guidance
+    pipe = SiTPipeline.from_pretrained(main)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=labels.tolist(), generator=torch.Generator().manual_seed(0), output_type="np", guide=guide).images
+    assert np.abs(np.round(out * 255).astype(int).repeat(3, -1) - images.astype(int)).max() <= 1
+    cli("sample-eval", main, "--guide", guide, "--out-dir", tmp_path / "ev", "--num-samples", 10, "--no-eval", "--device", "cpu")
+    with np.load(tmp_path / "ev" / "samples.npz") as f: assert np.abs(f["arr_0"].astype(int) - images.astype(int)).max() <= 1
+    assert json.loads((tmp_path / "ev" / "manifest.json").read_text())["guidance"]["guide"] == str(guide)
+    from sit_workbench import explore as X
+    res = X.sample_grid(X.Request(checkpoint=str(main), classes="0-9", per_class=1, cfg_scale=2.0, cfg_channels=None,
+                                  guide=str(guide)))
+    assert np.abs(np.round(res.images.permute(0, 2, 3, 1).numpy() * 255).astype(int).repeat(3, -1)
+                  - images.astype(int)).max() <= 1
+    other = Path(tiny_digits_run(steps=6, path_type="GVP"))
+    with pytest.raises(SystemExit):
+        cli("sample", main, "--guide", other, "--out", tmp_path / "x.png")
