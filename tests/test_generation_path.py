@@ -103,3 +103,21 @@ def test_autoguidance_from_every_front_end(tiny_digits_run, tmp_path):
     other = Path(tiny_digits_run(steps=6, path_type="GVP"))
     with pytest.raises(SystemExit):
         cli("sample", main, "--guide", other, "--out", tmp_path / "x.png")
+
+
+def test_fallbacks_are_said(tiny_digits_run, tmp_path):
+    "A damaged latest checkpoint, a folder without EMA weights or without a run description: never silently."
+    import shutil
+    from sit_workbench.checkpoint import save_pretrained, load_sit
+    run = tmp_path / "run"
+    shutil.copytree(Path(tiny_digits_run(steps=20, save_steps=10)).parent, run)
+    newest = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    (newest / "ema.pt").write_bytes((newest / "ema.pt").read_bytes()[:100])        # truncated
+    with pytest.warns(UserWarning, match=f"skipping {newest}: ema.pt has"):
+        spec = read_run(run)
+    assert Path(spec.location) != newest
+    save_pretrained(load_sit(spec.location), tmp_path / "raw")                       # model.safetensors only
+    with pytest.warns(UserWarning, match="no EMA weights"):
+        spec = read_run(tmp_path / "raw")
+    assert spec.weights == "model" and "no EMA" in spec.describe()
+    assert "official defaults" in spec.describe()                                   # and no run.json: said too
