@@ -98,7 +98,7 @@ def _timm_create(timm, name, resolution, **kw):
     return timm.create_model(name, **kw)
 
 def _offline_error(name, err):
-    return RuntimeError(
+    return UserError(
         f"could not get the pretrained weights of the timm model {name!r} ({type(err).__name__}: {err}). Offline, "
         f"fetch them on a machine with network access (`timm.create_model({name!r}, pretrained=True)`, then "
         "`safetensors.torch.save_file(model.state_dict(), 'encoder.safetensors')`, or the hub's "

@@ -84,16 +84,16 @@ def case_inputs(run, tmp):
         ("truncated .safetensors to export", ["export", damaged, tmp / "o.pt"], "model.safetensors"),
         ("random-bytes .pt to sample", ["sample", "--ckpt", rand, *small], "random.pt"),
         ("random-bytes .pt to import", ["import", rand, tmp / "imp"], "random.pt"),
-        ("unknown key in --sampler", ["sample-eval", ck, "--out-dir", tmp / "se", "--num-samples", "2",
-                                      "--sampler", '{"nope": 1}', "--no-eval"], "'nope'"),
-        ("--sampler not JSON", ["sample-eval", ck, "--out-dir", tmp / "se", "--num-samples", "2",
-                                "--sampler", '{"num_steps": 3', "--no-eval"], "--sampler"),
+        ("an SDE option for the ODE", ["sample-eval", ck, "--out-dir", tmp / "se", "--num-samples", "2", "--mode", "ode",
+                                       "--diffusion-form", "sigma", "--no-eval"], "'diffusion_form'"),
+        ("an ODE method for the SDE", ["sample-eval", ck, "--out-dir", tmp / "se", "--num-samples", "2", "--mode", "sde",
+                                       "--sampling-method", "heun2", "--no-eval"], "is an ODE method"),
         ("resume from another model size", ["train", "--config", other, "--no-progress"], str(ck)),
         ("NaN weights to sample", ["sample", "--ckpt", nan, "--vae", "none", "--image-size", "8", "--classes", "1",
                                    "--sampling-method", "euler", "--num-sampling-steps", "3", "--out",
                                    tmp / "nan.png"], "nan-ckpt"),
         ("NaN weights to sample-eval", ["sample-eval", nan, "--out-dir", tmp / "nan-se", "--num-samples", "4",
-                                        "--sampler", '{"sampling_method": "euler", "num_steps": 3}'], "nan-ckpt"),
+                                        "--sampling-method", "euler", "--num-sampling-steps", "3"], "nan-ckpt"),
         ("3 class folders, num_classes 2", ["train", "--config", cls2, "--no-progress"], "num_classes"),
         ("3 class folders, num_classes 1", ["train", "--config", cls1, "--no-progress"], "three-classes"),
     ]
@@ -101,7 +101,7 @@ def case_inputs(run, tmp):
 
 CASES = ["yaml syntax error", "directory as --config", "missing --config", "truncated .safetensors to sample",
          "truncated .safetensors to export", "random-bytes .pt to sample", "random-bytes .pt to import",
-         "unknown key in --sampler", "--sampler not JSON", "resume from another model size", "NaN weights to sample",
+         "an SDE option for the ODE", "an ODE method for the SDE", "resume from another model size", "NaN weights to sample",
          "NaN weights to sample-eval", "3 class folders, num_classes 2", "3 class folders, num_classes 1"]
 
 
@@ -170,7 +170,7 @@ def test_a_diverging_sampler_is_named(monkeypatch):
 def test_sample_eval_refuses_shards_of_another_checkpoint_or_seed(run, tmp_path):
     out = tmp_path / "se"
     common = ["--out-dir", out, "--num-samples", "6", "--shard-size", "3",
-              "--sampler", '{"sampling_method": "euler", "num_steps": 3}', "--no-eval"]
+              "--sampling-method", "euler", "--num-sampling-steps", "3", "--no-eval"]
     r = cli("sample-eval", run / "checkpoint-2", *common)
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())

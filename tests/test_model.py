@@ -349,7 +349,7 @@ def test_missing_path_and_failed_download_messages(tmp_path, monkeypatch):
         with pytest.raises(CheckpointDownloadError) as e:
             fn()
         msg = str(e.value)
-        assert isinstance(e.value, RuntimeError)
+        assert isinstance(e.value, ValueError)          # a UserError: the command line's one line
         assert "Could not download" in msg and "offline" in msg
         assert f"--ckpt /path/to/{name}" in msg and f"load_state_dict('/path/to/{name}')" in msg
     assert not any((tmp_path / "cache").glob("*.part"))  # no half-written files left behind

@@ -18,7 +18,7 @@ from sit_workbench.run import export_official, import_official
 from sit_workbench.config import config_from_dict, config_to_dict, digits_config, save_config
 from sit_workbench.digits import load_digits_encoder
 from sit_workbench.model import SiT
-from sit_workbench.repa import TimmEncoder
+from sit_workbench.repa import build_encoder, TimmEncoder
 from sit_workbench.train import Trainer, read_log
 from sit_workbench.train import train as _train
 
@@ -130,7 +130,7 @@ def test_export_drops_the_projector_and_loads_strictly(tmp_path):
 def test_resuming_a_plain_checkpoint_with_alignment_fails_clearly(tmp_path):
     plain = {k: v for k, v in REPA.items() if not k.startswith("repa_")}
     train(digits_config(**plain, max_steps=2, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
-    with pytest.raises(E.UserError, match="saved without representation alignment"):
+    with pytest.raises(E.UserError, match="trained with another model or objective: repa_encoder None -> 'digits'"):
         train(digits_config(**REPA, max_steps=4, save_steps=2, output_dir=str(tmp_path / "run")), progress=False)
     wide = train(digits_config(**REPA, max_steps=2, save_steps=2, output_dir=str(tmp_path / "wide")), progress=False)
     with pytest.raises(E.UserError, match="holds a projector of other shapes"):
@@ -141,8 +141,10 @@ def test_resuming_a_plain_checkpoint_with_alignment_fails_clearly(tmp_path):
 def test_the_encoder_is_passed_or_named(tmp_path):
     with pytest.raises(ValueError, match="repa_encoder is null"):
         Trainer(digits_config(output_dir=str(tmp_path)), encoder=torch.nn.Identity())
-    with pytest.raises(E.UserError, match=r"load_digits_encoder\(\)"):   # the trainer does not build the classifier
-        _train(digits_config(**REPA, max_steps=1, output_dir=str(tmp_path / "r")), progress=False)
+    # 'digits' names the digits classifier: train loads it, the caller need not pass it
+    assert _train(digits_config(**REPA, max_steps=1, output_dir=str(tmp_path / "r")), progress=False)["status"] == "finished"
+    with pytest.raises(E.UserError, match=r"load_digits_encoder\(\)"):   # build_encoder alone does not build it
+        build_encoder("digits", (1, 8, 8))
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
