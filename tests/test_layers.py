@@ -4,7 +4,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "sit_workbench"
 LAYERS = [  # lowest first; a module may import its own layer and the ones above it in this list
-    ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "transport", "sample"}),
+    ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "meanflow", "transport", "sample"}),
     ("checkpoint", {"checkpoint"}),
     ("training", {"config", "data", "latents", "repa", "resume", "train", "launch"}),
     ("evaluation", {"digits", "evaluate"}),
