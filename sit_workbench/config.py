@@ -372,6 +372,8 @@ def _check_meanflow(c):
     need(c.repa_encoder is None, "objective 'meanflow' does not combine with REPA yet: set repa_encoder to null")
     need(not c.torch_compile, "objective 'meanflow' takes a JVP through the model, which torch.compile is not set up "
          "for here: set torch_compile to false")
+    need(not c.gradient_checkpointing, "objective 'meanflow' takes a JVP through the model, which gradient "
+         "checkpointing does not support: set gradient_checkpointing to false")
     _require(0 <= m.meanflow_ratio <= 1, f"{w}.meanflow_ratio must be in [0, 1], got {m.meanflow_ratio}")
     _require(m.meanflow_time_std > 0, f"{w}.meanflow_time_std must be positive, got {m.meanflow_time_std}")
     _require(m.meanflow_adaptive_p >= 0, f"{w}.meanflow_adaptive_p must be >= 0, got {m.meanflow_adaptive_p}")

@@ -13,7 +13,7 @@ from .solvers import SampleFn
 
 # %% auto 0
 __all__ = ['to_paper_time', 'sample_t_r', 'meanflow_target', 'adaptive_weight', 'guided_velocity', 'model_jvp', 'meanflow_loss',
-           'exact_average_velocity', 'meanflow_from_flow', 'meanflow_sampler', 'meanflow_generate']
+           'MeanFlowObjective', 'exact_average_velocity', 'meanflow_from_flow', 'meanflow_sampler', 'meanflow_generate']
 
 # %% ../nbs/03b_meanflow.ipynb
 def to_paper_time(t):
@@ -65,7 +65,7 @@ def meanflow_loss(model, x1, x0, t, r, y=None, force_drop_ids=None, p: float = 1
         v = _guided(model, z, t, v, y, force_drop_ids, omega, kappa, null_class)
     u, dudt = model_jvp(lambda z_, t_, r_: model(z_, t_, r=r_, **kw), z, t, r, v)
     err = u - meanflow_target(v, dudt, t, r).detach()
-    sq = (err.float() ** 2).flatten(1).sum(1)
+    sq = (err.to(torch.promote_types(err.dtype, torch.float32)) ** 2).flatten(1).sum(1)   # fp32 at least (bf16 runs)
     w = adaptive_weight(sq, p, c)
     return {"loss": w * sq, "mse": sq.detach() / err[0].numel(), "weight": w}
 
@@ -81,6 +81,29 @@ def _guided(model, z, t, v, y, drop, omega, kappa, null_class):
     g = guided_velocity(v, u_cond, u_uncond, omega, kappa)
     if drop is None: return g
     return torch.where((drop == 1).reshape(-1, *[1] * (v.ndim - 1)), v, g)
+
+# %% ../nbs/03b_meanflow.ipynb
+class MeanFlowObjective:
+    "MeanFlow's settings in a training run (`from_config` reads a `ModelConfig`'s `meanflow_*` keys)."
+    def __init__(self, ratio=0.25, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, omega=1.0, kappa=0.0, null_class=None,
+                 c=1e-3):
+        self.ratio, self.time_mean, self.time_std, self.adaptive_p = ratio, time_mean, time_std, adaptive_p
+        self.omega, self.kappa, self.null_class, self.c = omega, kappa, null_class, c
+
+    @classmethod
+    def from_config(cls, mcfg):
+        return cls(mcfg.meanflow_ratio, mcfg.meanflow_time_mean, mcfg.meanflow_time_std, mcfg.meanflow_adaptive_p,
+                   mcfg.meanflow_cfg_omega, mcfg.meanflow_cfg_kappa, null_class=mcfg.num_classes)
+
+    def sample_times(self, n, generator=None):
+        "`(n, 2)`: the columns `t` (the time of `z_t`) and `r` (`t <= r`), from `sample_t_r`."
+        return torch.stack(sample_t_r(n, self.ratio, self.time_mean, self.time_std, generator), dim=1)
+
+    def losses(self, model, x1, x0, tr, y=None, force_drop_ids=None):
+        "`(logged, objective)`: the batch's mean squared error per pixel, and its mean adaptive-weighted loss."
+        out = meanflow_loss(model, x1, x0, tr[:, 0], tr[:, 1], y, force_drop_ids, self.adaptive_p, self.c,
+                            self.omega, self.kappa, self.null_class)
+        return out["mse"].mean(), out["loss"].mean()
 
 # %% ../nbs/03b_meanflow.ipynb
 def exact_average_velocity(field, z, t, r, steps: int = 64):

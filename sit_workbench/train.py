@@ -28,6 +28,7 @@ from .model import SiT, SiTBlock
 from .repa import setup_alignment
 from .resume import Checkpointing
 from .transport import create_transport
+from .meanflow import MeanFlowObjective
 
 # %% auto 0
 __all__ = ['DistEnv', 'init_distributed', 'build_model', 'build_transport', 'update_ema', 'lr_lambda', 'build_optimizer',
@@ -68,7 +69,8 @@ def build_model(mcfg) -> SiT:
     "A SiT from a `ModelConfig`."
     return SiT(input_size=mcfg.input_size, patch_size=mcfg.patch_size, in_channels=mcfg.in_channels,
                hidden_size=mcfg.hidden_size, depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
-               class_dropout_prob=mcfg.class_dropout_prob, num_classes=mcfg.num_classes, learn_sigma=mcfg.learn_sigma)
+               class_dropout_prob=mcfg.class_dropout_prob, num_classes=mcfg.num_classes, learn_sigma=mcfg.learn_sigma,
+               mean_flow=mcfg.objective == "meanflow")
 
 def build_transport(mcfg):
     return create_transport(mcfg.path_type, mcfg.prediction, mcfg.loss_weight, mcfg.train_eps, mcfg.sample_eps)
@@ -191,6 +193,7 @@ class Trainer(Checkpointing):
         if cfg.repa_encoder is not None: self.repa = setup_alignment(cfg, raw, env, self._encoder)   # REPA
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model
         self.transport = build_transport(mcfg)
+        self.meanflow = MeanFlowObjective.from_config(mcfg) if mcfg.objective == "meanflow" else None   # MeanFlow
         self.data = self._build_data()
         self.steps_per_epoch = len(self.data) // cfg.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
@@ -257,7 +260,8 @@ class Trainer(Checkpointing):
         env, b = self.env, x.shape[0]
         n = b * env.world_size
         x0 = torch.randn((n, *x.shape[1:]), generator=self.noise)
-        t = self.transport.sample_times(n, generator=self.noise)
+        t = self.transport.sample_times(n, generator=self.noise) if self.meanflow is None else \
+            self.meanflow.sample_times(n, generator=self.noise)   # MeanFlow: (n, 2), the columns t and r
         drop = (torch.rand(n, generator=self.noise) < self.cfg.model_config.class_dropout_prob).long()
         sl = slice(env.rank * b, (env.rank + 1) * b)
         return (x0[sl].to(x), t[sl].to(x), drop[sl].to(x.device))
@@ -270,9 +274,12 @@ class Trainer(Checkpointing):
                 if hasattr(m, "set_requires_gradient_sync"): m.set_requires_gradient_sync(sync)  # FSDP2
                 if not sync and hasattr(m, "no_sync"): ctx.enter_context(m.no_sync())           # DDP
             with self.autocast():
-                loss = self.transport.training_losses_at(self.forward, x1, x0, t,
-                                                         dict(y=y, force_drop_ids=drop))["loss"].float().mean()
-                total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
+                if self.meanflow is not None:   # MeanFlow: the weighted loss goes backward, the squared error is logged
+                    loss, total = self.meanflow.losses(self.forward, x1, x0, t, y, drop)
+                else:
+                    loss = self.transport.training_losses_at(self.forward, x1, x0, t,
+                                                             dict(y=y, force_drop_ids=drop))["loss"].float().mean()
+                    total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
             (total / self.cfg.gradient_accumulation_steps).backward()
         return loss.detach()
 
