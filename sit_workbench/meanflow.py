@@ -52,18 +52,24 @@ def model_jvp(fn, z, t, r, tangent_z):
 
 # %% ../nbs/03b_meanflow.ipynb
 def meanflow_loss(model, x1, x0, t, r, y=None, force_drop_ids=None, p: float = 1.0, c: float = 1e-3,
-                  omega: float = 1.0, kappa: float = 0.0, null_class=None) -> dict:
+                  omega: float = 1.0, kappa: float = 0.0, null_class=None, jvp_model=None) -> dict:
     """Per-sample MeanFlow losses for `model(z, t, y=..., r=..., force_drop_ids=...)`, the average velocity from `t`
     to `r`, on the Linear path: `{"loss": sg(w) ||err||^2, "mse": mean(err^2), "weight": w}`, each `(N,)`.
     `omega`, `kappa`: guidance folded into the target (needs `null_class`, the label of the unconditional class);
-    samples with `force_drop_ids == 1` (the null class) are not guided."""
+    samples with `force_drop_ids == 1` (the null class) are not guided. `jvp_model`: the module inside a wrapper
+    `model` that forward-mode AD cannot pass (DDP): the JVP runs on it without a graph, then `model` runs a plain
+    forward pass for the gradient (one forward pass more)."""
     z = t.reshape(-1, *[1] * (x1.ndim - 1)).to(x1.dtype) * x1 + (1 - t).reshape(-1, *[1] * (x1.ndim - 1)).to(x1.dtype) * x0
     v = x1 - x0
     kw = {} if y is None else {"y": y}
     if force_drop_ids is not None: kw["force_drop_ids"] = force_drop_ids
     if omega != 1.0 or kappa != 0.0:
         v = _guided(model, z, t, v, y, force_drop_ids, omega, kappa, null_class)
-    u, dudt = model_jvp(lambda z_, t_, r_: model(z_, t_, r=r_, **kw), z, t, r, v)
+    if jvp_model is None or jvp_model is model:
+        u, dudt = model_jvp(lambda z_, t_, r_: model(z_, t_, r=r_, **kw), z, t, r, v)
+    else:
+        with torch.no_grad(): _, dudt = model_jvp(lambda z_, t_, r_: jvp_model(z_, t_, r=r_, **kw), z, t, r, v)
+        u = model(z, t, r=r, **kw)
     err = u - meanflow_target(v, dudt, t, r).detach()
     sq = (err.to(torch.promote_types(err.dtype, torch.float32)) ** 2).flatten(1).sum(1)   # fp32 at least (bf16 runs)
     w = adaptive_weight(sq, p, c)
@@ -99,10 +105,11 @@ class MeanFlowObjective:
         "`(n, 2)`: the columns `t` (the time of `z_t`) and `r` (`t <= r`), from `sample_t_r`."
         return torch.stack(sample_t_r(n, self.ratio, self.time_mean, self.time_std, generator), dim=1)
 
-    def losses(self, model, x1, x0, tr, y=None, force_drop_ids=None):
-        "`(logged, objective)`: the batch's mean squared error per pixel, and its mean adaptive-weighted loss."
+    def losses(self, model, x1, x0, tr, y=None, force_drop_ids=None, jvp_model=None):
+        """`(logged, objective)`: the batch's mean squared error per pixel, and its mean adaptive-weighted loss
+        (`jvp_model`: the module inside a DDP `model`, as for `meanflow_loss`)."""
         out = meanflow_loss(model, x1, x0, tr[:, 0], tr[:, 1], y, force_drop_ids, self.adaptive_p, self.c,
-                            self.omega, self.kappa, self.null_class)
+                            self.omega, self.kappa, self.null_class, jvp_model)
         return out["mse"].mean(), out["loss"].mean()
 
 # %% ../nbs/03b_meanflow.ipynb

@@ -275,7 +275,7 @@ class Trainer(Checkpointing):
                 if not sync and hasattr(m, "no_sync"): ctx.enter_context(m.no_sync())           # DDP
             with self.autocast():
                 if self.meanflow is not None:   # MeanFlow: the weighted loss goes backward, the squared error is logged
-                    loss, total = self.meanflow.losses(self.forward, x1, x0, t, y, drop)
+                    loss, total = self.meanflow.losses(self.forward, x1, x0, t, y, drop, jvp_model=self.raw)
                 else:
                     loss = self.transport.training_losses_at(self.forward, x1, x0, t,
                                                              dict(y=y, force_drop_ids=drop))["loss"].float().mean()

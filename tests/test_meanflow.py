@@ -257,3 +257,30 @@ def test_training_checkpoint_and_resume(tmp_path):
                            "save_steps": 6, "per_device_train_batch_size": 16, "output_dir": str(straight)}), progress=False)
     a, b = load_sit(out / "checkpoint-6", prefer="model"), load_sit(straight / "checkpoint-6", prefer="model")
     assert all(torch.allclose(a.state_dict()[k], b.state_dict()[k], atol=1e-6) for k in a.state_dict())
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
+    "The JVP goes through DDP (and FSDP2): two processes of 8 images give one process's 16-image run."
+    import os, subprocess, sys
+    from pathlib import Path
+    from sit_workbench.config import save_config
+    from sit_workbench.train import read_log
+    from safetensors.torch import load_file
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    exe = str(Path(sys.executable).parent / "sit-workbench")
+    kw = dict(TINY, objective="meanflow", meanflow_cfg_omega=2.0, cfg_scale=1.0, max_steps=3, save_steps=3)
+    save_config(digits_config(**kw, per_device_train_batch_size=16, output_dir=str(tmp_path / "one")), tmp_path / "one.yaml")
+    save_config(digits_config(**kw, per_device_train_batch_size=8, output_dir=str(tmp_path / "two"), fsdp=fsdp),
+                tmp_path / "two.yaml")
+    subprocess.run([exe, "train", "--config", str(tmp_path / "one.yaml"), "--no-progress"], check=True, env=env,
+                   capture_output=True)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", exe,
+                          "train", "--config", str(tmp_path / "two.yaml"), "--no-progress"], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one, two = read_log(tmp_path / "one" / "log.jsonl"), read_log(tmp_path / "two" / "log.jsonl")
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                               rtol=1e-4, atol=1e-6)
+    a, b = (load_file(str(tmp_path / d / "checkpoint-3" / "model.safetensors")) for d in ("one", "two"))
+    for n in a: torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)
