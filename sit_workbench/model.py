@@ -212,7 +212,7 @@ class SiT(nn.Module):
     "Scalable Interpolant Transformer: a class-conditional DiT-style backbone; `forward(x, t, y)` -> `(N, in_channels, H, W)`."
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True):
+                 num_classes: int = 1000, learn_sigma: bool = True, mean_flow: bool = False):
         super().__init__()
         _check_sit_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
                           mlp_ratio, class_dropout_prob, num_classes)
@@ -220,6 +220,8 @@ class SiT(nn.Module):
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                            learn_sigma=bool(learn_sigma))
+        self.mean_flow = bool(mean_flow)   # MeanFlow (nbs/03b_meanflow.ipynb): a second time input r
+        if self.mean_flow: self.config["mean_flow"] = True   # absent for flow models: their config is unchanged
         self.model_name: Optional[str] = None  # set by the `SiT_models` constructors
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.learn_sigma = bool(learn_sigma)
@@ -230,6 +232,7 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if self.mean_flow: self.r_embedder = TimestepEmbedder(hidden_size)   # embeds the interval r - t
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -257,6 +260,10 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.mean_flow:   # zero output layer: the interval's embedding is 0 until trained (a flow model's start)
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.r_embedder.mlp[2].weight)
+            nn.init.zeros_(self.r_embedder.mlp[2].bias)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -301,25 +308,39 @@ class SiT(nn.Module):
                              f"[{int(y.min())}, {int(y.max())}]")
         return x, t, y
 
-    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _check_r(self, r, t):
+        "The MeanFlow model's second time `r` (the interval's other end) as `(N,)`; `None` means `r = t`."
+        if r is None: return t
+        if not self.mean_flow:
+            raise ValueError("r (MeanFlow's second time) is read only by a model built with mean_flow=True")
+        if not isinstance(r, torch.Tensor): r = torch.as_tensor(r, dtype=t.dtype, device=t.device)
+        if r.ndim == 0 or (r.ndim == 1 and r.shape[0] == 1 and t.shape[0] != 1): r = r.reshape(1).expand(t.shape[0])
+        if tuple(r.shape) != tuple(t.shape):
+            raise ValueError(f"r must be a scalar or have shape ({t.shape[0]},) like t; got {tuple(r.shape)}")
+        return r
+
+    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None, r=None) -> torch.Tensor:
         """x: (N, in_channels, input_size, input_size) latents; t: (N,) times in [0, 1] (or a scalar);
         y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size).
         `force_drop_ids` (N,): 1 where the label is replaced by the null class; given, it replaces the random class
         dropout of training mode (the trainer draws it for the whole global batch, so that runs split across
-        processes see the same dropout)."""
+        processes see the same dropout).
+        `r` (mean_flow models only): the other end of the interval, so the output is the average velocity from `t` to
+        `r`; `None` (or `r = t`) gives the instantaneous velocity, as a flow model."""
         if y is None:
             raise ValueError(f"SiT.forward needs y, one integer class label per sample (shape (N,)); for unconditional "
                              f"outputs pass the null class, y = torch.full((N,), {self.null_class})")
         x, t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and tuple(force_drop_ids.shape) != (x.shape[0],):
             raise ValueError(f"force_drop_ids must have shape ({x.shape[0]},), got {tuple(force_drop_ids.shape)}")
-        return self._forward(x, t, y, force_drop_ids)
+        return self._forward(x, t, y, force_drop_ids, r=self._check_r(r, t))
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                 force_drop_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 force_drop_ids: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None) -> torch.Tensor:
         "Forward pass on already validated inputs."
         h = self.x_embedder(x) + self.pos_embed              # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+        if self.mean_flow: c = c + self.r_embedder(t - t if r is None else r - t)   # MeanFlow: the interval r - t
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
@@ -331,19 +352,21 @@ class SiT(nn.Module):
         return out
 
     def forward_with_cfg(self, x: torch.Tensor, t, y, cfg_scale, cfg_channels: Optional[int] = 3,
-                         cfg_interval: Optional[Sequence[float]] = None, skip_unguided: bool = True) -> torch.Tensor:
+                         cfg_interval: Optional[Sequence[float]] = None, skip_unguided: bool = True,
+                         r=None) -> torch.Tensor:
         """Classifier-free guided prediction for a batch `[cond half; uncond half]` (official layout: `x = cat([z, z])`,
         `y = cat([labels, nulls])`). Only `x[:N//2]` is used. `cfg_scale`: float or `(N//2,)` tensor.
         `cfg_channels=3` guides only the first 3 channels (official quirk); `None` guides all channels.
         `cfg_interval=(t_lo, t_hi)`: guidance only for samples with `t_lo <= t <= t_hi` (t=0 noise, t=1 data).
         `skip_unguided`: when the interval leaves every sample unguided, evaluate only the conditional half and
-        return it twice (half the cost; callers read the first half)."""
+        return it twice (half the cost; callers read the first half). `r`: MeanFlow's second time (as in `forward`)."""
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] % 2:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"forward_with_cfg needs an even batch [cond half; uncond half], got x of shape {got}")
         n = x.shape[0] // 2
         half = x[:n]
         x, t, y = self._check_inputs(torch.cat([half, half], dim=0), t, y)
+        r = self._check_r(r, t)
         if cfg_channels is not None and int(cfg_channels) < 1:
             raise ValueError(f"cfg_channels must be a positive int or None, got {cfg_channels!r}")
         in_interval = None
@@ -353,9 +376,9 @@ class SiT(nn.Module):
                 raise ValueError(f"cfg_interval must be (t_lo, t_hi) with t_lo <= t_hi, got {tuple(cfg_interval)}")
             in_interval = ((t[:n] >= lo) & (t[:n] <= hi)).view(n, 1, 1, 1)
             if skip_unguided and not bool(in_interval.any()):   # nobody is guided now: the conditional half only
-                cond = self._forward(half, t[:n], y[:n])
+                cond = self._forward(half, t[:n], y[:n], r=r[:n])
                 return torch.cat([cond, cond], dim=0)
-        out = self._forward(x, t, y)
+        out = self._forward(x, t, y, r=r)
         k = min(out.shape[1] if cfg_channels is None else int(cfg_channels), out.shape[1])
         eps, rest = out[:, :k], out[:, k:]
         cond, uncond = eps[:n], eps[n:]

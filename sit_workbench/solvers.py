@@ -299,10 +299,11 @@ class _ModelCall:
     def __init__(self, model, kwargs, lo, hi):
         self.model, self.kwargs, self.lo, self.hi, self.nfe = model, kwargs, min(lo, hi), max(lo, hi), 0
         self._flags = []   # (nfe, t[:1], output finite, input finite) per evaluation off the CPU
-    def __call__(self, x, t):
+    def __call__(self, x, t, **extra):
+        "`model(x, t, **model_kwargs, **extra)`: `extra` holds per-call inputs (MeanFlow's `r`)."
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         t = (t.expand(x.shape[0]) if t.ndim == 0 else t).clamp(self.lo, self.hi)
-        out = self.model(x, t, **self.kwargs)
+        out = self.model(x, t, **self.kwargs, **extra)
         _check_output(out, x)
         self.nfe += 1
         ok = torch.isfinite(out).all()

@@ -28,6 +28,7 @@ from .model import SiT, SiTBlock
 from .repa import setup_alignment
 from .resume import Checkpointing
 from .transport import transport_from_config
+from .meanflow import MeanFlowObjective
 from .errors import UserError
 
 # %% auto 0
@@ -69,7 +70,8 @@ def build_model(mcfg) -> SiT:
     "A SiT from a `ModelConfig`."
     return SiT(input_size=mcfg.input_size, patch_size=mcfg.patch_size, in_channels=mcfg.in_channels,
                hidden_size=mcfg.hidden_size, depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
-               class_dropout_prob=mcfg.class_dropout_prob, num_classes=mcfg.num_classes, learn_sigma=mcfg.learn_sigma)
+               class_dropout_prob=mcfg.class_dropout_prob, num_classes=mcfg.num_classes, learn_sigma=mcfg.learn_sigma,
+               mean_flow=mcfg.objective == "meanflow")
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, foreach: bool = True):
@@ -189,6 +191,7 @@ class Trainer(Checkpointing):
         if cfg.repa_encoder is not None: self.repa = setup_alignment(cfg, raw, env, self._encoder)   # REPA
         self.forward = torch.compile(self.model) if cfg.torch_compile else self.model
         self.transport = transport_from_config(mcfg)
+        self.meanflow = MeanFlowObjective.from_config(mcfg) if mcfg.objective == "meanflow" else None   # MeanFlow
         self.data = self._build_data()
         self.steps_per_epoch = len(self.data) // cfg.gradient_accumulation_steps
         if self.steps_per_epoch < 1:
@@ -255,7 +258,8 @@ class Trainer(Checkpointing):
         env, b = self.env, x.shape[0]
         n = b * env.world_size
         x0 = torch.randn((n, *x.shape[1:]), generator=self.noise)
-        t = self.transport.sample_times(n, generator=self.noise)
+        t = self.transport.sample_times(n, generator=self.noise) if self.meanflow is None else \
+            self.meanflow.sample_times(n, generator=self.noise)   # MeanFlow: (n, 2), the columns t and r
         drop = (torch.rand(n, generator=self.noise) < self.cfg.model_config.class_dropout_prob).long()
         sl = slice(env.rank * b, (env.rank + 1) * b)
         return (x0[sl].to(x), t[sl].to(x), drop[sl].to(x.device))
@@ -268,9 +272,12 @@ class Trainer(Checkpointing):
                 if hasattr(m, "set_requires_gradient_sync"): m.set_requires_gradient_sync(sync)  # FSDP2
                 if not sync and hasattr(m, "no_sync"): ctx.enter_context(m.no_sync())           # DDP
             with self.autocast():
-                loss = self.transport.training_losses_at(self.forward, x1, x0, t,
-                                                         dict(y=y, force_drop_ids=drop))["loss"].float().mean()
-                total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
+                if self.meanflow is not None:   # MeanFlow: the weighted loss goes backward, the squared error is logged
+                    loss, total = self.meanflow.losses(self.forward, x1, x0, t, y, drop, jvp_model=self.raw)
+                else:
+                    loss = self.transport.training_losses_at(self.forward, x1, x0, t,
+                                                             dict(y=y, force_drop_ids=drop))["loss"].float().mean()
+                    total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
             (total / self.cfg.gradient_accumulation_steps).backward()
         return loss.detach()
 
