@@ -297,6 +297,7 @@ def infer_architecture(state_dict, model=None) -> dict:
     arch = dict(input_size=round(tokens ** 0.5) * p, patch_size=p, in_channels=c, hidden_size=hidden, depth=depth,
                 mlp_ratio=mlp / hidden, num_classes=rows - 1, learn_sigma=out == 2 * p * p * c,
                 class_dropout_prob=0.1)  # the null-class row: trained with label dropout (the rate is not stored)
+    if "r_embedder.mlp.0.weight" in sd: arch["mean_flow"] = True   # a MeanFlow model: the interval embedding
     if model is not None:
         if model not in SiT_models: raise UserError(f"unknown model {model!r}; choose one of {', '.join(SiT_models)}")
         d, h, heads = SIT_SIZES[model[len("SiT-"):].split("/")[0]]

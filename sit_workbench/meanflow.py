@@ -13,7 +13,7 @@ from .solvers import SampleFn
 
 # %% auto 0
 __all__ = ['to_paper_time', 'sample_t_r', 'meanflow_target', 'adaptive_weight', 'guided_velocity', 'model_jvp', 'meanflow_loss',
-           'MeanFlowObjective', 'exact_average_velocity', 'meanflow_from_flow', 'meanflow_sampler', 'meanflow_generate']
+           'MeanFlowObjective', 'exact_average_velocity', 'meanflow_from_flow', 'meanflow_sampler']
 
 # %% ../nbs/03b_meanflow.ipynb
 def to_paper_time(t):
@@ -161,12 +161,3 @@ def meanflow_sampler(num_steps: int = 1, times=None) -> SampleFn:
                 xs.append(x)
         return xs
     return SampleFn(run, t0, t1, f"MeanFlow, {num_steps} step{'s' if num_steps > 1 else ''}")
-
-def meanflow_generate(model, z, labels, num_steps: int = 1, cfg_scale: float = 1.0, times=None):
-    """Samples of a MeanFlow `model` from noise `z` for `labels`: `num_steps` steps, guided at `cfg_scale` through
-    `forward_with_cfg` when it is not 1 (a model trained with guidance in its target: leave it at 1)."""
-    fn = meanflow_sampler(num_steps, times)
-    if cfg_scale == 1.0: return fn(z, model.forward, y=labels)[-1]
-    null = torch.full_like(labels, model.null_class)
-    out = fn(torch.cat([z, z]), model.forward_with_cfg, y=torch.cat([labels, null]), cfg_scale=cfg_scale)[-1]
-    return out[:z.shape[0]]

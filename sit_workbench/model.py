@@ -216,12 +216,12 @@ class SiT(nn.Module):
         super().__init__()
         _check_sit_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
                           mlp_ratio, class_dropout_prob, num_classes)
+        self.mean_flow = bool(mean_flow)   # MeanFlow (nbs/03b_meanflow.ipynb): a second time input r
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            class_dropout_prob=class_dropout_prob, num_classes=num_classes,
-                           learn_sigma=bool(learn_sigma))
-        self.mean_flow = bool(mean_flow)   # MeanFlow (nbs/03b_meanflow.ipynb): a second time input r
-        if self.mean_flow: self.config["mean_flow"] = True   # absent for flow models: their config is unchanged
+                           learn_sigma=bool(learn_sigma),
+                           **({"mean_flow": True} if self.mean_flow else {}))   # absent for flow models: unchanged
         self.model_name: Optional[str] = None  # set by the `SiT_models` constructors
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.learn_sigma = bool(learn_sigma)

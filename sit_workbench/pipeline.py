@@ -106,21 +106,25 @@ class SiTTransformer2DModel(SiT, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True):
+                 num_classes: int = 1000, learn_sigma: bool = True, mean_flow: bool = False):
         SiT.__init__(self, input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                     class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+                     class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+                     mean_flow=mean_flow)
         self.card_data: dict = {}
 
     @property
     def config(self) -> FrozenDict:
-        "`SiT`'s constructor arguments (diffusers' private `_...` entries left out): `SiT(**model.config)` rebuilds it."
-        return FrozenDict({k: v for k, v in self._internal_dict.items() if not k.startswith("_")})
+        """`SiT`'s constructor arguments (diffusers' private `_...` entries left out, `mean_flow` only when True, as
+        `SiT.config` has it): `SiT(**model.config)` rebuilds it."""
+        d = {k: v for k, v in self._internal_dict.items() if not k.startswith("_")}
+        if not d.get("mean_flow"): d.pop("mean_flow", None)
+        return FrozenDict(d)
 
     @config.setter
     def config(self, value):
         # SiT.__init__ assigns its own config dict; the one register_to_config recorded holds the same arguments
-        if dict(value) != {k: v for k, v in self._internal_dict.items() if not k.startswith("_")}:
+        if dict(value) != dict(self.config):
             raise UserError("SiTTransformer2DModel's config is set by register_to_config and cannot be replaced")
 
     @classmethod

@@ -9,12 +9,13 @@ import inspect
 import math
 
 from .errors import UserError
+from .meanflow import meanflow_sampler
 from .solvers import MULTISTEP_METHODS, check_num_steps
 from .transport import ADAPTIVE_METHODS, FIXED_METHODS, SDE_METHODS, Sampler
 
 # %% auto 0
-__all__ = ['METHODS', 'DEFAULT_SAMPLER', 'OFFICIAL_SAMPLERS', 'Method', 'methods', 'normalize_mode', 'option_names',
-           'SamplerSpec']
+__all__ = ['METHODS', 'DEFAULT_SAMPLER', 'MEANFLOW_SAMPLER', 'OFFICIAL_SAMPLERS', 'Method', 'methods', 'normalize_mode',
+           'option_names', 'SamplerSpec']
 
 # %% ../nbs/03c_registry.ipynb
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ def _methods() -> dict:
     out.update({m: Method(m, "ode", "fixed", *_FIXED_COST[m]) for m in FIXED_METHODS})
     out.update({m: Method(m, "sde" if m.startswith("sde-") else "ode", "multistep", 1) for m in MULTISTEP_METHODS})
     out.update({"Euler": Method("Euler", "sde", "fixed", 1), "Heun": Method("Heun", "sde", "fixed", 2)})
+    out["meanflow"] = Method("meanflow", "ode", "meanflow", 1)
     assert set(SDE_METHODS) <= set(out)
     return out
 
@@ -142,17 +144,29 @@ class SamplerSpec:
     def build(self, transport, *, velocity_loss=None, schedule_dir=None, progress=False):
         """The `SampleFn` of this spec for `transport`: the one place where a mode becomes a `Sampler` call.
         `velocity_loss` feeds `diffusion_form='w_KL_eta'`; `schedule_dir` holds `optimized:NAME` schedules."""
+        if self.method == "meanflow": return _meanflow(transport, self)
         s, kw = Sampler(transport), self.sampler_kwargs()
         if self.mode == "ode": return s.sample_ode(**kw, schedule_dir=schedule_dir, progress=progress)
         return s.sample_sde(**kw, velocity_loss=velocity_loss, schedule_dir=schedule_dir, progress=progress)
 
     def describe(self) -> str:
         opts = "".join(f", {k}={v}" for k, v in self.options)
-        cost = f"{self.nfe} network evaluations" if self.nfe is not None else "adaptive steps"
+        n = self.nfe
+        cost = f"{n} network evaluation{'s' if n != 1 else ''}" if n is not None else "adaptive steps"
         return f"{self.mode.upper()} {self.method}, {self.num_steps} points{opts} ({cost})"
 
 # %% ../nbs/03c_registry.ipynb
+def _meanflow(transport, spec):
+    "MeanFlow's sampler: `num_steps - 1` jumps of the average velocity (Linear velocity transport only)."
+    if (transport.path_sampler.name, transport.model_type.name.lower()) != ("Linear", "velocity"):
+        raise UserError(f"the meanflow sampler needs a MeanFlow model (Linear path, velocity), not "
+                        f"{transport.path_sampler.name} {transport.model_type.name.lower()}")
+    if spec.options: raise UserError(f"the meanflow sampler takes no options, got {dict(spec.options)}")
+    return meanflow_sampler(spec.num_steps - 1)
+
+# %% ../nbs/03c_registry.ipynb
 DEFAULT_SAMPLER = SamplerSpec.create("ode", "heun2", 26)
+MEANFLOW_SAMPLER = SamplerSpec.create("ode", "meanflow", 2)     # one step: a MeanFlow run's default
 OFFICIAL_SAMPLERS = {   # the official sample.py's defaults, per mode
     "ode": SamplerSpec.create("ode", "dopri5", 250, atol=1e-6, rtol=1e-3),
     "sde": SamplerSpec.create("sde", "Euler", 250, diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",

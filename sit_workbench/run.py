@@ -21,7 +21,7 @@ from .checkpoint import (CheckpointError, RUN_FILE, _select_state_dict, _strip_p
 from .errors import UserError, check_finite, nbytes, read_json, writing
 from .model import SiT, SiT_models
 from .paths import looks_local
-from .registry import DEFAULT_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec
+from .registry import DEFAULT_SAMPLER, MEANFLOW_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec
 from .sample import Guidance, generate
 from .transport import transport_from_config
 
@@ -146,11 +146,13 @@ def _from_dict(d, source, location, weights, where, tensors=None) -> RunSpec:
 def describe_training_run(config: dict, step=None) -> dict:
     """`run.json`'s content for a training run of ours from its config (`TrainConfig.to_dict()` or the `config` of
     `trainer_state.json`): its transport, guidance (the run's `cfg_scale`; all channels in pixel space, the first 3 in
-    latent space), VAE, classes and the default sampler."""
+    latent space), VAE, classes and the default sampler (one MeanFlow step for a MeanFlow run)."""
     mc, dc = config["model_config"], config.get("dataset_config", {})
     pixel = mc.get("vae_path") is None
     arch = {k: mc[k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
                                 "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma") if k in mc}
+    meanflow = mc.get("objective") == "meanflow"
+    if meanflow: arch["mean_flow"] = True
     digits = dc.get("dataset_format") == "digits"
     data = dc.get("dataset_path") or dc.get("dataset_format")
     return {"format": FORMAT, "model_name": None, "architecture": arch,
@@ -159,8 +161,9 @@ def describe_training_run(config: dict, step=None) -> dict:
             "vae": mc.get("vae_path"), "num_classes": mc.get("num_classes"),
             "class_names": {str(k): v for k, v in (default_class_names(mc.get("num_classes")) or {}).items()} or None
                            if digits or mc.get("num_classes") == 1000 else None,
-            "sampler": DEFAULT_SAMPLER.to_dict(),
-            "training": {"steps": step, "data": f"{data} ({dc.get('dataset_format')}, {dc.get('image_size')}px)"}}
+            "sampler": (MEANFLOW_SAMPLER if meanflow else DEFAULT_SAMPLER).to_dict(),
+            "training": {"steps": step, "data": f"{data} ({dc.get('dataset_format')}, {dc.get('image_size')}px)",
+                         "dataset_format": dc.get("dataset_format"), "objective": mc.get("objective", "flow")}}
 
 def read_trainer_state(folder) -> dict:
     "The `trainer_state.json` of a checkpoint folder (a `CheckpointError` naming it when missing or damaged)."
@@ -205,6 +208,8 @@ def _from_folder(path: Path, source) -> RunSpec:
         spec = _official(source, path, weights, "the folder records no run: official defaults")
     spec.architecture, spec.model_name = arch, name or spec.model_name
     spec.num_classes = arch.get("num_classes", spec.num_classes)
+    if arch.get("mean_flow") and "official defaults" in spec.origin["sampler"]:
+        spec.sampler, spec.origin["sampler"] = MEANFLOW_SAMPLER, "a MeanFlow model (config.json): one step"
     spec.origin["weights"] = why
     return spec
 

@@ -140,9 +140,10 @@ def _check_guidable(model, guidance):
 
 def check_guide(model, guide):
     "A `UserError` unless `guide` can guide `model`: the same data shape and classes (the transport is checked by the run)."
-    for what in ("in_channels", "input_size", "num_classes"):
-        if getattr(guide, what) != getattr(model, what):
-            raise UserError(f"the guide does not match the model: {what} {getattr(guide, what)} against {getattr(model, what)}")
+    for what in ("in_channels", "input_size", "num_classes", "mean_flow"):
+        if getattr(guide, what, False) != getattr(model, what, False):
+            raise UserError(f"the guide does not match the model: {what} {getattr(guide, what, False)} against "
+                            f"{getattr(model, what, False)}")
     if guide.out_channels != model.out_channels:
         raise UserError(f"the guide does not match the model: {guide.out_channels} output channels against "
                         f"{model.out_channels} (one predicts a learned sigma, the other not)")
@@ -156,11 +157,11 @@ def _check_labels(model, labels):
 def autoguided(model, guide, scale, channels=None, interval=None):
     """`f(x, t, y)`: `guide`'s prediction extrapolated towards `model`'s, `guide + scale * (model - guide)`, on the
     first `channels` channels (None: all) and for `t` in `interval` (elsewhere `model`'s alone, the guide not run)."""
-    def call(x, t, y):
-        main = model.forward(x, t, y)
+    def call(x, t, y, **kw):       # kw: per-call inputs such as MeanFlow's `r`
+        main = model.forward(x, t, y, **kw)
         inside = None if interval is None else ((t >= interval[0]) & (t <= interval[1])).view(-1, *[1] * (x.ndim - 1))
         if inside is not None and not bool(inside.any()): return main
-        weak = guide.forward(x, t, y)
+        weak = guide.forward(x, t, y, **kw)
         k = main.shape[1] if channels is None else min(int(channels), main.shape[1])
         w = scale.view(-1, *[1] * (x.ndim - 1)) if isinstance(scale, torch.Tensor) else scale
         mixed = weak[:, :k] + w * (main[:, :k] - weak[:, :k])

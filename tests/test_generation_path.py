@@ -121,3 +121,28 @@ def test_fallbacks_are_said(tiny_digits_run, tmp_path):
         spec = read_run(tmp_path / "raw")
     assert spec.weights == "model" and "no EMA" in spec.describe()
     assert "official defaults" in spec.describe()                                   # and no run.json: said too
+
+
+def test_a_meanflow_run_samples_in_one_step_everywhere(tmp_path):
+    "configs/digits-meanflow.yaml trains one; every front end samples it with one network evaluation, no option given."
+    from sit_workbench.config import load_config
+    from sit_workbench.train import train
+    from sit_workbench.config import apply_overrides
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits-meanflow.yaml")   # made tiny and short
+    cfg = apply_overrides(cfg, ["model_config.depth=1", "model_config.hidden_size=32", "model_config.num_heads=2",
+                                "max_steps=4", "save_steps=4", "warmup_steps=0", f"output_dir={tmp_path / 'mf'}"])
+    ck = Path(train(cfg, progress=False)["checkpoint"])
+    msg = cli("sample", ck, "--per-class", 1, "--out", tmp_path / "mf.png", "--npz", tmp_path / "mf.npz")
+    assert "meanflow, 2 points" in msg and "1 network evaluation each" in msg, msg
+    with np.load(tmp_path / "mf.npz") as f: images, labels = f["arr_0"], f["arr_1"]
+    cli("export", ck, tmp_path / "mf.pt")
+    for src in (ck, tmp_path / "mf.pt"):
+        pipe = SiTPipeline.from_pretrained(src)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(class_labels=labels.tolist(), generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert np.abs(np.round(out * 255).astype(int).repeat(3, -1) - images.astype(int)).max() <= 1, src
+    cli("sample-eval", tmp_path / "mf.pt", "--out-dir", tmp_path / "ev", "--num-samples", 10, "--no-eval", "--device", "cpu")
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["nfe"] == 1 and m["measured"]["sampler"]["sampling_method"] == "meanflow"
+    assert "3 points (2 network evaluations)" in cli("sample", ck, "--num-sampling-steps", 3, "--per-class", 1,
+                                                     "--out", tmp_path / "two.png")

@@ -9,9 +9,10 @@ from sit_workbench.config import digits_config, load_config
 from sit_workbench.errors import UserError
 from sit_workbench.gaussian import GaussianMixture
 from sit_workbench.interpolants import LinearPath
-from sit_workbench.meanflow import (MeanFlowObjective, exact_average_velocity, meanflow_from_flow, meanflow_generate,
+from sit_workbench.meanflow import (MeanFlowObjective, exact_average_velocity, meanflow_from_flow,
                                     meanflow_loss, meanflow_sampler, meanflow_target, model_jvp, sample_t_r)
 from sit_workbench.model import SiT
+from sit_workbench.sample import generate
 from sit_workbench.transport import Sampler, create_transport
 
 GM = GaussianMixture([[-2.0, 1.0], [1.5, -0.5], [0.5, 2.0]], [[0.2, 0.5], [0.4, 0.1], [0.3, 0.3]], [0.5, 0.3, 0.2])
@@ -200,9 +201,9 @@ def test_guided_generation_through_forward_with_cfg():
     mf = small_sit(mean_flow=True)
     z, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     with torch.no_grad():
-        plain = meanflow_generate(mf, z, y)
+        plain = generate(mf, meanflow_sampler(1), y, noise=z).samples
         assert torch.allclose(plain, z + mf(z, torch.zeros(3), y, r=torch.ones(3)), atol=1e-6)
-        guided = meanflow_generate(mf, z, y, cfg_scale=3.0)
+        guided = generate(mf, meanflow_sampler(1), y, guidance=3.0, noise=z).samples
         cond, unc = mf(z, torch.zeros(3), y, r=torch.ones(3)), mf(z, torch.zeros(3), torch.full_like(y, 10), r=torch.ones(3))
         want = z.clone(); want[:, :3] = (z + unc + 3.0 * (cond - unc))[:, :3]   # the official 3-channel quirk: 1 channel here
         assert torch.allclose(guided, want, atol=1e-5)
@@ -245,7 +246,7 @@ def test_training_checkpoint_and_resume(tmp_path):
     model = load_sit(out / "checkpoint-4")
     assert model.mean_flow and hasattr(model, "r_embedder")
     with torch.no_grad():
-        x = meanflow_generate(model, torch.randn(2, 1, 8, 8), torch.tensor([3, 4]))
+        x = generate(model, meanflow_sampler(1), [3, 4]).samples
     assert torch.isfinite(x).all()
     # resume from checkpoint-4 to 6 equals an uninterrupted run of 6 steps
     res = train(digits_config(**{**TINY, "objective": "meanflow", "meanflow_cfg_omega": 2.0, "cfg_scale": 1.0,
