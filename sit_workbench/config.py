@@ -334,7 +334,9 @@ EPS = dict(lo=0, hi=0.5, hi_open=True)
 NUMBER_RANGES = {   # every numeric key of each section: its bounds for `errors.check_number`
     "model_config": dict(input_size=POSITIVE, patch_size=POSITIVE, in_channels=POSITIVE, hidden_size=POSITIVE,
                          depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE, class_dropout_prob=UNIT_OPEN,
-                         num_classes=POSITIVE, train_eps=EPS, sample_eps=EPS, cfg_scale=dict(lo=1.0)),
+                         num_classes=POSITIVE, train_eps=EPS, sample_eps=EPS, cfg_scale=dict(lo=1.0),
+                         meanflow_ratio=dict(lo=0, hi=1), meanflow_time_mean=dict(), meanflow_time_std=POSITIVE,
+                         meanflow_adaptive_p=dict(lo=0), meanflow_cfg_omega=POSITIVE, meanflow_cfg_kappa=UNIT_OPEN),
     "dataset_config": dict(image_size=POSITIVE, max_bad_images=dict(lo=0)),
     "": dict(per_device_train_batch_size=POSITIVE, gradient_accumulation_steps=POSITIVE, learning_rate=POSITIVE,
              weight_decay=dict(lo=0), adam_beta1=UNIT_OPEN, adam_beta2=UNIT_OPEN, adam_epsilon=POSITIVE,
@@ -387,11 +389,7 @@ def _check_meanflow(c):
          "for here: set torch_compile to false")
     need(not c.gradient_checkpointing, "objective 'meanflow' takes a JVP through the model, which gradient "
          "checkpointing does not support: set gradient_checkpointing to false")
-    _require(0 <= m.meanflow_ratio <= 1, f"{w}.meanflow_ratio must be in [0, 1], got {m.meanflow_ratio}")
-    _require(m.meanflow_time_std > 0, f"{w}.meanflow_time_std must be positive, got {m.meanflow_time_std}")
-    _require(m.meanflow_adaptive_p >= 0, f"{w}.meanflow_adaptive_p must be >= 0, got {m.meanflow_adaptive_p}")
-    _require(m.meanflow_cfg_omega > 0, f"{w}.meanflow_cfg_omega must be positive, got {m.meanflow_cfg_omega}")
-    _require(0 <= m.meanflow_cfg_kappa < 1, f"{w}.meanflow_cfg_kappa must be in [0, 1), got {m.meanflow_cfg_kappa}")
+    # the ranges of the numeric meanflow_* keys are in NUMBER_RANGES
     _require(m.class_dropout_prob > 0 or (m.meanflow_cfg_omega == 1 and m.meanflow_cfg_kappa == 0),
              f"{w}.meanflow_cfg_omega/meanflow_cfg_kappa need the null class, which exists only when class_dropout_prob > 0")
 

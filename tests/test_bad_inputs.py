@@ -78,9 +78,10 @@ for where, key, base, bounds in _numeric_keys():
     else:
         row(f"config-{key}-float", make(1.5), "user_error", f"{path}: expected int")
         row(f"config-{key}-bool", make(True), "user_error", f"{path}: expected int")
-    lo = bounds["lo"]
-    below = lo if bounds.get("lo_open") else lo - (1 if base is int else 0.5)
-    row(f"config-{key}-below", make(below), "user_error", f"{path} must be")
+    if "lo" in bounds:
+        lo = bounds["lo"]
+        below = lo if bounds.get("lo_open") else lo - (1 if base is int else 0.5)
+        row(f"config-{key}-below", make(below), "user_error", f"{path} must be")
     if "hi" in bounds:
         row(f"config-{key}-above", make(bounds["hi"] + (0 if bounds.get("hi_open") else 1)), "user_error", f"{path} must be")
 
