@@ -74,7 +74,7 @@ def _progress_updater(bar: W.FloatProgress, every=0.05):
     return update
 
 # %% ../nbs/12_widgets.ipynb
-_CHANNELS = [("first 3 (official)", 3), ("all", None)]
+_CHANNELS = [("first 3 (official)", 3), ("all", "all")]   # not None: ToggleButtons reads None as no selection
 
 def _labelled(text, widget, width="9em"):
     "`widget` after a right-aligned label, lined up with the descriptions of the sliders (toggle buttons wrap theirs)."
@@ -109,9 +109,9 @@ class SamplerPanel(W.VBox, _Messages):
         self.cfg_interval = W.FloatRangeSlider(value=tuple(run["cfg_interval"]), min=0.0, max=1.0, step=0.05,
                                                description="guided for t in", continuous_update=False, style=style,
                                                layout=wide)
-        chans = _CHANNELS + ([(f"first {run['cfg_channels']}", run["cfg_channels"])]
-                             if run["cfg_channels"] not in (3, None) else [])
-        self.cfg_channels = W.ToggleButtons(options=chans, value=run["cfg_channels"], style={"button_width": "10.5em"})
+        channels = "all" if run["cfg_channels"] is None else run["cfg_channels"]
+        chans = _CHANNELS + ([(f"first {channels}", channels)] if channels not in (3, "all") else [])
+        self.cfg_channels = W.ToggleButtons(options=chans, value=channels, style={"button_width": "10.5em"})
         self.guide = W.Text(value="", description="guided by", style=style, layout=wide,
                             placeholder="empty: the unconditional branch (CFG); a checkpoint: autoguidance")
         self.mode = W.ToggleButtons(options=["ODE", "SDE"], value=mode, style={"button_width": "8em"})
@@ -168,7 +168,8 @@ class SamplerPanel(W.VBox, _Messages):
         "The controls' values as a `Request`."
         return Request(checkpoint=self.checkpoint.value, classes=self.classes.value, per_class=self.per_class.value,
                        cfg_scale=self.cfg_scale.value, cfg_interval=tuple(self.cfg_interval.value),
-                       cfg_channels=self.cfg_channels.value, mode=self.mode.value, method=self.method.value,
+                       cfg_channels=None if self.cfg_channels.value == "all" else self.cfg_channels.value,
+                       mode=self.mode.value, method=self.method.value,
                        num_steps=self.num_steps.value, diffusion_form=self.diffusion_form.value,
                        diffusion_norm=self.diffusion_norm.value, last_step=self.last_step.value, eta=self.eta.value,
                        seed=self.seed.value, guide=self.guide.value)

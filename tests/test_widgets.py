@@ -101,7 +101,7 @@ def test_panel_generates_what_generate_gives(ckpt):
 
 def test_panel_defaults_come_from_the_run(ckpt, tmp_path):
     p = Wd.SamplerPanel(checkpoint=ckpt, device="cpu")       # the digits run: 10 classes, guidance 2, pixel space
-    assert (p.classes.value, p.cfg_scale.value, p.cfg_channels.value) == ("0-9", 2.0, None)
+    assert (p.classes.value, p.cfg_scale.value, p.cfg_channels.value) == ("0-9", 2.0, "all")
     run = str(Wd.find_path(ckpt).parent)                      # a run folder means its latest checkpoint
     assert Wd.run_defaults(run) == {"classes": "0-9", "cfg_scale": 2.0, "cfg_channels": None, "cfg_interval": (0.0, 1.0),
                                     "mode": "ODE", "method": "heun2", "num_steps": 26, "diffusion_form": "sigma",
