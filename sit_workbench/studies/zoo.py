@@ -20,7 +20,7 @@ import torch
 from ..config import TrainConfig, digits_config
 from ..train import train
 from ..transport import transport_from_config
-from ..checkpoint import latest_checkpoint
+from ..checkpoint import checkpoint_problem, latest_checkpoint
 from ..errors import FolderLock, UserError
 from ..run import read_trainer_state
 
@@ -157,7 +157,7 @@ def zoo_checkpoint(name, setting="full", steps=None, progress=False) -> Path:
     out = Path(cfg.output_dir)
     with _locked(out.parent / f".{name}.lock"):
         ck = out / f"checkpoint-{cfg.max_steps}"
-        if not (ck / "trainer_state.json").is_file():
+        if checkpoint_problem(ck) is not None:   # not there, or not complete
             last = latest_checkpoint(out)
             if last is not None and read_trainer_state(last)["step"] > cfg.max_steps:
                 raise FileNotFoundError(f"{out} has no checkpoint at step {cfg.max_steps} but one past it ({last.name}): "
