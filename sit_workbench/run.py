@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import os
 import warnings
 from pathlib import Path
@@ -227,8 +226,7 @@ def _from_args(args, source, path, weights, tensors) -> RunSpec:
     spec = _official(source, path, weights, "the .pt's args", tensors)
     for k in TRANSPORT_KEYS:
         if hasattr(args, k): spec.transport[k] = getattr(args, k)
-    vae = getattr(args, "vae", OFFICIAL_VAE)
-    if vae is None or vae in ("ema", "mse") or looks_local(vae) or "/" in str(vae): spec.vae = vae
+    vae = spec.vae = getattr(args, "vae", OFFICIAL_VAE)      # 'ema'/'mse' (official), a path or None (ours)
     if getattr(args, "cfg_scale", None): spec.guidance = dataclasses.replace(spec.guidance, scale=float(args.cfg_scale))
     if vae is None: spec.guidance = dataclasses.replace(spec.guidance, channels=None)
     spec.num_classes = getattr(args, "num_classes", None)
