@@ -304,7 +304,7 @@ def _pipeline_call(self, class_labels, num_inference_steps: Optional[int] = None
                         None if guide is None else str(guide) if not isinstance(guide, torch.nn.Module)
                         else getattr(guide, "model_name", None) or "a network")
     fn = sample_fn or self.scheduler.sample_fn(num_inference_steps, sampling_method, mode)
-    total = 1000
+    total = 100                          # the bar counts percent of the path from noise to data
     with self.progress_bar(total=total) as bar:
         def progress(frac, nfe):
             if int(frac * total) > bar.n: bar.update(int(frac * total) - bar.n)
