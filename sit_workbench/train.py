@@ -405,7 +405,9 @@ def train(cfg: TrainConfig, progress: bool = True, dataset=None, encoder=None) -
         encoder = load_digits_encoder()
     env = init_distributed()
     try:
-        return Trainer(cfg, env, dataset=dataset, progress=progress, encoder=encoder).train()
+        res = Trainer(cfg, env, dataset=dataset, progress=progress, encoder=encoder).train()
+        if env.distributed: dist.barrier()   # every process is done before any tears the group down
+        return res
     finally:
         if env.distributed and dist.is_initialized(): dist.destroy_process_group()
 
