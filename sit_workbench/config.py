@@ -122,6 +122,7 @@ class TrainConfig:
     fsdp_config: dict = field(default_factory=lambda: {"transformer_layer_cls_to_wrap": ["SiTBlock"]})
     report_to: list = field(default_factory=lambda: ["jsonl"])   # jsonl (always written) | tensorboard | none
     resume_from_checkpoint: Optional[str] = None   # None | "latest" | a checkpoint directory
+    init_from: Optional[str] = None        # fresh runs: start from this checkpoint's weights (fine-tuning; nbs/08b_resume)
     trainer_type: str = "sit_trainer"      # only "sit_trainer"
     remove_unused_columns: bool = False    # must be False (accepted for recipe compatibility)
     # representation alignment (REPA, nbs/08a_repa.ipynb); off while repa_encoder is None

@@ -23,7 +23,7 @@ from . import errors as E
 from .repa import check_projector, projector_state, restore_projector
 
 # %% auto 0
-__all__ = ['MEANING_KEYS', 'NOT_COMPARED', 'config_changes', 'show_changes', 'Checkpointing']
+__all__ = ['MEANING_KEYS', 'NOT_COMPARED', 'config_changes', 'show_changes', 'Checkpointing', 'start_from']
 
 # %% ../nbs/08b_resume.ipynb
 def _rng_state(noise_gen: torch.Generator):
@@ -188,6 +188,10 @@ class Checkpointing:
         self.last_checkpoint = folder
         return state
 
+    def resumable(self) -> bool:
+        "Whether `train` will resume (a checkpoint is named, or the output folder holds one) rather than start afresh."
+        return self.cfg.resume_from_checkpoint is not None or bool(list_checkpoints(self.out))
+
     def _resume_targets(self) -> tuple[list[Path], bool]:
         "Checkpoints to try, newest first, and whether a damaged one may be skipped for the one before."
         r = self.cfg.resume_from_checkpoint
@@ -231,3 +235,29 @@ class Checkpointing:
             raise E.CheckpointError(f"none of the checkpoints in {self.out} can be read ({', '.join(p.name for p in targets)}): "
                                     "remove them to start afresh, or set resume_from_checkpoint")
         return None
+
+# %% ../nbs/08b_resume.ipynb
+def start_from(model, mcfg, source) -> str:
+    """Load the weights of checkpoint `source` (EMA preferred) into `model`, a fresh SiT built from `mcfg`, after
+    checking that they mean the same (architecture, path, prediction); returns a description of what was loaded."""
+    from sit_workbench.run import load_model, read_run
+    spec = read_run(source)
+    net = load_model(spec)
+    want = {k: v for k, v in model.config.items() if k not in ("mean_flow", "class_dropout_prob")}
+    have = {k: v for k, v in net.config.items() if k not in ("mean_flow", "class_dropout_prob")}
+    if have != want:
+        diff = ", ".join(f"{k}: {have.get(k)} there, {want.get(k)} here" for k in want if have.get(k) != want.get(k))
+        raise E.UserError(f"init_from={source!r} is another architecture ({diff})")
+    for key in ("path_type", "prediction"):
+        there = spec.transport.get(key)
+        if there is not None and str(there).lower() != str(getattr(mcfg, key)).lower():
+            raise E.UserError(f"init_from={source!r} was trained with {key} {there!r}, this run with "
+                              f"{getattr(mcfg, key)!r}: its weights mean something else here")
+    if getattr(net, "mean_flow", False) and not model.mean_flow:
+        raise E.UserError(f"init_from={source!r} is a MeanFlow model; a flow run cannot start from it")
+    missing, unexpected = model.load_state_dict(net.state_dict(), strict=False)
+    allowed = not net.mean_flow and model.mean_flow   # a flow model's weights start a MeanFlow run
+    if unexpected or (missing and not (allowed and all(k.startswith("r_embedder.") for k in missing))):
+        raise E.UserError(f"init_from={source!r} does not fit this model: missing {missing}, unexpected {unexpected}")
+    what = "MeanFlow model from the flow model" if allowed else "model"
+    return f"the {spec.weights} weights of {source} ({what})"

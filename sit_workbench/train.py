@@ -26,7 +26,7 @@ from .config import TrainConfig, validate
 from . import errors as E
 from .model import SiT, SiTBlock
 from .repa import setup_alignment
-from .resume import Checkpointing
+from .resume import Checkpointing, start_from
 from .transport import transport_from_config
 from .meanflow import MeanFlowObjective
 from .errors import UserError
@@ -174,6 +174,8 @@ class Trainer(Checkpointing):
             torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(cfg.seed)                      # identical initial weights on every process
         raw = build_model(mcfg).to(env.device)
+        if cfg.init_from is not None and not self.resumable():   # fine-tuning: start from another run's weights
+            self._say(f"starting from {start_from(raw, mcfg, cfg.init_from)}")
         raw.gradient_checkpointing = cfg.gradient_checkpointing
         ema = copy.deepcopy(raw).requires_grad_(False)   # fp32, like the weights
         if cfg.fsdp and env.distributed:

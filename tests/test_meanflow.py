@@ -285,3 +285,44 @@ def test_two_gloo_processes_match_one_process(tmp_path, fsdp):
                                rtol=1e-4, atol=1e-6)
     a, b = (load_file(str(tmp_path / d / "checkpoint-3" / "model.safetensors")) for d in ("one", "two"))
     for n in a: torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5)
+
+
+def test_finetuning_starts_from_the_flow_checkpoint(tmp_path, tiny_digits_run):
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.train import Trainer, train
+    flow_ck = tiny_digits_run(steps=4)
+    flow = load_sit(flow_ck).eval()
+    out = tmp_path / "ft"
+    mf = dict(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, objective="meanflow", output_dir=str(out))
+    trainer = Trainer(digits_config(**mf, init_from=str(flow_ck), max_steps=2, save_steps=2), progress=False).setup()
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():   # model and EMA start as the flow model's EMA weights, at r = t and at any r
+        for net in (trainer.raw.eval(), trainer.ema.eval()):
+            assert torch.allclose(net(x, t, y=torch.tensor([1, 2, 3]), r=t), flow(x, t, y=torch.tensor([1, 2, 3])), atol=1e-6)
+            assert torch.allclose(net(x, t, y=torch.tensor([1, 2, 3]), r=t + 0.1), flow(x, t, y=torch.tensor([1, 2, 3])), atol=1e-6)
+    res = train(digits_config(**mf, init_from=str(flow_ck), max_steps=2, save_steps=2), progress=False)
+    assert res["status"] == "finished" and load_sit(res["checkpoint"]).mean_flow
+    # the resumed run does not read init_from again: it may be gone
+    res = train(digits_config(**mf, init_from=str(tmp_path / "gone"), max_steps=3, save_steps=1), progress=False)
+    assert res["step"] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(depth=2), "another architecture (depth: 1 there, 2 here)"),
+    (dict(objective="flow", path_type="GVP"), "path_type 'Linear'"),
+    (dict(objective="flow", prediction="score"), "prediction 'velocity'"),
+])
+def test_finetuning_refuses_weights_that_mean_something_else(tmp_path, tiny_digits_run, change, message):
+    from sit_workbench.train import Trainer
+    cfg = digits_config(**{**dict(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, objective="meanflow", max_steps=2,
+                                  output_dir=str(tmp_path / "x")), **change}, init_from=str(tiny_digits_run(steps=4)))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(cfg, progress=False).setup()
+
+
+def test_a_flow_run_cannot_start_from_a_meanflow_checkpoint(tmp_path, tiny_digits_run):
+    from sit_workbench.train import Trainer
+    mf_ck = tiny_digits_run(steps=2, objective="meanflow")
+    cfg = digits_config(depth=1, hidden_size=32, num_heads=2, warmup_steps=0, max_steps=2, output_dir=str(tmp_path / "x"), init_from=str(mf_ck))
+    with pytest.raises(UserError, match="is a MeanFlow model"):
+        Trainer(cfg, progress=False).setup()
