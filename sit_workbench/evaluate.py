@@ -361,13 +361,13 @@ def _sampler_spec(sampler, mode):
     return SamplerSpec.create(mode=mode, **opts), velocity_loss
 
 def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0, seed=0, mode="ode", batch_size=500,
-                          clf=None, bootstrap=0) -> dict:
-    """Sample `n` digits (labels uniform from `seed`, the noise of sample `i` from `(seed, i)`, guidance on every
-    channel) and return accuracy, digits-FID (and its bootstrap error), NFE and seconds. `sampler`: `Sampler`
-    keywords (default: the registry's `DEFAULT_SAMPLER`), with `mode`."""
-    from sit_workbench.sample import Guidance, generate, random_labels
+                          clf=None, bootstrap=0, labels="random") -> dict:
+    """Sample `n` digits (the noise of sample `i` from `(seed, i)`, guidance on every channel) and return accuracy,
+    digits-FID (and its bootstrap error), NFE and seconds. `sampler`: `Sampler` keywords (default: the registry's
+    `DEFAULT_SAMPLER`), with `mode`; `labels`: as `label_plan` ('random': uniform from `seed`; 'balanced')."""
+    from sit_workbench.sample import Guidance, generate
     spec, velocity_loss = _sampler_spec(sampler, mode)
-    labels = random_labels(n, model.num_classes, seed)
+    labels = label_plan(n, model.num_classes, labels, seed)
     g = generate(model, spec.build(transport, velocity_loss=velocity_loss), labels, Guidance(cfg_scale, None, None),
                  seed=seed, batch_size=batch_size)
     shown = {k: v for k, v in spec.to_dict().items() if k != "mode"}
@@ -375,12 +375,12 @@ def evaluate_digits_model(model, transport, n=1000, sampler=None, cfg_scale=1.0,
             "sampler": shown, "mode": spec.mode, "seconds": round(g.seconds, 2)}
 
 def evaluate_digits_checkpoint(checkpoint, n=1000, sampler=None, cfg_scale=2.0, seed=0, mode="ode", batch_size=500,
-                               clf=None, bootstrap=0) -> dict:
+                               clf=None, bootstrap=0, labels="random") -> dict:
     "`evaluate_digits_model` on a digits checkpoint (its EMA weights and its run's transport)."
     from sit_workbench.run import load_model, read_run
     spec = read_run(checkpoint)
     return evaluate_digits_model(load_model(spec), spec.build_transport(), n, sampler, cfg_scale, seed, mode,
-                                 batch_size, clf, bootstrap)
+                                 batch_size, clf, bootstrap, labels)
 
 # %% ../nbs/13_evaluate.ipynb
 def sliced_wasserstein(x, y, n_projections=256, seed=0) -> float:

@@ -12,10 +12,12 @@ from .model import SiT
 from .solvers import SampleFn
 
 # %% auto 0
-__all__ = ['to_paper_time', 'sample_t_r', 'meanflow_target', 'adaptive_weight', 'guided_velocity', 'model_jvp', 'meanflow_loss',
-           'MeanFlowObjective', 'exact_average_velocity', 'meanflow_from_flow', 'meanflow_sampler']
+__all__ = ['TANGENTS', 'to_paper_time', 'sample_t_r', 'meanflow_target', 'adaptive_weight', 'guided_velocity', 'model_jvp',
+           'meanflow_loss', 'MeanFlowObjective', 'exact_average_velocity', 'meanflow_from_flow', 'meanflow_sampler']
 
 # %% ../nbs/03b_meanflow.ipynb
+TANGENTS = ("data", "model")   # the total derivative's direction: the sample's x1 - x0, or the model's own velocity
+
 def to_paper_time(t):
     "The paper's time of our time `t` (and back): `1 - t` (ours: 0 noise, 1 data; the paper's: 0 data, 1 noise)."
     return 1 - t
@@ -52,23 +54,30 @@ def model_jvp(fn, z, t, r, tangent_z):
 
 # %% ../nbs/03b_meanflow.ipynb
 def meanflow_loss(model, x1, x0, t, r, y=None, force_drop_ids=None, p: float = 1.0, c: float = 1e-3,
-                  omega: float = 1.0, kappa: float = 0.0, null_class=None, jvp_model=None) -> dict:
+                  omega: float = 1.0, kappa: float = 0.0, null_class=None, jvp_model=None, tangent: str = "data") -> dict:
     """Per-sample MeanFlow losses for `model(z, t, y=..., r=..., force_drop_ids=...)`, the average velocity from `t`
     to `r`, on the Linear path: `{"loss": sg(w) ||err||^2, "mse": mean(err^2), "weight": w}`, each `(N,)`.
     `omega`, `kappa`: guidance folded into the target (needs `null_class`, the label of the unconditional class);
-    samples with `force_drop_ids == 1` (the null class) are not guided. `jvp_model`: the module inside a wrapper
-    `model` that forward-mode AD cannot pass (DDP): the JVP runs on it without a graph, then `model` runs a plain
-    forward pass for the gradient (one forward pass more)."""
+    samples with `force_drop_ids == 1` (the null class) are not guided. `tangent`: the direction of the total
+    derivative, 'data' (the sample's `x1 - x0`, the paper's) or 'model' (the model's own velocity `u(z, t, t)`,
+    guided like the target; one forward pass more, less variance). `jvp_model`: the module inside a wrapper `model`
+    that forward-mode AD cannot pass (DDP): the JVP runs on it without a graph, then `model` runs a plain forward pass
+    for the gradient (one forward pass more)."""
+    if tangent not in TANGENTS: raise ValueError(f"tangent must be one of {', '.join(TANGENTS)}, got {tangent!r}")
     z = t.reshape(-1, *[1] * (x1.ndim - 1)).to(x1.dtype) * x1 + (1 - t).reshape(-1, *[1] * (x1.ndim - 1)).to(x1.dtype) * x0
     v = x1 - x0
     kw = {} if y is None else {"y": y}
     if force_drop_ids is not None: kw["force_drop_ids"] = force_drop_ids
+    dz = v
     if omega != 1.0 or kappa != 0.0:
-        v = _guided(model, z, t, v, y, force_drop_ids, omega, kappa, null_class)
+        v, dz = _guided(model, z, t, v, y, force_drop_ids, omega, kappa, null_class)
+        if tangent == "data": dz = v
+    elif tangent == "model":
+        with torch.no_grad(): dz = model(z, t, r=t, **kw).to(v.dtype)
     if jvp_model is None or jvp_model is model:
-        u, dudt = model_jvp(lambda z_, t_, r_: model(z_, t_, r=r_, **kw), z, t, r, v)
+        u, dudt = model_jvp(lambda z_, t_, r_: model(z_, t_, r=r_, **kw), z, t, r, dz)
     else:
-        with torch.no_grad(): _, dudt = model_jvp(lambda z_, t_, r_: jvp_model(z_, t_, r=r_, **kw), z, t, r, v)
+        with torch.no_grad(): _, dudt = model_jvp(lambda z_, t_, r_: jvp_model(z_, t_, r=r_, **kw), z, t, r, dz)
         u = model(z, t, r=r, **kw)
     err = u - meanflow_target(v, dudt, t, r).detach()
     sq = (err.to(torch.promote_types(err.dtype, torch.float32)) ** 2).flatten(1).sum(1)   # fp32 at least (bf16 runs)
@@ -76,7 +85,8 @@ def meanflow_loss(model, x1, x0, t, r, y=None, force_drop_ids=None, p: float = 1
     return {"loss": w * sq, "mse": sq.detach() / err[0].numel(), "weight": w}
 
 def _guided(model, z, t, v, y, drop, omega, kappa, null_class):
-    "`guided_velocity` with the model's own `u(z, t, t)` with and without the label (one batched pass, no gradient)."
+    """`(target, field)`: `guided_velocity` with the model's own `u(z, t, t)` with and without the label (one batched
+    pass, no gradient), and the model's guided field (`guided_velocity` with `u_cond` in place of `v`)."""
     if y is None or null_class is None: raise ValueError("guidance in the target needs the labels y and null_class")
     n = z.shape[0]
     keep = torch.zeros(n, dtype=torch.long, device=z.device)
@@ -84,22 +94,24 @@ def _guided(model, z, t, v, y, drop, omega, kappa, null_class):
         both = model(torch.cat([z, z]), torch.cat([t, t]), y=torch.cat([y, torch.full_like(y, null_class)]),
                      r=torch.cat([t, t]), force_drop_ids=torch.cat([keep, keep + 1]))
     u_cond, u_uncond = both[:n].to(v.dtype), both[n:].to(v.dtype)
-    g = guided_velocity(v, u_cond, u_uncond, omega, kappa)
-    if drop is None: return g
-    return torch.where((drop == 1).reshape(-1, *[1] * (v.ndim - 1)), v, g)
+    g, f = guided_velocity(v, u_cond, u_uncond, omega, kappa), guided_velocity(u_cond, u_cond, u_uncond, omega, kappa)
+    if drop is None: return g, f
+    dropped = (drop == 1).reshape(-1, *[1] * (v.ndim - 1))
+    return torch.where(dropped, v, g), torch.where(dropped, u_uncond, f)
 
 # %% ../nbs/03b_meanflow.ipynb
 class MeanFlowObjective:
     "MeanFlow's settings in a training run (`from_config` reads a `ModelConfig`'s `meanflow_*` keys)."
     def __init__(self, ratio=0.25, time_mean=-0.4, time_std=1.0, adaptive_p=1.0, omega=1.0, kappa=0.0, null_class=None,
-                 c=1e-3):
+                 c=1e-3, tangent="data"):
         self.ratio, self.time_mean, self.time_std, self.adaptive_p = ratio, time_mean, time_std, adaptive_p
-        self.omega, self.kappa, self.null_class, self.c = omega, kappa, null_class, c
+        self.omega, self.kappa, self.null_class, self.c, self.tangent = omega, kappa, null_class, c, tangent
 
     @classmethod
     def from_config(cls, mcfg):
         return cls(mcfg.meanflow_ratio, mcfg.meanflow_time_mean, mcfg.meanflow_time_std, mcfg.meanflow_adaptive_p,
-                   mcfg.meanflow_cfg_omega, mcfg.meanflow_cfg_kappa, null_class=mcfg.num_classes)
+                   mcfg.meanflow_cfg_omega, mcfg.meanflow_cfg_kappa, null_class=mcfg.num_classes,
+                   tangent=mcfg.meanflow_tangent)
 
     def sample_times(self, n, generator=None):
         "`(n, 2)`: the columns `t` (the time of `z_t`) and `r` (`t <= r`), from `sample_t_r`."
@@ -109,7 +121,7 @@ class MeanFlowObjective:
         """`(logged, objective)`: the batch's mean squared error per pixel, and its mean adaptive-weighted loss
         (`jvp_model`: the module inside a DDP `model`, as for `meanflow_loss`)."""
         out = meanflow_loss(model, x1, x0, tr[:, 0], tr[:, 1], y, force_drop_ids, self.adaptive_p, self.c,
-                            self.omega, self.kappa, self.null_class, jvp_model)
+                            self.omega, self.kappa, self.null_class, jvp_model, self.tangent)
         return out["mse"].mean(), out["loss"].mean()
 
 # %% ../nbs/03b_meanflow.ipynb

@@ -88,6 +88,20 @@ def test_loss_is_zero_for_the_exact_model_and_exact_velocity_pairs():
     assert torch.allclose(out0["loss"], out["mse"] * 2)                # p = 0: the plain squared norm
 
 
+def test_model_tangent_leaves_only_the_regression_noise():
+    """tangent='model': the total derivative follows the model's own velocity, so for the exact model the error is
+    exactly the pair's deviation from the marginal velocity; the data tangent adds the deviation's JVP term."""
+    z, t, r = states(64, seed=5)
+    model = lambda z_, t_, r=None, **kw: exact_average_velocity(FIELD, z_, t_, t_ if r is None else r, steps=64)
+    v, delta = FIELD(z, t), 0.3 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x1, x0 = z + (1 - t[:, None]) * (v + delta), z - t[:, None] * (v + delta)   # x1 - x0 = v + delta
+    out = meanflow_loss(model, x1, x0, t, r, p=0.0, tangent="model")
+    assert torch.allclose(out["loss"], (delta ** 2).sum(1), atol=1e-6)
+    data = meanflow_loss(model, x1, x0, t, r, p=0.0)
+    assert (data["loss"] - (delta ** 2).sum(1)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="tangent must be one of data, model"):
+        meanflow_loss(model, x1, x0, t, r, tangent="x")
+
 def test_guided_target_uses_the_models_own_velocities():
     "With omega and kappa the target field is omega v + kappa u(c) + (1 - omega - kappa) u(null); dropped labels keep v."
     z, t, r = states(8, seed=4)
