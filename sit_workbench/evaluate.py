@@ -21,8 +21,8 @@ __all__ = ['MANIFEST', 'INCEPTION_FILE', 'INCEPTION_URL', 'SPATIAL_CHANNELS', 't
            'claim_out_dir', 'shard_problem', 'write_shard', 'merge_shards', 'label_plan', 'generate_samples',
            'sample_run', 'inception_weights_path', 'ensure_inception_weights', 'inception_extractor',
            'inception_features', 'inception_score', 'precision_recall', 'imagenet_metrics', 'bootstrap_fid',
-           'digits_metrics', 'evaluate_digits_model', 'evaluate_digits_checkpoint', 'sliced_wasserstein', 'sample_nll',
-           'mixture_nll', 'sampler_error']
+           'digits_metrics', 'digits_reference_rows', 'evaluate_digits_model', 'evaluate_digits_checkpoint',
+           'sliced_wasserstein', 'sample_nll', 'mixture_nll', 'sampler_error']
 
 # %% ../nbs/13_evaluate.ipynb
 def to_uint8_nhwc(images01) -> np.ndarray:
@@ -351,6 +351,23 @@ def digits_metrics(images01, labels, clf=None, bootstrap=0) -> dict:
     out["digits_fid"] = fid_from_features(fs, fr)
     if bootstrap: out["digits_fid_std"] = bootstrap_fid(fs, fr, n_boot=bootstrap)
     return out
+
+def digits_reference_rows(n=1000, clf=None, draws=5, seed=0) -> list[dict]:
+    """The two rows a digits-FID table is read against, at `n` images scored as samples are (against the test split):
+    the **floor**, `n` distinct training images (real data the reference never saw: what a perfect model scores),
+    and the **memoriser**, `n` training images drawn with replacement (a model that copies its training set).
+    `digits_fid` is the mean over `draws` draws, `digits_fid_std` their standard deviation."""
+    from sit_workbench.digits import classifier_features, digits_arrays, load_or_train_classifier
+    clf = clf or load_or_train_classifier()
+    train, test = digits_arrays("train")[0], digits_arrays("test")[0]
+    if not 1 < n <= len(train): raise ValueError(f"n must be in [2, {len(train)}] (the training split), got {n}")
+    ft, fr = classifier_features(clf, train), classifier_features(clf, test)
+    rows = []
+    for name, pick in (("floor: training images", lambda g: torch.randperm(len(train), generator=g)[:n]),
+                       ("memoriser: training images drawn with replacement", lambda g: torch.randint(len(train), (n,), generator=g))):
+        fids = [fid_from_features(ft[pick(torch.Generator().manual_seed(seed + d))], fr) for d in range(draws)]
+        rows.append({"model": name, "n": n, "digits_fid": float(np.mean(fids)), "digits_fid_std": float(np.std(fids, ddof=1))})
+    return rows
 
 def _sampler_spec(sampler, mode):
     "A `SamplerSpec` from a dict of `Sampler` keywords (the registry's default when None) and the velocity loss it carries."

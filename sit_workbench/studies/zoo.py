@@ -26,8 +26,8 @@ from ..run import read_trainer_state
 
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
-           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'zoo_checkpoint', 'final_steps', 'zoo_steps',
-           'zoo_model', 'zoo_velocity_loss', 'measure_digits', 'RowLog']
+           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'trained_checkpoint', 'zoo_checkpoint',
+           'final_steps', 'zoo_steps', 'zoo_model', 'zoo_velocity_loss', 'measure_digits', 'RowLog']
 
 # %% ../../nbs/14_zoo.ipynb
 ZOO = {
@@ -149,22 +149,26 @@ def _locked(path: Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-def zoo_checkpoint(name, setting="full", steps=None, progress=False) -> Path:
-    """The checkpoint folder of zoo model `name` after `steps` training steps (default: `final_steps`), training it
-    first if needed: a run that stopped earlier (killed, or trained to a lower rung) resumes exactly."""
-    s = get_setting(setting)
-    cfg = zoo_config(name, s, final_steps(name, s) if steps is None else steps)
+def trained_checkpoint(cfg, ladder, progress=False) -> Path:
+    """The checkpoint folder of `cfg`'s run at `cfg.max_steps` (a rung of `ladder`), training it first if needed
+    (one process at a time): a run that stopped earlier (killed, or trained to a lower rung) resumes exactly."""
     out = Path(cfg.output_dir)
-    with _locked(out.parent / f".{name}.lock"):
+    with _locked(out.parent / f".{out.name}.lock"):
         ck = out / f"checkpoint-{cfg.max_steps}"
         if checkpoint_problem(ck) is not None:   # not there, or not complete
             last = latest_checkpoint(out)
             if last is not None and read_trainer_state(last)["step"] > cfg.max_steps:
                 raise FileNotFoundError(f"{out} has no checkpoint at step {cfg.max_steps} but one past it ({last.name}): "
-                                        f"the rungs of the ladder are {s.ladder}")
+                                        f"the rungs of the ladder are {tuple(ladder)}")
             res = train(cfg, progress=progress)
-            if res["status"] != "finished": raise UserError(f"training {name} stopped early: {res['status']}")
+            if res["status"] != "finished": raise UserError(f"training {out.name} stopped early: {res['status']}")
     return ck
+
+def zoo_checkpoint(name, setting="full", steps=None, progress=False) -> Path:
+    """The checkpoint folder of zoo model `name` after `steps` training steps (default: `final_steps`), training it
+    first if needed (`trained_checkpoint`)."""
+    s = get_setting(setting)
+    return trained_checkpoint(zoo_config(name, s, final_steps(name, s) if steps is None else steps), s.ladder, progress)
 
 def final_steps(name, setting="full") -> int:
     """The training budget at which the studies use zoo model `name`: the rung where the convergence study found it
