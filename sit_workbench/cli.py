@@ -150,10 +150,11 @@ def cmd_velocity_loss(args):
 
 # %% ../nbs/05_cli.ipynb
 STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient",
-           "design-space": "design_space", "repa": "repa"}
+           "design-space": "design_space", "repa": "repa", "meanflow": "meanflow",
+           "guidance": "guidance"}
 
 def study_parser(p):
-    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18, 21)")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18, 21-23)")
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
                    help="quick: 75/150-step models (repa: 20/40), 200 samples; full: the committed results")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",

@@ -129,17 +129,18 @@ def load_results(study, setting="full") -> dict:
     return json.loads(path.read_text())
 
 # %% ../../nbs/14_zoo.ipynb
-def zoo_config(name, setting="full", steps=None) -> TrainConfig:
+def zoo_config(name, setting="full", steps=None, **overrides) -> TrainConfig:
     """The training config of zoo model `name` trained for `steps` (default: the setting's cap): `digits_config` with
     the zoo entry's transport, a constant learning rate after warm-up (so that a longer budget continues a shorter
-    one exactly, as the paper's constant-rate runs do) and a checkpoint kept at every rung of the ladder."""
+    one exactly, as the paper's constant-rate runs do) and a checkpoint kept at every rung of the ladder.
+    `overrides`: `digits_config` keys of a variant of the cell (the studies' MeanFlow and guide runs)."""
     if name not in ZOO: raise UserError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO)}")
     s = get_setting(setting)
     steps = s.max_steps if steps is None else int(steps)
     if steps <= 0: raise UserError(f"steps must be positive, got {steps}")
-    return digits_config(**ZOO[name], max_steps=steps, save_steps=math.gcd(*s.ladder), save_total_limit=None,
-                         lr_scheduler_type="constant", ema_decay=s.ema_decay, warmup_steps=min(100, s.ladder[0] // 10),
-                         output_dir=str(zoo_dir(s) / name))
+    return digits_config(**{**ZOO[name], "max_steps": steps, "save_steps": math.gcd(*s.ladder), "save_total_limit": None,
+                            "lr_scheduler_type": "constant", "ema_decay": s.ema_decay,
+                            "warmup_steps": min(100, s.ladder[0] // 10), "output_dir": str(zoo_dir(s) / name), **overrides})
 
 @contextlib.contextmanager
 def _locked(path: Path):
