@@ -202,6 +202,10 @@ def load_into(model: nn.Module, state_dict: dict, assign: bool = False) -> nn.Mo
         if blocks(missing) or blocks(unexpected):
             n_ck = len(blocks(k for k in sd))
             msg += f" the checkpoint has {n_ck} blocks and the model {len(blocks(own))}: wrong depth / model size?"
+        elif any(k.startswith("internal_layer.") for k in missing + unexpected):
+            msg += (" internal guidance's head (internal_layer) is in the " + ("model only: build it without internal_block"
+                    if any(k.startswith("internal_layer.") for k in missing) else "checkpoint only: build the model "
+                    "with the internal_block its config.json records"))
         else:
             msg += " is this a SiT checkpoint?"
         raise UserError(msg)
@@ -298,6 +302,10 @@ def infer_architecture(state_dict, model=None) -> dict:
                 mlp_ratio=mlp / hidden, num_classes=rows - 1, learn_sigma=out == 2 * p * p * c,
                 class_dropout_prob=0.1)  # the null-class row: trained with label dropout (the rate is not stored)
     if "r_embedder.mlp.0.weight" in sd: arch["mean_flow"] = True   # a MeanFlow model: the interval embedding
+    if "internal_layer.linear.weight" in sd:
+        raise UserError("the checkpoint has internal guidance's intermediate head (internal_layer.*), and the block it "
+                        "reads is in no tensor's shape: load it with its config.json (a checkpoint folder of ours, or "
+                        "a .pt written by export_official, which records it)")
     if model is not None:
         if model not in SiT_models: raise UserError(f"unknown model {model!r}; choose one of {', '.join(SiT_models)}")
         d, h, heads = SIT_SIZES[model[len("SiT-"):].split("/")[0]]

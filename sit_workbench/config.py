@@ -73,6 +73,8 @@ class ModelConfig:
     meanflow_cfg_omega: float = 1.0        # meanflow: guidance folded into the target (1 = none); sample at scale 1
     meanflow_cfg_kappa: float = 0.0        # meanflow: the paper's kappa (effective scale omega / (1 - kappa))
     meanflow_tangent: str = "data"         # meanflow: d/dt along x1 - x0 (data, the paper's) or u(z, t, t) (model)
+    internal_guidance_block: Optional[int] = None   # internal guidance: a 2nd output head after this block (< depth)
+    internal_guidance_weight: float = 1.0  # internal guidance: weight of that head's loss (sample with --guide internal)
 
 @dataclass
 class DatasetConfig:
@@ -339,7 +341,8 @@ NUMBER_RANGES = {   # every numeric key of each section: its bounds for `errors.
                          depth=POSITIVE, num_heads=POSITIVE, mlp_ratio=POSITIVE, class_dropout_prob=UNIT_OPEN,
                          num_classes=POSITIVE, train_eps=EPS, sample_eps=EPS, cfg_scale=dict(lo=1.0),
                          meanflow_ratio=dict(lo=0, hi=1), meanflow_time_mean=dict(), meanflow_time_std=POSITIVE,
-                         meanflow_adaptive_p=dict(lo=0), meanflow_cfg_omega=POSITIVE, meanflow_cfg_kappa=UNIT_OPEN),
+                         meanflow_adaptive_p=dict(lo=0), meanflow_cfg_omega=POSITIVE, meanflow_cfg_kappa=UNIT_OPEN,
+                         internal_guidance_block=dict(lo=1), internal_guidance_weight=POSITIVE),
     "dataset_config": dict(image_size=POSITIVE, max_bad_images=dict(lo=0)),
     "": dict(per_device_train_batch_size=POSITIVE, gradient_accumulation_steps=POSITIVE, learning_rate=POSITIVE,
              weight_decay=dict(lo=0), adam_beta1=UNIT_OPEN, adam_beta2=UNIT_OPEN, adam_epsilon=POSITIVE,
@@ -396,6 +399,18 @@ def _check_meanflow(c):
     # the ranges of the numeric meanflow_* keys are in NUMBER_RANGES
     _require(m.class_dropout_prob > 0 or (m.meanflow_cfg_omega == 1 and m.meanflow_cfg_kappa == 0),
              f"{w}.meanflow_cfg_omega/meanflow_cfg_kappa need the null class, which exists only when class_dropout_prob > 0")
+
+def _check_internal(m: ModelConfig):
+    "Internal guidance: a head after a block before the last, on the flow objective; its weight read only then."
+    w = "model_config"
+    if m.internal_guidance_block is None:
+        _require(m.internal_guidance_weight == 1.0, f"{w}.internal_guidance_weight is read only with "
+                 f"{w}.internal_guidance_block set; set it to 1.0 (or set the block)")
+        return
+    _require(m.internal_guidance_block < m.depth, f"{w}.internal_guidance_block must be in [1, {m.depth - 1}] (a block "
+             f"before the last of {w}.depth {m.depth}), got {m.internal_guidance_block}")
+    _require(m.objective != "meanflow", f"{w}.internal_guidance_block does not combine with objective 'meanflow' yet: "
+             "set it to null, or the objective to flow")
 
 def _check_dataset(d: DatasetConfig):
     w = "dataset_config"
@@ -499,6 +514,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_fsdp(cfg)
     _check_repa(cfg)
     _check_meanflow(cfg)
+    _check_internal(cfg.model_config)
     return cfg
 
 # %% ../nbs/06_config.ipynb

@@ -21,8 +21,8 @@ from .errors import UserError
 from .paths import project_root
 from .registry import OFFICIAL_SAMPLERS, SamplerSpec, methods, normalize_mode
 from .run import RunSpec, load_guide, load_model, load_run_vae, read_run, run_sample_fn
-from .sample import (Cancelled, autoguided, cycle_labels, generate, image_grid, rows_by_class,
-                                  sample_noise)
+from .sample import (INTERNAL_GUIDE, Cancelled, autoguided, cycle_labels, generate, image_grid,
+                                  rows_by_class, sample_noise)
 from .solvers import data_prediction
 
 # %% auto 0
@@ -101,7 +101,7 @@ class Request:
     last_step: Optional[str] = "Mean"
     eta: float = 0.0                          # diffusion_form='w_KL_eta' only
     seed: int = 0
-    guide: str = ""                           # autoguidance: a weaker checkpoint guides ('': classifier-free)
+    guide: str = ""                           # autoguidance: a weaker checkpoint ('': classifier-free; 'internal')
 
     def sampler(self) -> SamplerSpec:
         "The request's sampler, checked by the registry."
@@ -138,7 +138,12 @@ def with_request(spec: RunSpec, req: Request, scale=None) -> RunSpec:
     return spec.with_options(sampler=req.sampler(), guidance_scale=req.cfg_scale if scale is None else scale,
                              guidance_interval=None if (lo, hi) == (0.0, 1.0) else (lo, hi),
                              guidance_channels="all" if req.cfg_channels is None else req.cfg_channels,
-                             guide=str(find_path(req.guide)) if str(req.guide).strip() else "cfg")
+                             guide=_guide_of(req.guide))
+
+def _guide_of(text) -> str:
+    "The request's guide: '' is classifier-free guidance, 'internal' the model's own intermediate head, else a checkpoint."
+    text = str(text).strip()
+    return "cfg" if not text else INTERNAL_GUIDE if text == INTERNAL_GUIDE else str(find_path(text))
 
 # %% ../nbs/12a_explore.ipynb
 def to_png(images, nrow, width=820, height=640, max_scale=8) -> bytes:

@@ -17,8 +17,8 @@ import torch.utils.checkpoint
 # %% auto 0
 __all__ = ['SIT_SIZES', 'SiT_models', 'modulate', 'timestep_embedding', 'TimestepEmbedder', 'LabelEmbedder', 'PatchEmbed',
            'softmax_attention', 'Attention', 'Mlp', 'SiTBlock', 'FinalLayer', 'sincos_1d', 'sincos_2d', 'SiT',
-           'SiT_XL_2', 'SiT_XL_4', 'SiT_XL_8', 'SiT_L_2', 'SiT_L_4', 'SiT_L_8', 'SiT_B_2', 'SiT_B_4', 'SiT_B_8',
-           'SiT_S_2', 'SiT_S_4', 'SiT_S_8', 'count_params', 'infer_model_name', 'forward_flops']
+           'InternalGuide', 'SiT_XL_2', 'SiT_XL_4', 'SiT_XL_8', 'SiT_L_2', 'SiT_L_4', 'SiT_L_8', 'SiT_B_2', 'SiT_B_4',
+           'SiT_B_8', 'SiT_S_2', 'SiT_S_4', 'SiT_S_8', 'count_params', 'infer_model_name', 'forward_flops']
 
 # %% ../nbs/00_model.ipynb
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
 
 # %% ../nbs/00_model.ipynb
 def _check_sit_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                      mlp_ratio, class_dropout_prob, num_classes):
+                      mlp_ratio, class_dropout_prob, num_classes, internal_block=None):
     for name, v in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                         hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes).items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -201,6 +201,10 @@ def _check_sit_config(input_size, patch_size, in_channels, hidden_size, depth, n
         raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
     if not 0 <= class_dropout_prob < 1:
         raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob!r}")
+    if internal_block is not None and (isinstance(internal_block, bool) or not isinstance(internal_block, int)
+                                       or not 1 <= internal_block < depth):
+        raise ValueError(f"internal_block (internal guidance's intermediate head) must be an integer in [1, {depth - 1}] "
+                         f"(a block before the last of {depth}), got {internal_block!r}")
 
 
 def _is_compiling() -> bool:
@@ -212,16 +216,19 @@ class SiT(nn.Module):
     "Scalable Interpolant Transformer: a class-conditional DiT-style backbone; `forward(x, t, y)` -> `(N, in_channels, H, W)`."
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, mean_flow: bool = False):
+                 num_classes: int = 1000, learn_sigma: bool = True, mean_flow: bool = False,
+                 internal_block: Optional[int] = None):
         super().__init__()
         _check_sit_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                          mlp_ratio, class_dropout_prob, num_classes)
+                          mlp_ratio, class_dropout_prob, num_classes, internal_block)
         self.mean_flow = bool(mean_flow)   # MeanFlow (nbs/03b_meanflow.ipynb): a second time input r
+        self.internal_block = internal_block   # internal guidance: a second output head after this block (1-based)
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            class_dropout_prob=class_dropout_prob, num_classes=num_classes,
                            learn_sigma=bool(learn_sigma),
-                           **({"mean_flow": True} if self.mean_flow else {}))   # absent for flow models: unchanged
+                           **({"mean_flow": True} if self.mean_flow else {}),   # absent for flow models: unchanged
+                           **({"internal_block": internal_block} if internal_block is not None else {}))
         self.model_name: Optional[str] = None  # set by the `SiT_models` constructors
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.learn_sigma = bool(learn_sigma)
@@ -236,6 +243,7 @@ class SiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        if internal_block is not None: self.internal_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     @property
@@ -267,9 +275,10 @@ class SiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for layer in (self.final_layer, getattr(self, "internal_layer", None)):   # both heads start at zero
+            for lin in (layer.adaLN_modulation[-1], layer.linear) if layer is not None else ():
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         "Tokens `(N, T, p*p*C)` -> images `(N, C, sqrt(T)*p, sqrt(T)*p)`."
@@ -319,37 +328,51 @@ class SiT(nn.Module):
             raise ValueError(f"r must be a scalar or have shape ({t.shape[0]},) like t; got {tuple(r.shape)}")
         return r
 
-    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None, r=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, y=None, force_drop_ids: Optional[torch.Tensor] = None, r=None,
+                head: str = "final"):
         """x: (N, in_channels, input_size, input_size) latents; t: (N,) times in [0, 1] (or a scalar);
         y: (N,) integer labels (`num_classes` = null class). Returns (N, in_channels, input_size, input_size).
         `force_drop_ids` (N,): 1 where the label is replaced by the null class; given, it replaces the random class
         dropout of training mode (the trainer draws it for the whole global batch, so that runs split across
         processes see the same dropout).
         `r` (mean_flow models only): the other end of the interval, so the output is the average velocity from `t` to
-        `r`; `None` (or `r = t`) gives the instantaneous velocity, as a flow model."""
+        `r`; `None` (or `r = t`) gives the instantaneous velocity, as a flow model.
+        `head` (models built with `internal_block`): "internal" runs only the first `internal_block` blocks and returns
+        the intermediate head's output (same shape); "both" returns `(final, internal)` from one pass."""
+        if head not in ("final", "internal", "both"):
+            raise ValueError(f"head must be 'final', 'internal' or 'both', got {head!r}")
+        if head != "final" and self.internal_block is None:
+            raise ValueError(f"head={head!r} needs internal guidance's intermediate head: this model was built without "
+                             "internal_block (train with model_config.internal_guidance_block)")
         if y is None:
             raise ValueError(f"SiT.forward needs y, one integer class label per sample (shape (N,)); for unconditional "
                              f"outputs pass the null class, y = torch.full((N,), {self.null_class})")
         x, t, y = self._check_inputs(x, t, y)
         if force_drop_ids is not None and tuple(force_drop_ids.shape) != (x.shape[0],):
             raise ValueError(f"force_drop_ids must have shape ({x.shape[0]},), got {tuple(force_drop_ids.shape)}")
-        return self._forward(x, t, y, force_drop_ids, r=self._check_r(r, t))
+        return self._forward(x, t, y, force_drop_ids, r=self._check_r(r, t), head=head)
+
+    def _output(self, layer: FinalLayer, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        "An output head on tokens `h`: `(N, in_channels, H, W)` (the learned-sigma half dropped)."
+        out = self.unpatchify(layer(h, c))                   # (N, out_channels, H, W)
+        return out.chunk(2, dim=1)[0] if self.learn_sigma else out
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                 force_drop_ids: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-        "Forward pass on already validated inputs."
+                 force_drop_ids: Optional[torch.Tensor] = None, r: Optional[torch.Tensor] = None, head: str = "final"):
+        "Forward pass on already validated inputs (`head`: see `forward`)."
         h = self.x_embedder(x) + self.pos_embed              # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         if self.mean_flow: c = c + self.r_embedder(t - t if r is None else r - t)   # MeanFlow: the interval r - t
-        for block in self.blocks:
+        inner = None
+        for i, block in enumerate(self.blocks[:self.internal_block] if head == "internal" else self.blocks):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = torch.utils.checkpoint.checkpoint(block, h, c, use_reentrant=False)
             else:
                 h = block(h, c)
-        out = self.unpatchify(self.final_layer(h, c))         # (N, out_channels, H, W)
-        if self.learn_sigma:
-            out, _ = out.chunk(2, dim=1)
-        return out
+            if head != "final" and i + 1 == self.internal_block: inner = self._output(self.internal_layer, h, c)
+        if head == "internal": return inner
+        out = self._output(self.final_layer, h, c)
+        return (out, inner) if head == "both" else out
 
     def forward_with_cfg(self, x: torch.Tensor, t, y, cfg_scale, cfg_channels: Optional[int] = 3,
                          cfg_interval: Optional[Sequence[float]] = None, skip_unguided: bool = True,
@@ -396,6 +419,21 @@ class SiT(nn.Module):
             active = active & in_interval.to(out.device)
         guided = torch.where(active, uncond + scale * (cond - uncond), cond)
         return torch.cat([torch.cat([guided, guided], dim=0), rest], dim=1)
+
+# %% ../nbs/00_model.ipynb
+class InternalGuide(nn.Module):
+    """The intermediate head of a SiT built with `internal_block`, as a guide (`sample.autoguided`, `generate`'s
+    `guide_model`): `forward(x, t, y)` is `model(x, t, y, head="internal")`; it has the attributes guides are checked by."""
+    head = "internal"
+    def __init__(self, model: SiT):
+        super().__init__()
+        if getattr(model, "internal_block", None) is None:
+            raise ValueError("InternalGuide needs a SiT built with internal_block (an intermediate output head)")
+        self.model = model
+        for k in ("in_channels", "input_size", "num_classes", "mean_flow", "out_channels", "internal_block"):
+            setattr(self, k, getattr(model, k))
+
+    def forward(self, x, t, y, **kw): return self.model(x, t, y, head="internal", **kw)
 
 # %% ../nbs/00_model.ipynb
 SIT_SIZES = {  # name -> (depth, hidden_size, num_heads)

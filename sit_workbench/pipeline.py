@@ -18,10 +18,10 @@ from diffusers.configuration_utils import FrozenDict, register_to_config
 from diffusers.utils import is_accelerate_available
 
 from .checkpoint import RUN_FILE, load_vae
-from .model import SiT
+from .model import InternalGuide, SiT
 from .registry import DEFAULT_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec, normalize_mode
 from .run import TRANSPORT_KEYS, default_class_names, load_model, load_run_vae, read_run
-from .sample import Guidance, generate, to_images
+from .sample import INTERNAL_GUIDE, Guidance, generate, to_images
 from .transport import create_transport
 from .errors import UserError
 
@@ -106,19 +106,21 @@ class SiTTransformer2DModel(SiT, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, mean_flow: bool = False):
+                 num_classes: int = 1000, learn_sigma: bool = True, mean_flow: bool = False,
+                 internal_block: Optional[int] = None):
         SiT.__init__(self, input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                      class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
-                     mean_flow=mean_flow)
+                     mean_flow=mean_flow, internal_block=internal_block)
         self.card_data: dict = {}
 
     @property
     def config(self) -> FrozenDict:
-        """`SiT`'s constructor arguments (diffusers' private `_...` entries left out, `mean_flow` only when True, as
-        `SiT.config` has it): `SiT(**model.config)` rebuilds it."""
+        """`SiT`'s constructor arguments (diffusers' private `_...` entries left out, `mean_flow` only when True and
+        `internal_block` only when set, as `SiT.config` has them): `SiT(**model.config)` rebuilds it."""
         d = {k: v for k, v in self._internal_dict.items() if not k.startswith("_")}
         if not d.get("mean_flow"): d.pop("mean_flow", None)
+        if d.get("internal_block") is None: d.pop("internal_block", None)
         return FrozenDict(d)
 
     @config.setter
@@ -292,7 +294,8 @@ def _pipeline_call(self, class_labels, num_inference_steps: Optional[int] = None
                    batch_size: Optional[int] = None, guide=None):
     """Sample one image per class label (ints, or class names). Unset arguments take the scheduler's defaults (the
     run's); `sample_fn` replaces its sampler by any `Sampler.sample_ode/sample_sde` function; `guide` (autoguidance):
-    a weaker network for the same data, or its checkpoint, guides instead of the unconditional branch. Returns
+    a weaker network for the same data, or its checkpoint, guides instead of the unconditional branch; `"internal"`:
+    the model's own intermediate head (internal guidance, a model trained with `internal_guidance_block`). Returns
     `ImagePipelineOutput(images)` (or `(images,)` with `return_dict=False`)."""
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -316,8 +319,14 @@ def _pipeline_call(self, class_labels, num_inference_steps: Optional[int] = None
     return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 def _guide_model(pipe, guide):
-    "The guiding network: `guide` itself (a SiT), or loaded from its checkpoint and checked against the pipeline's transport."
+    """The guiding network: `guide` itself (a SiT), the transformer's intermediate head for `INTERNAL_GUIDE`, or loaded
+    from its checkpoint and checked against the pipeline's transport."""
     if guide is None or isinstance(guide, torch.nn.Module): return guide
+    if guide == INTERNAL_GUIDE:
+        if pipe.transformer.internal_block is None:
+            raise UserError("guide='internal' is the model's intermediate head, and this pipeline's transformer has none: "
+                            "train with model_config.internal_guidance_block (internal guidance)")
+        return InternalGuide(pipe.transformer)
     spec = read_run(guide)
     c = pipe.scheduler.config
     for k in ("path_type", "prediction"):

@@ -44,7 +44,7 @@ def _set_rng_state(state, noise_gen: torch.Generator):
 MEANING_KEYS = tuple(f"model_config.{k}" for k in (
     "model_type", "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
     "class_dropout_prob", "num_classes", "learn_sigma", "vae_path", "path_type", "prediction", "loss_weight",
-    "train_eps")) + ("dataset_config.dataset_format", "dataset_config.image_size", "repa_encoder", "repa_block",
+    "train_eps", "internal_guidance_block")) + ("dataset_config.dataset_format", "dataset_config.image_size", "repa_encoder", "repa_block",
     "repa_lambda", "repa_projector_dim", "repa_encoder_resolution")
 NOT_COMPARED = ("output_dir", "resume_from_checkpoint")   # where the run is and how it resumes, not what it is
 
@@ -243,8 +243,9 @@ def start_from(model, mcfg, source) -> str:
     from sit_workbench.run import load_model, read_run
     spec = read_run(source)
     net = load_model(spec)
-    want = {k: v for k, v in model.config.items() if k not in ("mean_flow", "class_dropout_prob")}
-    have = {k: v for k, v in net.config.items() if k not in ("mean_flow", "class_dropout_prob")}
+    free = ("mean_flow", "class_dropout_prob", "internal_block")
+    want = {k: v for k, v in model.config.items() if k not in free}
+    have = {k: v for k, v in net.config.items() if k not in free}
     if have != want:
         diff = ", ".join(f"{k}: {have.get(k)} there, {want.get(k)} here" for k in want if have.get(k) != want.get(k))
         raise E.UserError(f"init_from={source!r} is another architecture ({diff})")
@@ -255,9 +256,12 @@ def start_from(model, mcfg, source) -> str:
                               f"{getattr(mcfg, key)!r}: its weights mean something else here")
     if getattr(net, "mean_flow", False) and not model.mean_flow:
         raise E.UserError(f"init_from={source!r} is a MeanFlow model; a flow run cannot start from it")
-    missing, unexpected = model.load_state_dict(net.state_dict(), strict=False)
+    same_head = net.internal_block == model.internal_block   # internal guidance: else the run's head starts at zero
+    sd = {k: v for k, v in net.state_dict().items() if same_head or not k.startswith("internal_layer.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed = not net.mean_flow and model.mean_flow   # a flow model's weights start a MeanFlow run
-    if unexpected or (missing and not (allowed and all(k.startswith("r_embedder.") for k in missing))):
+    fresh = ("r_embedder.",) * allowed + ("internal_layer.",) * (not same_head)
+    if unexpected or (missing and not (fresh and all(k.startswith(fresh) for k in missing))):
         raise E.UserError(f"init_from={source!r} does not fit this model: missing {missing}, unexpected {unexpected}")
     what = "MeanFlow model from the flow model" if allowed else "model"
     return f"the {spec.weights} weights of {source} ({what})"

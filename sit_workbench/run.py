@@ -18,10 +18,10 @@ from .checkpoint import (CheckpointError, RUN_FILE, _select_state_dict, _strip_p
                                       load_sit, load_state_dict, load_vae, resolve_checkpoint, save_pretrained,
                                       sit_from_state_dict, weights_file, CHECKPOINT_RE)
 from .errors import UserError, check_finite, nbytes, read_json, writing
-from .model import SiT, SiT_models
+from .model import InternalGuide, SiT, SiT_models
 from .paths import looks_local
 from .registry import DEFAULT_SAMPLER, MEANFLOW_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec
-from .sample import Guidance, generate
+from .sample import INTERNAL_GUIDE, Guidance, generate
 from .transport import transport_from_config
 
 # %% auto 0
@@ -121,7 +121,7 @@ def describe(self) -> str:
     lines = [f"{arch} from {self.location}: {w} ({self.origin.get('weights', '')})",
              f"transport {t['path_type']} {t['prediction']}" + (f", loss weight {t['loss_weight']}" if t.get("loss_weight") else "")
              + f" ({self.origin.get('transport', '')})",
-             f"{self.guidance.describe()} ({self.origin.get('guidance', '')})",
+             f"{self.guidance.describe((self.architecture or {}).get('internal_block'))} ({self.origin.get('guidance', '')})",
              f"VAE {self.vae or 'none (pixel space)'} ({self.origin.get('vae', '')})",
              f"sampler {self.sampler.describe()} ({self.origin.get('sampler', '')})"]
     return "\n".join(lines)
@@ -152,6 +152,7 @@ def describe_training_run(config: dict, step=None) -> dict:
                                 "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma") if k in mc}
     meanflow = mc.get("objective") == "meanflow"
     if meanflow: arch["mean_flow"] = True
+    if mc.get("internal_guidance_block") is not None: arch["internal_block"] = mc["internal_guidance_block"]
     digits = dc.get("dataset_format") == "digits"
     data = dc.get("dataset_path") or dc.get("dataset_format")
     return {"format": FORMAT, "model_name": None, "architecture": arch,
@@ -339,8 +340,15 @@ def load_run_vae(spec: RunSpec, device="cpu"):
 
 def load_guide(spec: RunSpec, device="cpu"):
     """The network that guides the run under autoguidance (`spec.guidance.guide`), checked against the run: the same
-    transport and the same space (pixels or the same VAE's latents); None for classifier-free guidance."""
+    transport and the same space (pixels or the same VAE's latents); None for classifier-free guidance; for
+    `INTERNAL_GUIDE` the run's own intermediate head (`model.InternalGuide`)."""
     if spec.guidance.guide is None: return None
+    if spec.guidance.guide == INTERNAL_GUIDE:
+        net = load_model(spec, device)
+        if net.internal_block is None:
+            raise UserError(f"guide 'internal' is the model's intermediate head, and {spec.location} has none: train "
+                            "with model_config.internal_guidance_block (internal guidance), or guide with 'cfg' or a checkpoint")
+        return InternalGuide(net)
     cache = spec.__dict__.setdefault("_guides", {})
     key = (spec.guidance.guide, str(device))
     if key not in cache:

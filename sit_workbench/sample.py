@@ -19,8 +19,8 @@ from .errors import UserError
 from .registry import SamplerSpec
 
 # %% auto 0
-__all__ = ['VAE_SCALE', 'PRESETS', 'sample_noise', 'cycle_labels', 'random_labels', 'Guidance', 'Cancelled', 'watched',
-           'to_images', 'Generated', 'check_guide', 'autoguided', 'generate', 'image_grid', 'rows_by_class',
+__all__ = ['INTERNAL_GUIDE', 'VAE_SCALE', 'PRESETS', 'sample_noise', 'cycle_labels', 'random_labels', 'Guidance', 'Cancelled',
+           'watched', 'to_images', 'Generated', 'check_guide', 'autoguided', 'generate', 'image_grid', 'rows_by_class',
            'save_grid', 'Preset', 'paper_ode', 'paper_sde', 'repa_interval', 'preset']
 
 # %% ../nbs/04_sample.ipynb
@@ -44,10 +44,13 @@ def random_labels(n, num_classes, seed=0) -> torch.Tensor:
     return torch.randint(int(num_classes), (int(n),), generator=torch.Generator().manual_seed(int(seed)))
 
 # %% ../nbs/04_sample.ipynb
+INTERNAL_GUIDE = "internal"   # the guide that is the model's own intermediate head (internal guidance)
+
 @dataclasses.dataclass(frozen=True)
 class Guidance:
     """Guidance: `scale` (one value, or one per sample), `interval` in t (None: everywhere), `channels` guided (None:
-    all), and the `guide`: None for the unconditional branch (CFG), else the checkpoint of the guiding model."""
+    all), and the `guide`: None for the unconditional branch (CFG), `INTERNAL_GUIDE` for the model's intermediate
+    head (internal guidance), else the checkpoint of the guiding model."""
     scale: float | tuple = 1.0
     interval: Optional[tuple] = None
     channels: Optional[int] = 3
@@ -83,12 +86,15 @@ class Guidance:
              "interval": None if self.interval is None else list(self.interval), "channels": self.channels}
         return {**d, "guide": self.guide} if self.guide is not None else d
 
-    def describe(self) -> str:
+    def describe(self, internal_block=None) -> str:
+        "In words (`internal_block`: the block internal guidance's head reads, when known)."
         if not self.guided: return "no guidance"
         scale = f"{self.scale:g}" if not isinstance(self.scale, tuple) else f"{min(self.scale):g}-{max(self.scale):g}"
         chans = " on all channels" if self.channels is None else f" on the first {self.channels} channels"
         where = "" if self.interval is None else f" for t in [{self.interval[0]:g}, {self.interval[1]:g}]"
         by = "" if self.guide is None else f", guided by {self.guide} (autoguidance)"
+        if self.guide == INTERNAL_GUIDE:
+            by = ", guided by its internal head" + ("" if internal_block is None else f" (block {internal_block})")
         return f"guidance {scale}{chans}{where}{by}"
 
     def model_kwargs(self, start, stop, device) -> dict:
@@ -156,12 +162,14 @@ def _check_labels(model, labels):
 # %% ../nbs/04_sample.ipynb
 def autoguided(model, guide, scale, channels=None, interval=None):
     """`f(x, t, y)`: `guide`'s prediction extrapolated towards `model`'s, `guide + scale * (model - guide)`, on the
-    first `channels` channels (None: all) and for `t` in `interval` (elsewhere `model`'s alone, the guide not run)."""
+    first `channels` channels (None: all) and for `t` in `interval` (elsewhere `model`'s alone, the guide not run).
+    A guide that is `model`'s own intermediate head (`model.InternalGuide(model)`) comes from the same pass."""
+    both = getattr(guide, "head", None) == "internal" and getattr(guide, "model", None) is model   # internal guidance
     def call(x, t, y, **kw):       # kw: per-call inputs such as MeanFlow's `r`
-        main = model.forward(x, t, y, **kw)
         inside = None if interval is None else ((t >= interval[0]) & (t <= interval[1])).view(-1, *[1] * (x.ndim - 1))
-        if inside is not None and not bool(inside.any()): return main
-        weak = guide.forward(x, t, y, **kw)
+        if inside is not None and not bool(inside.any()): return model.forward(x, t, y, **kw)
+        main, weak = model.forward(x, t, y, head="both", **kw) if both else \
+            (model.forward(x, t, y, **kw), guide.forward(x, t, y, **kw))
         k = main.shape[1] if channels is None else min(int(channels), main.shape[1])
         w = scale.view(-1, *[1] * (x.ndim - 1)) if isinstance(scale, torch.Tensor) else scale
         mixed = weak[:, :k] + w * (main[:, :k] - weak[:, :k])

@@ -96,8 +96,9 @@ def add_run_options(p):
     g.add_argument("--cfg-channels", type=_channels, help="'all' or the number of leading channels guided (the "
                    "official code guides 3 of 4 latent channels) (default: the run's)")
     g.add_argument("--guide", help="autoguidance: a checkpoint of a weaker model for the same data (an earlier or "
-                   "smaller one) guides instead of the unconditional branch; 'cfg' for classifier-free guidance "
-                   "(default: the run's, classifier-free)")
+                   "smaller one) guides instead of the unconditional branch; 'internal' for internal guidance: the "
+                   "model's own intermediate head guides (a run trained with model_config.internal_guidance_block); "
+                   "'cfg' for classifier-free guidance (default: the run's, classifier-free)")
     g = p.add_argument_group("transport (default: the run's, else Linear velocity)")
     g.add_argument("--path-type", choices=["Linear", "GVP", "VP"], help="default: the run's")
     g.add_argument("--prediction", choices=["velocity", "score", "noise"], help="default: the run's")

@@ -71,7 +71,7 @@ def build_model(mcfg) -> SiT:
     return SiT(input_size=mcfg.input_size, patch_size=mcfg.patch_size, in_channels=mcfg.in_channels,
                hidden_size=mcfg.hidden_size, depth=mcfg.depth, num_heads=mcfg.num_heads, mlp_ratio=mcfg.mlp_ratio,
                class_dropout_prob=mcfg.class_dropout_prob, num_classes=mcfg.num_classes, learn_sigma=mcfg.learn_sigma,
-               mean_flow=mcfg.objective == "meanflow")
+               mean_flow=mcfg.objective == "meanflow", internal_block=mcfg.internal_guidance_block)
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, foreach: bool = True):
@@ -166,6 +166,9 @@ class Trainer(Checkpointing):
         self._dataset, self._encoder, self.repa = dataset, encoder, None   # REPA: an encoder module; the term
         self.step = 0
         self.last_checkpoint: Path | None = None
+        mcfg = cfg.model_config   # internal guidance: the intermediate head's loss weight (None: no such head)
+        self.internal_weight = mcfg.internal_guidance_weight if mcfg.internal_guidance_block is not None else None
+        self._inner, self.internal_last = [], None
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self):
@@ -277,11 +280,25 @@ class Trainer(Checkpointing):
                 if self.meanflow is not None:   # MeanFlow: the weighted loss goes backward, the squared error is logged
                     loss, total = self.meanflow.losses(self.forward, x1, x0, t, y, drop, jvp_model=self.raw)
                 else:
-                    loss = self.transport.training_losses_at(self.forward, x1, x0, t,
-                                                             dict(y=y, force_drop_ids=drop))["loss"].float().mean()
-                    total = loss + self.repa.term() if self.repa is not None else loss   # REPA: + lambda x alignment
+                    loss, inner = self._flow_losses(x1, x0, t, dict(y=y, force_drop_ids=drop))
+                    total = loss if inner is None else loss + self.internal_weight * inner   # internal guidance
+                    total = total + self.repa.term() if self.repa is not None else total   # REPA: + lambda x alignment
             (total / self.cfg.gradient_accumulation_steps).backward()
         return loss.detach()
+
+    def _flow_losses(self, x1, x0, t, kw):
+        """The transport loss of the micro-batch, and with internal guidance the same loss of the intermediate head
+        from the same forward pass (`head="both"`; else None)."""
+        mean = lambda model: self.transport.training_losses_at(model, x1, x0, t, kw)["loss"].float().mean()
+        if self.internal_weight is None: return mean(self.forward), None
+        heads = []
+        def both(xt, tt, **k):
+            heads[:] = self.forward(xt, tt, head="both", **k)
+            return heads[0]
+        loss = mean(both)
+        inner = mean(lambda *a, **k: heads[1])   # the path's plan is the same for the same x0, x1, t
+        self._inner.append(inner.detach())
+        return loss, inner
 
     def train_step(self, batches) -> float:
         """One optimizer step on the next `gradient_accumulation_steps` batches of the iterator `batches`: forward and
@@ -292,6 +309,9 @@ class Trainer(Checkpointing):
         loss = sum(self._micro_step(next(batches), self.step, k, sync=k == accum - 1) for k in range(accum)) / accum
         loss = float(_all_reduce_mean(loss, self.env))
         if self.repa is not None and not math.isfinite(self.repa.end_step(self.env)): loss = self.repa.last   # REPA
+        if self._inner:   # internal guidance: the intermediate head's loss, averaged like the loss; NaN stops too
+            self.internal_last = float(_all_reduce_mean(sum(self._inner) / accum, self.env)); self._inner = []
+            if not math.isfinite(self.internal_last): loss = self.internal_last
         if not math.isfinite(loss):
             where = self.last_checkpoint or "none yet"
             raise TrainingDiverged(f"the loss is {loss} at step {self.step + 1}; stopped without saving. "
@@ -376,6 +396,7 @@ class Trainer(Checkpointing):
                     row = {"step": self.step, "epoch": self.data.state_dict()["epoch"], "loss": sum(window) / len(window),
                            "lr": self.sched.get_last_lr()[0], "steps_per_sec": sps, "images_per_sec": sps * gbatch * accum}
                     if self.repa is not None: row["repa_align"] = self.repa.last   # REPA: the last step's
+                    if self.internal_weight is not None: row["internal_loss"] = self.internal_last   # the last step's
                     if log: log.write(row)
                     if tb: [tb.add_scalar(f"train/{k}", v, self.step) for k, v in row.items() if k != "step"]
                     bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{sps:.1f}", img_s=f"{row['images_per_sec']:.0f}")

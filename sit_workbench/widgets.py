@@ -113,7 +113,7 @@ class SamplerPanel(W.VBox, _Messages):
         chans = _CHANNELS + ([(f"first {channels}", channels)] if channels not in (3, "all") else [])
         self.cfg_channels = W.ToggleButtons(options=chans, value=channels, style={"button_width": "10.5em"})
         self.guide = W.Text(value="", description="guided by", style=style, layout=wide,
-                            placeholder="empty: the unconditional branch (CFG); a checkpoint: autoguidance")
+                            placeholder="empty: the unconditional branch (CFG); a checkpoint: autoguidance; internal: its own head")
         self.mode = W.ToggleButtons(options=["ODE", "SDE"], value=mode, style={"button_width": "8em"})
         self.method = W.Dropdown(options=methods(mode), value=method,
                                  description="method", style=style)
