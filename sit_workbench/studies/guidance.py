@@ -26,8 +26,8 @@ STUDY = "guidance"
 MODEL = "linear-velocity"        # the zoo cell guided (Linear path, velocity prediction)
 METHODS = ("cfg", "cfg-interval", "autoguidance", "internal")
 SAMPLER = {"sampling_method": "heun2", "num_steps": 26}   # 50 evaluations of the main model, every method
-WEIGHTS = {"quick": (1.0, 2.0), "full": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)}
-INTERVALS = ((0.2, 1.0), (0.4, 1.0), (0.6, 1.0), (0.2, 0.9))   # [t0, t1] in our time: 0 noise, 1 data
+WEIGHTS = {"quick": (1.0, 2.0), "full": (1.0, 1.5, 2.0, 3.0, 4.0)}
+INTERVALS = ((0.2, 1.0), (0.4, 1.0), (0.6, 1.0))   # [t0, t1] in our time: 0 noise, 1 data
 SMALL = dict(depth=2, hidden_size=48, num_heads=2)             # autoguidance's smaller guide
 INTERNAL = dict(internal_guidance_block=2, internal_guidance_weight=1.0)
 SAMPLING_SEEDS = {"quick": (0,), "full": (0, 1)}
@@ -51,11 +51,11 @@ def internal_config(setting):
 
 def guides(setting) -> list[dict]:
     """Autoguidance's guides: the main run's earlier rungs (`main@steps`, its one training seed) and the smaller model at
-    the same budgets (`small@steps`, each of `GUIDE_SEEDS`), each with its training config."""
+    the last of those budgets (`small@steps`, each of `GUIDE_SEEDS`), each with its training config."""
     s = get_setting(setting)
     out = [{"guide": f"main@{st}", "seed": 0, "config": zoo_config(MODEL, s, st)} for st in guide_budgets(s)]
-    return out + [{"guide": f"small@{st}", "seed": sd, "config": small_config(s, st, sd)}
-                  for st in guide_budgets(s) for sd in GUIDE_SEEDS[s.name]]
+    st = guide_budgets(s)[-1]
+    return out + [{"guide": f"small@{st}", "seed": sd, "config": small_config(s, st, sd)} for sd in GUIDE_SEEDS[s.name]]
 
 # %% ../../nbs/23_guidance.ipynb
 def class_recall(images01, labels, clf, k=3) -> float:
@@ -84,6 +84,11 @@ def measure(checkpoint, setting, seed, clf, scale=1.0, interval=None, guide=None
 
 # %% ../../nbs/23_guidance.ipynb
 def _point(log, s, clf, method, variant, weight, seed, checkpoint, guide_seed=None, **opts):
+    """One point, measured once (`log`). At weight 1 CFG, its interval and autoguidance all sample the main model
+    alone: those points are CFG's weight-1 point of the same seed (`same_as`), not measured again."""
+    if weight == 1.0 and method in ("cfg-interval", "autoguidance"):
+        base = _point(log, s, clf, "cfg", "all t", 1.0, seed, checkpoint)
+        return {**base, "method": method, "variant": variant, "guide_seed": guide_seed, "same_as": "cfg at weight 1"}
     key = f"{method}/{variant}/{weight}/{seed}/{guide_seed}"
     return log.row(key, lambda: {"method": method, "variant": variant, "weight": weight, "seed": seed,
                                  "guide_seed": guide_seed, **measure(checkpoint, s, seed, clf, scale=weight, **opts)})

@@ -28,7 +28,7 @@ FLOW = "linear-velocity"    # the zoo cell MeanFlow starts from (Linear path, ve
 INITS = ("finetune", "scratch")
 NFES = (1, 2, 4)            # network evaluations per image
 FRACTIONS = (16, 8, 4)      # the fine-tune ladder: 1/16, 1/8 and 1/4 of the flow model's training steps
-RECIPE = {"finetune": dict(meanflow_tangent="model", meanflow_ratio=0.25, learning_rate=1e-3),
+RECIPE = {"finetune": dict(meanflow_tangent="model", meanflow_ratio=0.75, learning_rate=1e-3),
           "scratch": dict(meanflow_tangent="data", meanflow_ratio=0.25, learning_rate=1e-3)}
 FLOW_SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dpm++2m", "dpm++3m", "unipc", "abm3")
 REFERENCE = {"sampling_method": "heun2", "num_steps": 126}   # 250 evaluations: the flow model's converged value
@@ -37,7 +37,7 @@ CHECK = {"sampling_method": "heun2", "num_steps": 26}        # 50: the same valu
 def ladder(init, setting) -> tuple:
     "The training budgets at which the `init` run is measured."
     s = get_setting(setting)
-    if init == "scratch": return tuple(s.ladder)
+    if init == "scratch": return tuple(st for st in s.ladder if st <= final_steps(FLOW, s))   # up to the flow's budget
     if init != "finetune": raise UserError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     return tuple(max(1, final_steps(FLOW, s) // k) for k in FRACTIONS)
 
