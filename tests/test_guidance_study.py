@@ -16,6 +16,7 @@ def test_quick_study_trains_measures_and_resumes(tmp_path, monkeypatch):
         assert m["best_fid"] == min(p["digits_fid"] for p in m["curve"])
         assert all(0 <= p["recall"] <= 1 and 0 <= p["accuracy"] <= 1 for p in m["curve"])
     assert res["guides"] == [{"guide": "main@75", "seed": 0}, {"guide": "small@75", "seed": 0}]
+    assert res["sampler_check"]["reference"] == study.CHECK_SAMPLER and res["sampler_check"]["rmse"] >= 0
     pts = [r for r in res["rows"] if r.get("role") != "reference"]
     assert {r["method"] for r in pts} == set(study.METHODS) and all(r["n"] == 200 for r in pts)
     # at weight 1 CFG, its interval and autoguidance are the main model alone: CFG's point stands for all three

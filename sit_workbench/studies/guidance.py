@@ -17,17 +17,18 @@ from .zoo import (RowLog, final_steps, get_setting, load_results, results_path, 
                                        trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir)
 
 # %% auto 0
-__all__ = ['STUDY', 'MODEL', 'METHODS', 'SAMPLER', 'WEIGHTS', 'INTERVALS', 'SMALL', 'INTERNAL', 'SAMPLING_SEEDS', 'GUIDE_SEEDS',
-           'FIT_SEED', 'guide_budgets', 'small_config', 'internal_config', 'guides', 'class_recall', 'measure',
-           'run_study', 'curve', 'summarise', 'paired_difference', 'verdict', 'plot_study']
+__all__ = ['STUDY', 'MODEL', 'METHODS', 'SAMPLER', 'CHECK_SAMPLER', 'WEIGHTS', 'INTERVALS', 'SMALL', 'INTERNAL', 'SAMPLING_SEEDS',
+           'GUIDE_SEEDS', 'FIT_SEED', 'guide_budgets', 'small_config', 'internal_config', 'guides', 'class_recall',
+           'sampler_check', 'measure', 'run_study', 'curve', 'summarise', 'paired_difference', 'verdict', 'plot_study']
 
 # %% ../../nbs/23_guidance.ipynb
 STUDY = "guidance"
 MODEL = "linear-velocity"        # the zoo cell guided (Linear path, velocity prediction)
 METHODS = ("cfg", "cfg-interval", "autoguidance", "internal")
-SAMPLER = {"sampling_method": "heun2", "num_steps": 26}   # 50 evaluations of the main model, every method
-WEIGHTS = {"quick": (1.0, 2.0), "full": (1.0, 1.5, 2.0, 3.0, 4.0)}
-INTERVALS = ((0.2, 1.0), (0.4, 1.0), (0.6, 1.0))   # [t0, t1] in our time: 0 noise, 1 data
+SAMPLER = {"sampling_method": "unipc", "num_steps": 16}   # 15 evaluations of the main model, every method
+CHECK_SAMPLER = {"sampling_method": "heun2", "num_steps": 26}   # 50: the sampler above is checked against it
+WEIGHTS = {"quick": (1.0, 2.0), "full": (1.0, 1.25, 1.5, 2.0)}
+INTERVALS = ((0.3, 1.0), (0.6, 1.0))   # [t0, t1] in our time: 0 noise, 1 data
 SMALL = dict(depth=2, hidden_size=48, num_heads=2)             # autoguidance's smaller guide
 INTERNAL = dict(internal_guidance_block=2, internal_guidance_weight=1.0)
 SAMPLING_SEEDS = {"quick": (0,), "full": (0, 1)}
@@ -50,12 +51,12 @@ def internal_config(setting):
     return zoo_config(MODEL, s, final_steps(MODEL, s), **INTERNAL, output_dir=str(zoo_dir(s) / "guidance-internal"))
 
 def guides(setting) -> list[dict]:
-    """Autoguidance's guides: the main run's earlier rungs (`main@steps`, its one training seed) and the smaller model at
-    the last of those budgets (`small@steps`, each of `GUIDE_SEEDS`), each with its training config."""
+    """Autoguidance's guides: the main run's rung before its final one (`main@steps`, its one training seed) and the
+    smaller model at that budget (`small@steps`, each of `GUIDE_SEEDS`), each with its training config."""
     s = get_setting(setting)
-    out = [{"guide": f"main@{st}", "seed": 0, "config": zoo_config(MODEL, s, st)} for st in guide_budgets(s)]
     st = guide_budgets(s)[-1]
-    return out + [{"guide": f"small@{st}", "seed": sd, "config": small_config(s, st, sd)} for sd in GUIDE_SEEDS[s.name]]
+    return [{"guide": f"main@{st}", "seed": 0, "config": zoo_config(MODEL, s, st)}] + \
+        [{"guide": f"small@{st}", "seed": sd, "config": small_config(s, st, sd)} for sd in GUIDE_SEEDS[s.name]]
 
 # %% ../../nbs/23_guidance.ipynb
 def class_recall(images01, labels, clf, k=3) -> float:
@@ -67,6 +68,19 @@ def class_recall(images01, labels, clf, k=3) -> float:
     test, test_y = digits_arrays("test")
     fr = classifier_features(clf, test)
     return float(np.mean([float(precision_recall(fs[labels == c], fr[test_y == c], k)[1]) for c in labels.unique().tolist()]))
+
+def sampler_check(checkpoint, setting, weight=2.0) -> dict:
+    "RMS difference (images in [-1, 1], clamped) between `SAMPLER` and `CHECK_SAMPLER` at `weight`, from the same noise."
+    from sit_workbench.evaluate import label_plan
+    from sit_workbench.registry import SamplerSpec
+    from sit_workbench.run import read_run
+    s, out = get_setting(setting), []
+    for sampler in (SAMPLER, CHECK_SAMPLER):
+        spec = read_run(checkpoint).with_options(sampler=SamplerSpec.create(**sampler), guidance_scale=weight)
+        labels = label_plan(s.num_samples, spec.num_classes, "balanced")
+        out.append(spec.generate(labels, seed=0, batch_size=s.num_samples).samples.clamp(-1, 1))
+    return {"weight": weight, "sampler": SAMPLER, "reference": CHECK_SAMPLER,
+            "rmse": float((out[0] - out[1]).pow(2).mean().sqrt())}
 
 def measure(checkpoint, setting, seed, clf, scale=1.0, interval=None, guide=None) -> dict:
     "Digits-FID (and its bootstrap error), accuracy, per-class recall, NFE and seconds of one guided sampling."
@@ -110,7 +124,8 @@ def run_study(setting="quick", progress=False) -> dict:
     log = RowLog(STUDY, s)
     point = lambda *a, **k: _point(log, s, clf, *a, **k)
     bar = tqdm(total=len(METHODS) + 1, desc="guidance study", disable=not progress)
-    refs = log.row("reference", lambda: digits_reference_rows(s.num_samples, clf)); bar.update()
+    refs = log.row("reference", lambda: digits_reference_rows(s.num_samples, clf))
+    check = log.row("sampler_check", lambda: sampler_check(main, s)); bar.update()
     rows = [point("cfg", "all t", w, sd, main) for w in W for sd in seeds]; bar.update()
     fit = [point("cfg-interval", f"t in [{a}, {b}]", w, FIT_SEED, main, interval=(a, b)) for a, b in INTERVALS for w in W]
     iv = next((a, b) for a, b in INTERVALS if f"t in [{a}, {b}]" == _chosen(fit))
@@ -126,7 +141,7 @@ def run_study(setting="quick", progress=False) -> dict:
     bar.update()
     rows = [{**r, "role": "reference"} for r in refs] + rows
     save_results(STUDY, s, rows, methods=summarise(rows), model=MODEL, main_steps=final_steps(MODEL, s),
-                 sampler=SAMPLER, weights=list(W), sampling_seeds=list(seeds), fit_seed=FIT_SEED,
+                 sampler=SAMPLER, sampler_check=check, weights=list(W), sampling_seeds=list(seeds), fit_seed=FIT_SEED,
                  guides=[{k: g[k] for k in ("guide", "seed")} for g in gs], internal=INTERNAL,
                  seconds=round(time.time() - t0))
     log.finish(); bar.close()
