@@ -155,12 +155,13 @@ def paired_bootstrap_difference(features_a, features_b, ref_features, n_boot=200
 HEUN_LADDER = (6, 11, 26, 51, 126)    # heun2 time points: 10, 20, 50, 100, 250 NFE
 
 def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="balanced", ladder=HEUN_LADDER,
-                  bootstrap=20, clf=None, always=(26, 126), batch_size=1000, keep_samples=False) -> dict:
+                  bootstrap=20, clf=None, always=(26, 126), rtol=0.1, batch_size=1000, keep_samples=False) -> dict:
     """Digits-FID of a model (or a checkpoint, with its run's transport when `transport` is None) sampled with Heun at
     each rung of `ladder` (time points) on the same `n` noises (from `seed`) and labels, until two consecutive rungs
-    differ by less than their paired bootstrap error (`bootstrap` resamplings); the rungs in `always` are measured
-    too. Returns `converged_fid`, `converged_fid_std` (its bootstrap error), `converged_nfe`, `converged` (False when
-    the ladder ran out), `fids` / `fid_stds` / `seconds` by NFE, `accuracy` and `features` (tensor) at the converged
+    differ by less than their paired bootstrap error (`bootstrap` resamplings) or `rtol` times the later rung's own
+    bootstrap error; the rungs in `always` are measured too. Returns `converged_fid`, `converged_fid_std` (its
+    bootstrap error), `converged_nfe`, `converged` (False when the ladder ran out), `fids` / `fid_stds` / `seconds`
+    by NFE, `steps_diff` (each rung's change from the one below, its paired error), `accuracy` and `features` at the converged
     rung, `labels`, and with `keep_samples` the converged rung's `samples` in the data's scale."""
     from sit_workbench.digits import class_conditional_accuracy, digits_arrays, load_or_train_classifier
     from sit_workbench.evaluate import label_plan
@@ -178,7 +179,7 @@ def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="bal
     ref_stats = gaussian_stats(ref)
     y = label_plan(n, model.num_classes, labels, seed)
     idx = _boot_indices(n, bootstrap, seed)
-    fids, stds, secs, feats, found, prev, boots = {}, {}, {}, {}, None, None, {}
+    fids, stds, secs, feats, found, prev, boots, diffs = {}, {}, {}, {}, None, None, {}, {}
     for steps in ladder:
         if found is not None and steps not in always and steps > max(always, default=0): break
         if found is not None and steps not in always: continue
@@ -194,13 +195,13 @@ def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="bal
         fids[nfe] = fid_from_features(f, ref)
         boots[nfe] = _boot_fids(f, ref_stats, idx)
         stds[nfe] = float(boots[nfe].std(ddof=1))
-        if found is None and prev is not None:
-            d = boots[nfe] - boots[prev]
-            if abs(fids[nfe] - fids[prev]) < float(d.std(ddof=1)): found = nfe
+        if prev is not None:
+            diffs[nfe] = (fids[nfe] - fids[prev], float((boots[nfe] - boots[prev]).std(ddof=1)))
+            if found is None and abs(diffs[nfe][0]) < max(diffs[nfe][1], rtol * stds[nfe]): found = nfe
         prev = nfe
     at = found if found is not None else max((k for k in fids if k in feats), default=max(fids))
     out = {"converged_fid": fids[at], "converged_fid_std": stds[at], "converged_nfe": at, "converged": found is not None,
-           "fids": fids, "fid_stds": stds, "seconds": secs, "n": n, "labels": labels if isinstance(labels, str) else list(labels),
+           "fids": fids, "fid_stds": stds, "steps_diff": diffs, "seconds": secs, "n": n, "labels": labels if isinstance(labels, str) else list(labels),
            "seed": seed}
     if at in feats:
         f, x = feats[at]
