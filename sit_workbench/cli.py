@@ -151,14 +151,14 @@ def cmd_velocity_loss(args):
 # %% ../nbs/05_cli.ipynb
 STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient",
            "design-space": "design_space", "repa": "repa", "meanflow": "meanflow",
-           "guidance": "guidance"}
+           "guidance": "guidance", "remeasure": "remeasure"}
 
 def study_parser(p):
-    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 15-18, 21-23)")
+    p.add_argument("name", choices=[*STUDIES, "all"], help="which study (the notebooks nbs/14a, 14c, 15-18, 21-23)")
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
                    help="quick: 75/150-step models (repa: 20/40), 200 samples; full: the committed results")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help="convergence only: the zoo cells to train (default: all; two processes can share the zoo)")
+                   help="convergence and remeasure only: the zoo cells (default: all; two processes can share the zoo)")
     p.set_defaults(func=cmd_study)
 
 def cmd_study(args):
@@ -166,7 +166,7 @@ def cmd_study(args):
     from sit_workbench.studies.zoo import results_path
     for name in (STUDIES if args.name == "all" else [args.name]):
         mod = importlib.import_module(f"sit_workbench.studies.{STUDIES[name]}")
-        kw = {"models": args.models} if args.models and name == "convergence" else {}
+        kw = {"models": args.models} if args.models and name in ("convergence", "remeasure") else {}
         res = mod.run_study(args.setting, progress=True, **kw)
         print(f"{name}: wrote {results_path(mod.STUDY, args.setting)} ({len(res['rows'])} rows)", flush=True)
 

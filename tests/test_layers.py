@@ -10,7 +10,8 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones above
     ("training", {"config", "data", "shards", "latents", "repa", "digits", "resume", "train", "launch"}),
     ("evaluation", {"evaluate"}),
     ("studies", {"studies.zoo", "studies.path_length", "studies.nfe", "studies.diffusion_coefficient",
-                 "studies.design_space", "studies.convergence", "studies.repa", "studies.meanflow", "studies.guidance"}),
+                 "studies.design_space", "studies.convergence", "studies.repa", "studies.meanflow", "studies.guidance",
+                 "studies.measures", "studies.remeasure"}),
     ("front ends", {"cli", "sampling_cli", "explore", "widgets", "demo", "pipeline"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}

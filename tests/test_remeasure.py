@@ -1,0 +1,55 @@
+"""The re-measurement study (nbs/14c_remeasure) end to end on the quick setting, two cells, in a temporary zoo: killed
+part way, then run again, it measures only the rows it had not measured, and writes a complete results file."""
+import json
+import math
+
+import pytest
+import torch
+
+from sit_workbench.studies import remeasure as study
+from sit_workbench.studies.zoo import results_path
+
+CELLS = ["linear-velocity", "vp-noise"]
+FIELDS = {"model", "steps", "train_seed", "converged_fid", "converged_fid_std", "converged_nfe", "fid_50", "fid_250",
+          "nll_bpd", "nll_bpd_se", "heldout_loss", "heldout_loss_se", "heldout_loss_bins", "nn_ratio", "accuracy",
+          "seconds", "fids"}
+
+
+def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path / "zoo"))
+    real, calls = study.measure_row, []
+    def counted(*a, stop_at=None, **k):
+        calls.append(a[:4])
+        if stop_at is not None and len(calls) == stop_at: raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(study, "measure_row", lambda *a, **k: counted(*a, stop_at=4, **k))
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study("quick", models=CELLS)
+    first = list(calls)
+    monkeypatch.setattr(study, "measure_row", counted)
+    calls.clear()
+    res = study.run_study("quick", models=CELLS)
+    plan = [(n, st, 0) for st in (75, 150) for n in CELLS] + [(n, 150, k) for n in CELLS for k in (1, 2)]
+    assert [c[0] for c in first[:3]] + [c[0] for c in calls] == [p[0] for p in plan]   # 3 rows kept, the rest measured
+    assert [(c[0], c[2], c[3]) for c in calls] == plan[3:]
+    assert json.loads(results_path(study.STUDY, "quick").read_text()) == res
+    assert not results_path(study.STUDY, "quick").with_suffix(".partial.jsonl").exists()
+
+    rows = [r for r in res["rows"] if r["role"] != "reference"]
+    assert [r["model"].split(":")[0] for r in res["rows"] if r["role"] == "reference"] == ["floor", "memoriser"]
+    assert {(r["model"], r["steps"], r["train_seed"]) for r in rows} == set(plan)
+    for r in rows:
+        assert FIELDS <= set(r), FIELDS - set(r)
+        assert r["n"] == 200 and r["nll_images"] == 40 and len(r["heldout_loss_bins"]) == 10
+        assert r["converged_nfe"] in (10, 20, 50) and r["fid_50"] is not None and r["fid_250"] is None
+        assert math.isfinite(r["nll_bpd"]) and r["nll_bpd_se"] > 0 and r["nn_ratio"] > 0
+    assert (tmp_path / "zoo" / "quick" / "vp-noise-seed2" / "checkpoint-150").is_dir()
+    cells = {c["model"]: c for c in res["cells"]}
+    assert set(cells) == set(CELLS) and all(c["train_seeds"] == [0, 1, 2] for c in cells.values())
+    assert all(c["converged_fid_seed_std"] >= 0 for c in cells.values())
+    (p,) = res["paired"]
+    assert (p["a"], p["b"]) == tuple(CELLS) and p["fid_diff_lo"] <= p["fid_diff"] <= p["fid_diff_hi"]
+    by = {(r["model"], r["train_seed"]): r for r in rows if r["steps"] == 150}
+    assert abs(p["fid_diff"] - (by["linear-velocity", 0]["converged_fid"] - by["vp-noise", 0]["converged_fid"])) < 1e-9
+    assert study.cell_table(res)[0]["model"].startswith("floor") and len(study.seed_table(res)) == 2
