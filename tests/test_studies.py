@@ -80,3 +80,35 @@ def test_repa_results_are_complete(monkeypatch):
     got = {(r["objective"], r["seed"], r["steps"]) for r in res["rows"]}
     assert got == {(o, s, st) for o in repa.OBJECTIVES for s in res["seeds"] for st in res["ladder"]}
     assert all(r["n"] == SETTINGS["full"].num_samples for r in res["rows"])
+
+
+def _paragraph(lead):
+    "The README paragraph that starts with `lead` (up to the next blank line)."
+    text = (ROOT / "README.md").read_text()
+    start = text.index(lead)
+    end = text.find("\n\n", start)
+    return text[start:end if end > 0 else None]
+
+
+def _quoted_values(doc) -> set:
+    "Every 'x.xx ± y.yy' a results document can produce: FIDs with their errors, anywhere in it."
+    out = set()
+    def walk(o):
+        if isinstance(o, dict):
+            for a, b in (("digits_fid", "digits_fid_std"), ("best_fid", "best_fid_std"), ("flow_fid", "flow_fid_std")):
+                if a in o and b in o: out.add(f"{o[a]:.2f} ± {o[b]:.2f}")
+            for v in o.values(): walk(v)
+        elif isinstance(o, list):
+            for v in o: walk(v)
+    walk(doc)
+    return out
+
+
+@pytest.mark.parametrize("study, lead", [("meanflow", "**MeanFlow on the digits**"),
+                                         ("guidance", "**Guidance beyond CFG on the digits**")])
+def test_readme_quotes_the_committed_numbers_of_the_new_studies(study, lead, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    quoted = re.findall(r"\b\d+\.\d{2} ± \d+\.\d{2}\b", _paragraph(lead))
+    assert quoted, f"the README paragraph {lead!r} quotes no measured numbers"
+    missing = [q for q in quoted if q not in _quoted_values(load_results(study))]
+    assert not missing, f"README numbers not in nbs/results/{study}.json: {missing}"

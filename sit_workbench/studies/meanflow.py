@@ -248,6 +248,7 @@ def plot_study(results, checkpoints=None, path=None):
                     color="tab:orange", label=f"MeanFlow from scratch, {sc[-1]:,} steps")
     ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel="digits-FID (1,000 samples)",
            xticks=list(NFES), xticklabels=[str(n) for n in NFES], title="MeanFlow vs the flow model it came from")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.legend(fontsize=7)
     if checkpoints: _samples_panel(axes[0, 1], checkpoints)
     fig.tight_layout()
@@ -267,6 +268,6 @@ def _samples_panel(ax, checkpoints, per_class=4):
         spec = read_run(checkpoints[key]).with_options(sampler=SamplerSpec.create(**sampler), guidance_scale=1.0)
         imgs = spec.generate(labels, seed=0).images[:, 0]            # (n, 8, 8) in [0, 1]
         grids.append(imgs.reshape(per_class, 10, 8, 8).permute(0, 2, 1, 3).reshape(per_class * 8, 80))
-    ax.imshow(torch.cat([grids[0], torch.ones(2, 80), grids[1]]).numpy(), cmap="gray_r", vmin=0, vmax=1)
+    ax.imshow(torch.cat([grids[0], torch.full((2, 80), 0.35), grids[1]]).numpy(), cmap="gray_r", vmin=0, vmax=1)
     ax.set_axis_off()
     ax.set_title(f"1 network evaluation: MeanFlow fine-tuned (top {per_class} rows) vs flow + Euler (bottom)", fontsize=9)
