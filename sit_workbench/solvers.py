@@ -661,11 +661,11 @@ def _learned_sampler(tr, num_steps, schedule, directory, progress, guidance):
                           f"for a file of learned solvers), got {schedule!r}")
     solver, rec, p = load_learned(directory, num_steps, guidance, name)
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
-    ts, path, prediction = solver.times(t0, t1), tr.path_sampler, tr.model_type.name.lower()
+    ts = solver.times(t0, t1)
     def run(x, call):
         def velocity(y, t):
-            out = call(y, t)[0]
-            return out if prediction == "velocity" else _velocity(path, data_prediction(path, prediction, out, y, t), y, t)
+            out, tt = call(y, t)
+            return tr.velocity_from_output(out, y, tt)
         with torch.no_grad(): return learned_solve(velocity, x, ts, solver.coefs, solver.scales, progress)
     return SampleFn(run, t0, t1, f"{LEARNED}, {num_steps} points, fitted for {_describe_guidance(rec.get('guidance'))} "
                                  f"({p})")

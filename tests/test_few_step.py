@@ -74,3 +74,44 @@ def test_readmes_quote_the_committed_results():
         assert rs[10]["nll_gap_abs"] <= 0.02
         assert f"{rs[10]['nll_gap_abs']:.4f}" in readme
         assert all(f"{rs[n]['nll_gap_abs']:.4f}" in bench for n in (6, 8, 10)), p
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+    import sit_workbench.cli as C
+    with contextlib.redirect_stdout(io.StringIO()) as out: C.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def test_preset_fast_uses_the_stored_fit(tiny_digits_run, tmp_path):
+    """`sample --preset fast`: without a stored fit, abm3 at 8 NFE and the command that fits one; `fit-solver` stores
+    one (printing the seconds per NFE); then `--preset fast` samples with it and says so; another guidance scale does
+    not reuse it."""
+    ck = tiny_digits_run(20)                                   # a digits run: guidance 2 in its run.json
+    msg = _cli("sample", ck, "--preset", "fast", "--classes", "1", "--per-class", "2", "--out", tmp_path / "a.png")
+    assert "ODE abm3, 9 points (8 network evaluations)" in msg, msg
+    assert f"no learned solver stored for guidance 2 on all channels at 8 NFE" in msg, msg
+    assert f"fit one with `sit-workbench fit-solver {ck} --nfe 8 --cfg-scale 2`" in msg, msg
+    assert "2 samples, 8 network evaluations each" in msg, msg
+
+    msg = _cli("fit-solver", ck, "--nfe", "8", "--n-fit", "16", "--search-samples", "8", "--evals", "4")
+    assert "learned solver, 8 NFE, guidance 2 on all channels" in msg and "fitted in" in msg, msg
+    assert (Path(ck) / "schedules" / "learned-cfg2.json").is_file()
+
+    msg = _cli("sample", ck, "--preset", "fast", "--classes", "1", "--per-class", "2", "--out", tmp_path / "b.png")
+    assert "ODE learned, 9 points (8 network evaluations) (preset fast: the learned solver stored for guidance 2" in msg, msg
+    assert "learned-cfg2.json" in msg and "2 samples, 8 network evaluations each" in msg, msg
+
+    msg = _cli("sample", ck, "--preset", "fast", "--cfg-scale", "3", "--classes", "1", "--per-class", "1",
+               "--out", tmp_path / "c.png")
+    assert "ODE abm3, 9 points" in msg and "--nfe 8 --cfg-scale 3`" in msg, msg
+
+
+def test_learned_method_without_a_fit_says_how_to_make_one(tiny_digits_run, tmp_path, capsys):
+    ck = tiny_digits_run(20)
+    with pytest.raises(SystemExit):
+        _cli("sample", ck, "--sampling-method", "learned", "--num-sampling-steps", "6", "--cfg-scale", "4",
+             "--out", tmp_path / "x.png")
+    err = capsys.readouterr().err
+    assert "no learned solver fitted for guidance 4 at 5 NFE" in err and f"fit-solver {ck} --nfe 5 --cfg-scale 4" in err, err
