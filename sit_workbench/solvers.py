@@ -312,16 +312,19 @@ def _grid_coefficients(ts, degree) -> list:
     coef = np.linalg.lstsq(P, np.log(ts.diff().numpy()), rcond=None)[0]
     return [float(c) for c in coef[1:]]
 
-def nelder_mead(f, x0, step=0.5, evals=30, bar=None):
+def nelder_mead(f, x0, step=0.5, evals=30, bar=None, f0=None):
     """Minimise `f` from `x0` by Nelder-Mead with at most `evals` evaluations (the starting simplex: `x0` and `x0`
-    moved by `step` along each axis). Returns `(x, f(x), evaluations)`; `bar` (a tqdm) advances once per evaluation."""
+    moved by `step` along each axis; `f0`: `f(x0)` when known). Returns `(x, f(x), evaluations)`; `bar` (a tqdm)
+    advances once per evaluation."""
     def F(x):
         if bar is not None: bar.update(1)
         return float(f(x))
     x0 = np.asarray(x0, dtype=float)
     pts = [x0] + [x0 + step * np.eye(len(x0))[i] for i in range(len(x0))]
-    vals, used = [], 0
-    for p in pts[:evals]: vals.append(F(p)); used += 1
+    vals, used = ([] if f0 is None else [float(f0)]), 0
+    for p in pts[len(vals):]:
+        if used >= evals: break
+        vals.append(F(p)); used += 1
     pts = pts[:len(vals)]
     while used < evals and len(pts) == len(x0) + 1:
         order = np.argsort(vals); pts = [pts[i] for i in order]; vals = [vals[i] for i in order]
@@ -358,7 +361,7 @@ def search_schedule(objective, num_steps, t0, t1, init=("uniform",), evals=30, d
     b0 = starts[int(np.argmin(first))]
     beta, best, used = np.asarray(b0), min(first), 0
     if evals > len(starts):
-        b, v, used = nelder_mead(lambda b: objective(grid(b)), b0, evals=evals - len(starts), bar=bar)
+        b, v, used = nelder_mead(lambda b: objective(grid(b)), b0, evals=evals - len(starts), bar=bar, f0=min(first))
         if v < best: beta, best = b, v
     bar.close()
     return grid(beta), {"objective": float(best), "objective_init": first[0], "evals": used + len(starts),

@@ -1,6 +1,7 @@
-"""Smoke test of benchmarks/few_step.py on a tiny digits model: the diffusers wrapper reproduces our Euler, every row
-has its fields and an honest NFE, the optimised schedules are written where asked, and the zoo's converged rung is
-required (the benchmark never trains)."""
+"""Smoke test of benchmarks/few_step.py on a tiny digits model (the diffusers wrapper reproduces our Euler, every row
+has its fields and an honest NFE, guided, the learned solver is stored beside the checkpoint, and the zoo's
+converged rung is required: the benchmark never trains), and `sample --preset fast` with and without a stored
+learned solver (`fit-solver`)."""
 import importlib.util
 import math
 from pathlib import Path
@@ -29,23 +30,34 @@ def loaded(tmp_path_factory):
 
 
 def test_wrapper_reproduces_our_euler(loaded):
-    w = B.check_wrapper(loaded, n=4, steps=3)
+    w = B.check_wrapper(*loaded[:2], n=4, steps=3)
     assert w["nfe"] == 3 and w["max_abs_difference"] < 1e-4
 
 
-def test_rows(loaded, tmp_path):
+def test_rows(loaded):
+    """Every row has its fields and an honest NFE, guided and not; the learned solver is fitted and stored beside the
+    checkpoint; diffusers' rows say how the fitted grid was given."""
+    import argparse
     from sit_workbench.digits import DigitsClassifier
     torch.manual_seed(0)
     clf = DigitsClassifier().eval()                          # an untrained classifier: the plumbing, not the values
-    rows = B.model_rows("tiny", loaded, [6], n=6, n_fit=4, iters=2, clf=clf, with_diffusers=True, progress=False,
-                        schedules=tmp_path)
-    assert (tmp_path / "tiny-20" / "abm3.json").is_file()
-    keys = {"model", "solver", "implementation", "nfe", "rmse_to_reference", "digits_fid", "digits_fid_std", "reference",
-            "steps"}
-    assert all(keys <= set(r) and r["steps"] == 20 for r in rows)
+    model, tr, ck, steps = loaded
+    args = argparse.Namespace(n=6, n_fit=8, search_samples=4, choice_samples=4, evals=3, grid_evals=3, cache=None,
+                              fit_diffusers_grids=False)
+    rows, timing = B.guidance_rows(model, tr, ck, steps, 2.0, [4], args, clf, progress=False)
+    assert (ck / "schedules" / "learned-cfg2.json").is_file() and timing["per_nfe"][4]["learned_fit_seconds"] > 0
+    keys = {"model", "guidance", "grid", "implementation", "solver", "nfe", "calls", "rmse_to_reference",
+            "rmse_unclamped", "digits_fid", "reference", "steps"}
+    assert all(keys <= set(r) and r["steps"] == 20 and r["guidance"] == 2.0 for r in rows)
     few = [r for r in rows if r["nfe"] != 250]
-    assert {r["implementation"] for r in few} == {"ours", "diffusers"}
-    assert all(r["nfe"] == 6 and math.isfinite(r["rmse_to_reference"]) for r in few), [(r["solver"], r["nfe"]) for r in few]
+    assert {(r["implementation"], r["grid"]) for r in few} == {(i, g) for i in ("ours", "diffusers") for g in ("own", "fitted")}
+    assert all(r["nfe"] == 4 and r["calls"] <= 4 and math.isfinite(r["rmse_to_reference"]) for r in few)
+    assert all(r["rmse_unclamped"] >= r["rmse_to_reference"] - 1e-7 for r in few)        # the clamp only brings closer
+    solvers = {r["solver"] for r in few}
+    assert {"learned", "abm3", "FlowMatchEuler", "FlowMatchHeun", "DPM-Solver++(2M)", "DPM-Solver++(3M)",
+            "UniPC (bh2, order 2)"} <= solvers
+    heun = next(r for r in few if r["solver"] == "FlowMatchHeun" and r["grid"] == "fitted")
+    assert heun["calls"] == 3 and "every other time" in heun["grid_source"] and "after set_timesteps" in heun["custom_grid"]
     assert rows[0]["rmse_to_reference"] == 0.0                # the reference against itself
 
 
