@@ -88,6 +88,7 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
         if progress: log(f"reference: the Heun-250 solve of {n_fit} noises ({g.describe()})", flush=True)
         reference = reference_solve(model, tr, z, labels, g, device)
     out = {"reference_seconds": round(time.perf_counter() - start, 2)}
+    if progress: log(f"reference: {out['reference_seconds']:.1f} s", flush=True)
     velocity = model_velocity(model, tr, labels, g)
     for nfe in nfes:
         solver, info = fit_learned(velocity, z, reference, torch.linspace(t0, t1, len(reference)), t0, t1, nfe + 1,

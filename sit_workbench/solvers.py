@@ -297,8 +297,8 @@ def log_step_grid(beta, num_steps, t0=0.0, t1=1.0) -> torch.Tensor:
     the uniform grid, `beta[0] < 0` crowds the data end."""
     n = check_num_steps(num_steps) - 1
     u = ((torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1).numpy()
-    logh = sum(float(b) * np.polynomial.legendre.legval(u, [0] * (k + 1) + [1]) for k, b in enumerate(beta))
-    steps = torch.softmax(torch.as_tensor(logh + 0 * u, dtype=torch.float64), 0)
+    logh = np.zeros(n) + sum(float(b) * np.polynomial.legendre.legval(u, [0] * (k + 1) + [1]) for k, b in enumerate(beta))
+    steps = torch.softmax(torch.as_tensor(logh, dtype=torch.float64), 0)
     ts = t0 + (t1 - t0) * torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(steps, 0)])
     ts[-1] = t1
     return ts

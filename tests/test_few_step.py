@@ -81,6 +81,18 @@ def test_readmes_quote_the_committed_results():
     doc = json.loads((ROOT / "nbs" / "results" / "few_step.json").read_text())
     readme, bench = (ROOT / "README.md").read_text(), (ROOT / "benchmarks" / "README.md").read_text()
     assert f"{doc['seconds']} s; the wrapper" in bench
+    lin = [r for r in doc["rows"] if r["model"] == "linear-velocity" and "guidance" in r and r["nfe"] != 250]
+    e = lambda r: r["rmse_to_reference"]
+    best = lambda g, n, impl: min((r for r in lin if (r["guidance"], r["nfe"], r["implementation"]) == (g, n, impl)), key=e)
+    for g in {r["guidance"] for r in lin}:
+        for n in {r["nfe"] for r in lin}:
+            o, d = e(best(g, n, "ours")), e(best(g, n, "diffusers"))
+            assert f"{o:.4f} / {d:.4f} = {o / d:.2f}" in bench, (g, n)
+    few = readme[readme.index("*Few-step sampling*"):readme.index("*FLOPs.*")]
+    assert f"{e(best(2.0, 8, 'ours')) / e(best(2.0, 8, 'diffusers')):.2f}x" in few
+    fit = max(r["fit_seconds"] for r in lin if r["solver"] == "learned" and r["guidance"] != 1)
+    assert fit <= 60 and f"at most {fit:.1f} s per NFE" in few and f"at most {fit:.1f} s per NFE" in bench
+    assert "--preset fast" in readme and "fit-solver" in readme
     for p in ("Linear", "GVP", "VP"):
         rs = {r["nfe"]: r for r in doc["rows"] if r["model"] == f"digits mixture, {p} (exact)" and r["solver"] == "abm3, optimized"}
         assert rs[10]["nll_gap_abs"] <= 0.02
