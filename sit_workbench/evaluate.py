@@ -181,9 +181,9 @@ def label_plan(n, num_classes, labels="balanced", seed=0) -> torch.Tensor:
 def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=None, vae=None, seed=0,
                      labels="balanced", shard_size=1000, batch_size=None, device="cpu", rank=None, world_size=None,
                      wait_s=24 * 3600, progress=False, identity=None, overwrite=False, preset=None,
-                     guide_model=None) -> dict:
+                     guide_model=None, schedule_dir=None) -> dict:
     """Draw `n` samples of `model` (`sampler`: a `SamplerSpec` or its dict; `guidance`: a `Guidance` or scale, with
-    `guide_model` for autoguidance) into
+    `guide_model` for autoguidance; `schedule_dir`: where its optimised schedules and learned solvers are) into
     ADM-format shards in `out_dir` (resumable; this process's share under torchrun), and on process 0 merge them
     into `out_dir/samples.npz`. Returns a summary dict."""
     from sit_workbench.errors import UserError
@@ -197,7 +197,7 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     spec = SamplerSpec.from_dict(sampler) if sampler is not None else DEFAULT_SAMPLER
     guidance = Guidance.of(guidance)
-    sample_fn = spec.build(transport)
+    sample_fn = spec.build(transport, schedule_dir=schedule_dir, guidance=guidance)
     model = model.to(device).eval()
     labels_t = label_plan(n, model.num_classes, labels, seed)
     manifest = {**(identity or {"model": model_fingerprint(model),
@@ -245,6 +245,7 @@ def sample_run(run, out_dir, n, device="cpu", **kwargs) -> dict:
     from sit_workbench.run import load_guide, load_model, load_run_vae, read_run
     spec = read_run(run)
     kwargs.setdefault("identity", checkpoint_identity(spec))
+    if Path(spec.location).is_dir(): kwargs.setdefault("schedule_dir", Path(spec.location) / "schedules")
     return generate_samples(load_model(spec, device), spec.build_transport(), out_dir, n, sampler=spec.sampler,
                             guidance=spec.guidance, vae=load_run_vae(spec, device), device=device,
                             guide_model=load_guide(spec, device), **kwargs)

@@ -17,8 +17,10 @@ __all__ = ['GaussianMixture']
 class GaussianMixture:
     """A mixture of diagonal Gaussians over flattened data of shape `shape`, with exact interpolant fields.
 
-    `means` and `stds` are `[K, d]` (or `[d]` for one component); `weights` sums to one."""
-    def __init__(self, means, stds, weights=None, shape=None):
+    `means` and `stds` are `[K, d]` (or `[d]` for one component); `weights` sums to one. `labels` (optional, `[K]`
+    integers) gives each component's class: the fields then also exist conditioned on a class `y` (the mixture of
+    that class's components), and `model(..., cfg_scale=w)` is the exact classifier-free guided field."""
+    def __init__(self, means, stds, weights=None, shape=None, labels=None):
         means = torch.as_tensor(means, dtype=torch.float64)
         stds = torch.as_tensor(stds, dtype=torch.float64)
         if means.ndim == 1: means = means[None]
@@ -32,13 +34,19 @@ class GaussianMixture:
         self.means, self.stds, self.weights = means, stds.contiguous(), weights
         self.shape = tuple(shape) if shape is not None else (d,)
         if math.prod(self.shape) != d: raise ValueError(f"shape {self.shape} does not hold {d} numbers")
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if self.labels is not None and (self.labels.shape != (K,) or (self.labels < 0).any()):
+            raise ValueError(f"labels must be K = {K} non-negative class indices, one per component")
 
     @property
     def dim(self): return self.means.shape[1]
+    @property
+    def num_classes(self): return 0 if self.labels is None else int(self.labels.max()) + 1
 
-    def sample(self, n, generator=None):
-        "`n` draws from the data distribution, shaped `[n, *shape]` (float64)."
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    def sample(self, n, generator=None, y=None):
+        "`n` draws from the data distribution (of class `y[i]` for draw i when `y` is given), shaped `[n, *shape]` (float64)."
+        if y is None: k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else: k = torch.multinomial(self._class_weights(y), 1, generator=generator)[:, 0]
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         return (self.means[k] + self.stds[k] * z).reshape(n, *self.shape)
 
@@ -47,25 +55,34 @@ class GaussianMixture:
         m = self.weights[:, None] * (self.stds ** 2 + self.means ** 2)
         return (m.sum(0) - (self.weights[:, None] * self.means).sum(0) ** 2).sqrt().reshape(self.shape)
 
-    def _parts(self, path: Interpolant, x, t):
+    def _class_weights(self, y):
+        "`[B, K]` weights of the components given the class `y[b]` (a `ValueError` for a class with no component)."
+        if self.labels is None: raise ValueError("this mixture has no class labels: give labels=[...] per component")
+        y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
+        w = self.weights * (self.labels[None, :] == y[:, None])
+        if (w.sum(1) <= 0).any(): raise ValueError(f"classes {sorted(set(y[w.sum(1) <= 0].tolist()))} have no component")
+        return w / w.sum(1, keepdim=True)
+
+    def _parts(self, path: Interpolant, x, t, y=None):
         x = x.to(torch.float64).reshape(x.shape[0], 1, -1)                       # [B, 1, d]
         t = expand_t_like_x(torch.as_tensor(t, dtype=torch.float64), x[:, 0])    # [B, 1]
         a, da = path.compute_alpha_t(t); s, ds = path.compute_sigma_t(t)
         a, da, s, ds = (torch.as_tensor(z, dtype=torch.float64).expand(x.shape[0], 1)[:, :, None] for z in (a, da, s, ds))
         var = a ** 2 * self.stds ** 2 + s ** 2                                     # [B, K, d]
         diff = x - a * self.means
-        logn = -0.5 * (diff ** 2 / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(self.weights)
+        logw = torch.log(self.weights if y is None else self._class_weights(y))
+        logn = -0.5 * (diff ** 2 / var + torch.log(2 * math.pi * var)).sum(-1) + logw
         return x, a, da, s, ds, var, diff, logn
 
-    def log_prob(self, path: Interpolant, x, t=1.0):
-        "Exact `log p_t(x)`, summed over dimensions (`t=1`: the data density)."
-        *_, logn = self._parts(path, x, t)
+    def log_prob(self, path: Interpolant, x, t=1.0, y=None):
+        "Exact `log p_t(x)` (`log p_t(x | y)` given classes `y`), summed over dimensions (`t=1`: the data density)."
+        *_, logn = self._parts(path, x, t, y)
         return torch.logsumexp(logn, dim=1)
 
-    def fields(self, path: Interpolant, x, t):
-        "Exact `(velocity, score, noise)` at `x_t = x`, each shaped like `x` (float64)."
+    def fields(self, path: Interpolant, x, t, y=None):
+        "Exact `(velocity, score, noise)` at `x_t = x` (given the classes `y` when given), each shaped like `x` (float64)."
         shape = x.shape
-        x, a, da, s, ds, var, diff, logn = self._parts(path, x, t)
+        x, a, da, s, ds, var, diff, logn = self._parts(path, x, t, y)
         r = torch.softmax(logn, dim=1)[:, :, None]
         score = -(r * diff / var).sum(1)
         x1 = (r * (self.means + a * self.stds ** 2 / var * diff)).sum(1)
@@ -73,9 +90,16 @@ class GaussianMixture:
         v = da[:, 0] * x1 + ds[:, 0] * x0
         return v.reshape(shape), score.reshape(shape), x0.reshape(shape)
 
-    def model(self, path: Interpolant, prediction="velocity"):
-        "A stand-in for a trained network: `fn(x, t, **kwargs)` returning the exact `prediction` in `x`'s dtype."
+    def model(self, path: Interpolant, prediction="velocity", cfg_scale=1.0):
+        """A stand-in for a trained network: `fn(x, t, y=None, **kwargs)` returning the exact `prediction` in `x`'s
+        dtype, conditioned on the classes `y` when given; with `cfg_scale` w != 1 the classifier-free guided field
+        `uncond + w (cond - uncond)` of the class-conditional and unconditional predictions (the CFG formula)."""
         index = {"velocity": 0, "score": 1, "noise": 2}
         if prediction not in index: raise ValueError(f"prediction must be one of {', '.join(index)}, not {prediction!r}")
-        def fn(x, t, **kwargs): return self.fields(path, x, t)[index[prediction]].to(x.dtype)
+        def fn(x, t, y=None, **kwargs):
+            if y is None: return self.fields(path, x, t)[index[prediction]].to(x.dtype)
+            cond = self.fields(path, x, t, y)[index[prediction]]
+            if cfg_scale == 1: return cond.to(x.dtype)
+            uncond = self.fields(path, x, t)[index[prediction]]
+            return (uncond + cfg_scale * (cond - uncond)).to(x.dtype)
         return fn

@@ -10,7 +10,7 @@ import math
 
 from .errors import UserError
 from .meanflow import meanflow_sampler
-from .solvers import MULTISTEP_METHODS, check_num_steps
+from .solvers import LEARNED, MULTISTEP_METHODS, check_num_steps
 from .transport import ADAPTIVE_METHODS, FIXED_METHODS, SDE_METHODS, Sampler
 
 # %% auto 0
@@ -40,6 +40,7 @@ def _methods() -> dict:
     out = {m: Method(m, "ode", "adaptive", None) for m in ADAPTIVE_METHODS}
     out.update({m: Method(m, "ode", "fixed", *_FIXED_COST[m]) for m in FIXED_METHODS})
     out.update({m: Method(m, "sde" if m.startswith("sde-") else "ode", "multistep", 1) for m in MULTISTEP_METHODS})
+    out[LEARNED] = Method(LEARNED, "ode", "multistep", 1)      # a fitted solver, stored beside the checkpoint
     out.update({"Euler": Method("Euler", "sde", "fixed", 1), "Heun": Method("Heun", "sde", "fixed", 2)})
     out["meanflow"] = Method("meanflow", "ode", "meanflow", 1)
     assert set(SDE_METHODS) <= set(out)
@@ -59,7 +60,7 @@ def normalize_mode(mode) -> str:
     return m
 
 # %% ../nbs/03c_registry.ipynb
-_RUNTIME = ("sampling_method", "num_steps", "progress", "velocity_loss", "schedule_dir")   # not options
+_RUNTIME = ("sampling_method", "num_steps", "progress", "velocity_loss", "schedule_dir", "guidance")   # not options
 
 def _keywords(fn) -> list[str]:
     return [k for k, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY and k not in _RUNTIME]
@@ -141,12 +142,15 @@ class SamplerSpec:
             kw["schedule"] = torch.tensor(kw["schedule"], dtype=torch.float64)
         return kw
 
-    def build(self, transport, *, velocity_loss=None, schedule_dir=None, progress=False):
+    def build(self, transport, *, velocity_loss=None, schedule_dir=None, progress=False, guidance=None):
         """The `SampleFn` of this spec for `transport`: the one place where a mode becomes a `Sampler` call.
-        `velocity_loss` feeds `diffusion_form='w_KL_eta'`; `schedule_dir` holds `optimized:NAME` schedules."""
+        `velocity_loss` feeds `diffusion_form='w_KL_eta'`; `schedule_dir` holds `optimized:NAME` schedules and the
+        `learned` solvers, of which `guidance` (the sampling's, a `Guidance`, its dict or scale) picks the fit."""
         if self.method == "meanflow": return _meanflow(transport, self)
         s, kw = Sampler(transport), self.sampler_kwargs()
-        if self.mode == "ode": return s.sample_ode(**kw, schedule_dir=schedule_dir, progress=progress)
+        if self.mode == "ode":
+            g = guidance.to_dict() if hasattr(guidance, "to_dict") else guidance
+            return s.sample_ode(**kw, schedule_dir=schedule_dir, progress=progress, guidance=g)
         return s.sample_sde(**kw, velocity_loss=velocity_loss, schedule_dir=schedule_dir, progress=progress)
 
     def describe(self) -> str:

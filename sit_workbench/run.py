@@ -364,7 +364,8 @@ def load_guide(spec: RunSpec, device="cpu"):
     return cache[key]
 
 def run_sample_fn(spec: RunSpec, velocity_loss=None, progress=False):
-    "The run's `SampleFn` (its `sampler`, its transport; schedules and the velocity loss from its folder)."
+    """The run's `SampleFn` (its `sampler`, its transport; schedules, learned solvers (for the run's guidance) and the
+    velocity loss from its folder)."""
     loc = Path(spec.location)
     folder = loc if loc.is_dir() else None
     opts = dict(spec.sampler.options)
@@ -373,7 +374,8 @@ def run_sample_fn(spec: RunSpec, velocity_loss=None, progress=False):
         if folder is None: raise UserError("diffusion_form w_KL_eta needs a checkpoint folder with velocity_loss.json")
         velocity_loss = VelocityLossProfile.load(folder)
     return spec.sampler.build(spec.build_transport(), velocity_loss=velocity_loss,
-                              schedule_dir=None if folder is None else folder / "schedules", progress=progress)
+                              schedule_dir=None if folder is None else folder / "schedules", progress=progress,
+                              guidance=spec.guidance)
 
 def _generate(self, labels, seed=0, device="cpu", **kwargs):
     "`sample.generate` for this run: its model, sampler, guidance and VAE; `kwargs` go to `generate`."

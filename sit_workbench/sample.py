@@ -21,7 +21,7 @@ from .registry import SamplerSpec
 # %% auto 0
 __all__ = ['INTERNAL_GUIDE', 'VAE_SCALE', 'PRESETS', 'sample_noise', 'cycle_labels', 'random_labels', 'Guidance', 'Cancelled',
            'watched', 'to_images', 'Generated', 'check_guide', 'autoguided', 'generate', 'image_grid', 'rows_by_class',
-           'save_grid', 'Preset', 'paper_ode', 'paper_sde', 'repa_interval', 'preset']
+           'save_grid', 'Preset', 'paper_ode', 'paper_sde', 'repa_interval', 'fast', 'preset']
 
 # %% ../nbs/04_sample.ipynb
 def _seed_of(*key) -> int:
@@ -204,7 +204,7 @@ def generate(model, sample_fn, labels, guidance=None, vae=None, seed=0, device="
     guides (autoguidance) instead of the unconditional branch."""
     if not callable(sample_fn):
         if transport is None: raise UserError("generate needs a transport to build a sampler from a SamplerSpec")
-        sample_fn = SamplerSpec.from_dict(sample_fn).build(transport)
+        sample_fn = SamplerSpec.from_dict(sample_fn).build(transport, guidance=Guidance.of(guidance))
     guidance = Guidance.of(guidance)
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     if labels.ndim == 0: labels = labels.reshape(1)
@@ -269,15 +269,16 @@ def save_grid(images, path, nrow=None, scale=1):
 # %% ../nbs/04_sample.ipynb
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    "Published sampler settings: a `SamplerSpec` (`spec`), a `Guidance` (`guidance`) and where they come from."
+    """Sampler settings: a `SamplerSpec` (`spec`), a `Guidance` (`guidance`; None: the run's own) and where they
+    come from."""
     name: str
     spec: SamplerSpec
-    guidance: Guidance
+    guidance: Optional[Guidance]
     source: str = ""
 
     def sample_fn(self, transport, **overrides):
         "The preset's `SampleFn` for `transport`; `overrides` replace its sampler options."
-        return self.spec.replace(**overrides).build(transport)
+        return self.spec.replace(**overrides).build(transport, guidance=self.guidance)
 
 _SDE_250 = dict(sampling_method="Euler", diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
                 last_step_size=0.04, num_steps=250)
@@ -318,7 +319,18 @@ def repa_interval() -> Preset:
     return Preset("repa-interval", SamplerSpec.create("sde", **_SDE_250), Guidance(1.8, (0.3, 1.0), None),
                   source="Yu et al. 2025 (REPA), github.com/sihyun-yu/REPA README and samplers.py")
 
-PRESETS = {"paper-ode": paper_ode, "paper-sde": paper_sde, "repa-interval": repa_interval}
+def fast() -> Preset:
+    """Few-step sampling with the run's own guidance: the `learned` solver (`sit_workbench.solvers`) at 8 network
+    evaluations (9 time points), fitted for this checkpoint and this guidance scale and stored beside it
+    (`sit-workbench fit-solver CKPT --nfe 8 --cfg-scale S` fits one in well under a minute per NFE on a CPU for the
+    digits models). A fit is used for the guidance it was fitted for only. Where the checkpoint has none, the
+    sampling commands run `abm3` on the uniform grid at the same cost instead and say how to make one.
+
+    Source: this workbench, `nbs/19_few_step.ipynb` (the learned solver against diffusers' flow schedulers at their
+    best shift and on fitted grids, on the digits Linear model, guided and unguided)."""
+    return Preset("fast", SamplerSpec.create("ode", "learned", 9), None, source="nbs/19_few_step.ipynb")
+
+PRESETS = {"paper-ode": paper_ode, "paper-sde": paper_sde, "repa-interval": repa_interval, "fast": fast}
 
 def preset(name: str) -> Preset:
     "The published setting `name` (one of `PRESETS`); see each function's docstring for its source."

@@ -118,7 +118,7 @@ def run_from_args(args, checkpoint, mode=None) -> RunSpec:
     if mode and mode != base.mode: base = OFFICIAL_SAMPLERS[mode]
     changes = {key: given[opt] for opt, key in _SAMPLER_OPTIONS.items() if opt in given}
     sampler = base.replace(**changes, mode=mode)
-    g = pre.guidance if pre else spec.guidance
+    g = pre.guidance if pre and pre.guidance is not None else spec.guidance
     out = spec.with_options(sampler=sampler, vae=args.vae, **{k: given.get(k) for k in _TRANSPORT_OPTIONS},
                             guidance_scale=args.cfg_scale if args.cfg_scale is not None else g.scale,
                             guidance_interval=args.cfg_interval or g.interval,
@@ -127,9 +127,13 @@ def run_from_args(args, checkpoint, mode=None) -> RunSpec:
     if pre:
         for k, given_now in (("sampler", changes or mode), ("guidance", args.cfg_scale is not None or args.cfg_interval
                                                             or args.cfg_channels is not None)):
+            if k == "guidance" and pre.guidance is None: continue          # the run's own guidance
             out.origin[k] = f"preset {pre.name}" + (" and options" if given_now else "")
     if out.guidance == spec.guidance and "preset" not in out.origin["guidance"]: out.origin["guidance"] = spec.origin["guidance"]
     if out.sampler == spec.sampler: out.origin["sampler"] = spec.origin["sampler"]
+    if pre and out.sampler.method == "learned":
+        from sit_workbench.fit_solver import learned_or_fallback
+        out = learned_or_fallback(out, out.origin["sampler"])
     return out
 
 # %% ../nbs/05a_sampling_cli.ipynb

@@ -339,13 +339,15 @@ class Sampler:
         return self.transport.denoise(x, t, s)
 
     def sample_ode(self, *, sampling_method="dopri5", num_steps=50, atol=1e-6, rtol=1e-3, reverse=False, progress=False,
-                   schedule="uniform", schedule_dir=None):
+                   schedule="uniform", schedule_dir=None, guidance=None):
         """An ODE sampler `fn(x, model, **model_kwargs) -> tensor [num_steps, *x.shape]` (`[-1]` is the solution);
-        also the multistep `ODE_MULTISTEP` and, for fixed steps, a `schedule` (`sit_workbench.solvers.time_grid`)."""
+        also the multistep `ODE_MULTISTEP` and, for fixed steps, a `schedule` (`sit_workbench.solvers.time_grid`).
+        `guidance` (the sampling's `Guidance`, its dict or scale) picks the stored fit of the `learned` solver."""
         _check_choice(sampling_method, ODE_METHODS + ODE_MULTISTEP, "ODE sampling_method")
         num_steps = check_num_steps(num_steps)
         if sampling_method in ODE_MULTISTEP:
-            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse)
+            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse,
+                                     guidance)
         if atol <= 0 or rtol <= 0: raise UserError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True, reverse=reverse)

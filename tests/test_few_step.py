@@ -1,6 +1,7 @@
-"""Smoke test of benchmarks/few_step.py on a tiny digits model: the diffusers wrapper reproduces our Euler, every row
-has its fields and an honest NFE, the optimised schedules are written where asked, and the zoo's converged rung is
-required (the benchmark never trains)."""
+"""Smoke test of benchmarks/few_step.py on a tiny digits model (the diffusers wrapper reproduces our Euler, every row
+has its fields and an honest NFE, guided, the learned solver is stored beside the checkpoint, and the zoo's
+converged rung is required: the benchmark never trains), and `sample --preset fast` with and without a stored
+learned solver (`fit-solver`)."""
 import importlib.util
 import math
 from pathlib import Path
@@ -29,23 +30,34 @@ def loaded(tmp_path_factory):
 
 
 def test_wrapper_reproduces_our_euler(loaded):
-    w = B.check_wrapper(loaded, n=4, steps=3)
+    w = B.check_wrapper(*loaded[:2], n=4, steps=3)
     assert w["nfe"] == 3 and w["max_abs_difference"] < 1e-4
 
 
-def test_rows(loaded, tmp_path):
+def test_rows(loaded):
+    """Every row has its fields and an honest NFE, guided and not; the learned solver is fitted and stored beside the
+    checkpoint; diffusers' rows say how the fitted grid was given."""
+    import argparse
     from sit_workbench.digits import DigitsClassifier
     torch.manual_seed(0)
     clf = DigitsClassifier().eval()                          # an untrained classifier: the plumbing, not the values
-    rows = B.model_rows("tiny", loaded, [6], n=6, n_fit=4, iters=2, clf=clf, with_diffusers=True, progress=False,
-                        schedules=tmp_path)
-    assert (tmp_path / "tiny-20" / "abm3.json").is_file()
-    keys = {"model", "solver", "implementation", "nfe", "rmse_to_reference", "digits_fid", "digits_fid_std", "reference",
-            "steps"}
-    assert all(keys <= set(r) and r["steps"] == 20 for r in rows)
+    model, tr, ck, steps = loaded
+    args = argparse.Namespace(n=6, n_fit=8, search_samples=4, choice_samples=4, evals=3, grid_evals=3, cache=None,
+                              fit_diffusers_grids=False)
+    rows, timing = B.guidance_rows(model, tr, ck, steps, 2.0, [4], args, clf, progress=False)
+    assert (ck / "schedules" / "learned-cfg2.json").is_file() and timing["per_nfe"][4]["learned_fit_seconds"] > 0
+    keys = {"model", "guidance", "grid", "implementation", "solver", "nfe", "calls", "rmse_to_reference",
+            "rmse_unclamped", "digits_fid", "reference", "steps"}
+    assert all(keys <= set(r) and r["steps"] == 20 and r["guidance"] == 2.0 for r in rows)
     few = [r for r in rows if r["nfe"] != 250]
-    assert {r["implementation"] for r in few} == {"ours", "diffusers"}
-    assert all(r["nfe"] == 6 and math.isfinite(r["rmse_to_reference"]) for r in few), [(r["solver"], r["nfe"]) for r in few]
+    assert {(r["implementation"], r["grid"]) for r in few} == {(i, g) for i in ("ours", "diffusers") for g in ("own", "fitted")}
+    assert all(r["nfe"] == 4 and r["calls"] <= 4 and math.isfinite(r["rmse_to_reference"]) for r in few)
+    assert all(r["rmse_unclamped"] >= r["rmse_to_reference"] - 1e-7 for r in few)        # the clamp only brings closer
+    solvers = {r["solver"] for r in few}
+    assert {"learned", "abm3", "FlowMatchEuler", "FlowMatchHeun", "DPM-Solver++(2M)", "DPM-Solver++(3M)",
+            "UniPC (bh2, order 2)"} <= solvers
+    heun = next(r for r in few if r["solver"] == "FlowMatchHeun" and r["grid"] == "fitted")
+    assert heun["calls"] == 3 and "every other time" in heun["grid_source"] and "after set_timesteps" in heun["custom_grid"]
     assert rows[0]["rmse_to_reference"] == 0.0                # the reference against itself
 
 
@@ -69,8 +81,61 @@ def test_readmes_quote_the_committed_results():
     doc = json.loads((ROOT / "nbs" / "results" / "few_step.json").read_text())
     readme, bench = (ROOT / "README.md").read_text(), (ROOT / "benchmarks" / "README.md").read_text()
     assert f"{doc['seconds']} s; the wrapper" in bench
+    lin = [r for r in doc["rows"] if r["model"] == "linear-velocity" and "guidance" in r and r["nfe"] != 250]
+    e = lambda r: r["rmse_to_reference"]
+    best = lambda g, n, impl: min((r for r in lin if (r["guidance"], r["nfe"], r["implementation"]) == (g, n, impl)), key=e)
+    for g in {r["guidance"] for r in lin}:
+        for n in {r["nfe"] for r in lin}:
+            o, d = e(best(g, n, "ours")), e(best(g, n, "diffusers"))
+            assert f"{o:.4f} / {d:.4f} = {o / d:.2f}" in bench, (g, n)
+    few = readme[readme.index("*Few-step sampling*"):readme.index("*FLOPs.*")]
+    assert f"{e(best(2.0, 8, 'ours')) / e(best(2.0, 8, 'diffusers')):.2f}x" in few
+    fit = max(r["fit_seconds"] for r in lin if r["solver"] == "learned" and r["guidance"] != 1)
+    assert fit <= 60 and f"at most {fit:.1f} s per NFE" in few and f"at most {fit:.1f} s per NFE" in bench
+    assert "--preset fast" in readme and "fit-solver" in readme
     for p in ("Linear", "GVP", "VP"):
         rs = {r["nfe"]: r for r in doc["rows"] if r["model"] == f"digits mixture, {p} (exact)" and r["solver"] == "abm3, optimized"}
         assert rs[10]["nll_gap_abs"] <= 0.02
         assert f"{rs[10]['nll_gap_abs']:.4f}" in readme
         assert all(f"{rs[n]['nll_gap_abs']:.4f}" in bench for n in (6, 8, 10)), p
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+    import sit_workbench.cli as C
+    with contextlib.redirect_stdout(io.StringIO()) as out: C.main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def test_preset_fast_uses_the_stored_fit(tiny_digits_run, tmp_path):
+    """`sample --preset fast`: without a stored fit, abm3 at 8 NFE and the command that fits one; `fit-solver` stores
+    one (printing the seconds per NFE); then `--preset fast` samples with it and says so; another guidance scale does
+    not reuse it."""
+    ck = tiny_digits_run(20)                                   # a digits run: guidance 2 in its run.json
+    msg = _cli("sample", ck, "--preset", "fast", "--classes", "1", "--per-class", "2", "--out", tmp_path / "a.png")
+    assert "ODE abm3, 9 points (8 network evaluations)" in msg, msg
+    assert f"no learned solver stored for guidance 2 on all channels at 8 NFE" in msg, msg
+    assert f"fit one with `sit-workbench fit-solver {ck} --nfe 8 --cfg-scale 2`" in msg, msg
+    assert "2 samples, 8 network evaluations each" in msg, msg
+
+    msg = _cli("fit-solver", ck, "--nfe", "8", "--n-fit", "16", "--search-samples", "8", "--evals", "4")
+    assert "learned solver, 8 NFE, guidance 2 on all channels" in msg and "fitted in" in msg, msg
+    assert (Path(ck) / "schedules" / "learned-cfg2.json").is_file()
+
+    msg = _cli("sample", ck, "--preset", "fast", "--classes", "1", "--per-class", "2", "--out", tmp_path / "b.png")
+    assert "ODE learned, 9 points (8 network evaluations) (preset fast: the learned solver stored for guidance 2" in msg, msg
+    assert "learned-cfg2.json" in msg and "2 samples, 8 network evaluations each" in msg, msg
+
+    msg = _cli("sample", ck, "--preset", "fast", "--cfg-scale", "3", "--classes", "1", "--per-class", "1",
+               "--out", tmp_path / "c.png")
+    assert "ODE abm3, 9 points" in msg and "--nfe 8 --cfg-scale 3`" in msg, msg
+
+
+def test_learned_method_without_a_fit_says_how_to_make_one(tiny_digits_run, tmp_path, capsys):
+    ck = tiny_digits_run(20)
+    with pytest.raises(SystemExit):
+        _cli("sample", ck, "--sampling-method", "learned", "--num-sampling-steps", "6", "--cfg-scale", "4",
+             "--out", tmp_path / "x.png")
+    err = capsys.readouterr().err
+    assert "no learned solver fitted for guidance 4 at 5 NFE" in err and f"fit-solver {ck} --nfe 5 --cfg-scale 4" in err, err
