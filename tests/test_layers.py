@@ -6,7 +6,7 @@ PKG = Path(__file__).resolve().parents[1] / "sit_workbench"
 LAYERS = [  # lowest first; a module may import its own layer and the ones above it in this list
     ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "meanflow", "transport", "registry",
               "sample"}),
-    ("checkpoint", {"checkpoint", "run"}),
+    ("checkpoint", {"checkpoint", "run", "fit_solver"}),
     ("training", {"config", "data", "shards", "latents", "repa", "digits", "resume", "train", "launch"}),
     ("evaluation", {"evaluate"}),
     ("studies", {"studies.zoo", "studies.path_length", "studies.nfe", "studies.diffusion_coefficient",
