@@ -6,6 +6,7 @@
 from __future__ import annotations
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -192,13 +193,34 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
         self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
         self.spec = SamplerSpec.from_dict(sampler) if sampler else DEFAULT_SAMPLER    # checked now, not at the first call
         self.guidance = Guidance(guidance_scale, tuple(guidance_interval) if guidance_interval else None, cfg_channels)
+        self.schedule_dir = None    # the fitted schedules and learned solvers: the checkpoint's, or the saved folder's
 
     @classmethod
     def from_run(cls, spec) -> "SiTScheduler":
-        "The scheduler of a run (`run.RunSpec`): its transport, sampler and guidance."
+        "The scheduler of a run (`run.RunSpec`): its transport, sampler and guidance, and its folder's `schedules/`."
         g = spec.guidance
-        return cls(**spec.transport, sampler=spec.sampler.to_dict(), guidance_scale=g.scale, cfg_channels=g.channels,
-                   guidance_interval=list(g.interval) if g.interval else None)
+        out = cls(**spec.transport, sampler=spec.sampler.to_dict(), guidance_scale=g.scale, cfg_channels=g.channels,
+                  guidance_interval=list(g.interval) if g.interval else None)
+        d = Path(spec.location) / "schedules"
+        out.schedule_dir = d if d.is_dir() else None
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, subfolder=None, **kwargs):
+        "diffusers' `from_pretrained`, keeping the saved folder's `schedules/` (the learned solvers `save_pretrained` copied)."
+        out = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        sch = out[0] if isinstance(out, tuple) else out
+        d = Path(str(pretrained_model_name_or_path)).expanduser() / (subfolder or "") / "schedules"
+        sch.schedule_dir = d if d.is_dir() else None
+        return out
+
+    def save_pretrained(self, save_directory, **kwargs):
+        "diffusers' `save_pretrained`, with the fitted schedules and learned solvers copied to `schedules/`."
+        super().save_pretrained(save_directory, **kwargs)
+        if self.schedule_dir is not None:
+            out = Path(save_directory) / "schedules"
+            out.mkdir(parents=True, exist_ok=True)
+            for f in Path(self.schedule_dir).glob("*.json"): shutil.copy2(f, out / f.name)
 
     def sampler_spec(self, num_inference_steps: Optional[int] = None, sampling_method: Optional[str] = None,
                      mode: Optional[str] = None) -> SamplerSpec:
@@ -213,9 +235,11 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
         return base.replace(mode=mode, sampling_method=sampling_method, num_steps=steps)
 
     def sample_fn(self, num_inference_steps: Optional[int] = None, sampling_method: Optional[str] = None,
-                  mode: Optional[str] = None):
-        "A `SampleFn` (`fn(x, model, **kw)[-1]` is the sample) with the configured sampler; arguments override it."
-        return self.sampler_spec(num_inference_steps, sampling_method, mode).build(self.transport)
+                  mode: Optional[str] = None, guidance=None):
+        """A `SampleFn` (`fn(x, model, **kw)[-1]` is the sample) with the configured sampler; arguments override it.
+        `guidance` (default the scheduler's) picks the `learned` solver's fit from `schedule_dir`."""
+        return self.sampler_spec(num_inference_steps, sampling_method, mode).build(
+            self.transport, schedule_dir=self.schedule_dir, guidance=self.guidance if guidance is None else guidance)
 
 # %% ../nbs/20_diffusers.ipynb
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -306,7 +330,7 @@ def _pipeline_call(self, class_labels, num_inference_steps: Optional[int] = None
                         g.interval if guidance_interval is None else tuple(guidance_interval), g.channels,
                         None if guide is None else str(guide) if not isinstance(guide, torch.nn.Module)
                         else getattr(guide, "model_name", None) or "a network")
-    fn = sample_fn or self.scheduler.sample_fn(num_inference_steps, sampling_method, mode)
+    fn = sample_fn or self.scheduler.sample_fn(num_inference_steps, sampling_method, mode, guidance=guidance)
     total = 100                          # the bar counts percent of the path from noise to data
     with self.progress_bar(total=total) as bar:
         def progress(frac, nfe):

@@ -204,3 +204,34 @@ def test_custom_class_names_survive_save_and_load(tmp_path):
         export_diffusers(tmp_path / "raw.pt", tmp_path / "x", model="SiT-Q/2")
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         export_diffusers(tmp_path / "nothing-here", tmp_path / "x")
+
+
+def test_pipeline_samples_with_the_stored_learned_solver(digits_ckpt, tmp_path):
+    """A learned solver stored beside the checkpoint (`fit-solver`) is what `sampling_method="learned"` samples with in
+    the pipeline, the same pixels as our own path; export carries it (scheduler/schedules/) and the reloaded pipeline
+    uses it; another guidance scale is not given it."""
+    import shutil
+    from sit_workbench.errors import UserError
+    from sit_workbench.fit_solver import fit_solver
+    from sit_workbench.registry import SamplerSpec
+    from sit_workbench.run import load_model, read_run
+    ck = tmp_path / "ck"
+    shutil.copytree(digits_ckpt, ck)
+    fit_solver(ck, [4], n_fit=8, search_samples=4, evals=2, log=lambda *a, **k: None)
+    spec = read_run(ck)
+    fn = SamplerSpec.create("ode", "learned", 5).build(spec.build_transport(), schedule_dir=ck / "schedules",
+                                                       guidance=spec.guidance)
+    ours = generate(load_model(spec), fn, [3, 5], spec.guidance, seed=0).images.permute(0, 2, 3, 1).numpy()
+    kw = dict(class_labels=[3, 5], num_inference_steps=4, sampling_method="learned", output_type="np")
+    got = _quiet(SiTPipeline.from_pretrained(ck))(generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.array_equal(got, ours)
+    dst = export_diffusers(ck, tmp_path / "pipe")
+    assert {p.name for p in (dst / "scheduler" / "schedules").iterdir()} == {"learned-cfg2.json"}
+    again = _quiet(SiTPipeline.from_pretrained(dst))
+    assert np.array_equal(again(generator=torch.Generator().manual_seed(0), **kw).images, ours)
+    # the same steps and solver without a fit for that pipeline's guidance: the command that fits one
+    with pytest.raises(UserError, match="no learned solver fitted for guidance 3 at 4 NFE"):
+        again(guidance_scale=3.0, **kw)
+    # without any fit (a checkpoint with no schedules/): the same message
+    with pytest.raises(UserError, match="fit-solver"):
+        _quiet(SiTPipeline.from_pretrained(digits_ckpt))(**kw)
