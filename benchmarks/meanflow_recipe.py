@@ -7,6 +7,8 @@ labels, seed 0, unguided) at 1, 2 and 4 steps, at each quarter of the run.
     SIT_WORKBENCH_ZOO=/path/to/zoo python benchmarks/meanflow_recipe.py model-r75 meanflow_tangent=model meanflow_ratio=0.75
     SIT_WORKBENCH_ZOO=/path/to/zoo python benchmarks/meanflow_recipe.py model-r50-lr5 meanflow_tangent=model \
         meanflow_ratio=0.5 learning_rate=5e-4
+    SIT_WORKBENCH_ZOO=/path/to/zoo python benchmarks/meanflow_recipe.py model-r100-cos meanflow_tangent=model \
+        meanflow_ratio=1.0 lr_scheduler_type=cosine
 
 Each run trains under `runs/meanflow-recipe/NAME` (1,500 steps, a quarter of the flow model's budget; the zoo must
 hold the flow model, or it is trained first) and prints one JSON line per (steps, NFE).
