@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from few_step import MODEL, Batch, converged, heun_grid, ours, theirs   # noqa: F401 (heun_grid: the rows' grids)
+from few_step import MODEL, Batch, converged, ours, theirs
 from sit_workbench.registry import SamplerSpec
 from sit_workbench.sample import Guidance
 from sit_workbench.solvers import schedule_dir
