@@ -33,6 +33,13 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     assert {("euler", 1), ("abm3", 4), ("rk4", 4), ("midpoint", 2)} <= few
     assert res["ladders"] == {"finetune": [9, 18, 37], "scratch": [75, 150]} and res["flow_steps"] == 150
     assert study.run_config("finetune", "quick", 9).init_from == str(tmp_path / "zoo" / "quick" / study.FLOW / "checkpoint-150")
+    # each fine-tune rung is a run of its own whose cosine rate has decayed to (almost) nothing at its last step
+    from sit_workbench.train import read_log
+    for st in res["ladders"]["finetune"]:
+        run = study.run_dir("finetune", "quick", st)
+        assert run == tmp_path / "zoo" / "quick" / "meanflow-finetune-cosine" / str(st) and (run / f"checkpoint-{st}").is_dir()
+        lrs = [r["lr"] for r in read_log(run / "log.jsonl") if "lr" in r]
+        assert max(lrs) > 0.5 * study.RECIPE["finetune"]["learning_rate"] and lrs[-1] < 0.05 * max(lrs), lrs
     assert res["step_cost"]["ratio_to_flow"]["flow"] == 1.0
     assert set(res["step_cost"]["ratio_to_flow"]) == {"flow", "meanflow, data tangent", "meanflow, model tangent"}
     assert study.verdict(res).startswith("The flow model's converged digits-FID is")

@@ -18,9 +18,9 @@ from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, results_p
                                        save_results, trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir)
 
 # %% auto 0
-__all__ = ['STUDY', 'FLOW', 'INITS', 'NFES', 'FRACTIONS', 'RECIPE', 'FLOW_SOLVERS', 'REFERENCE', 'CHECK', 'ladder', 'run_config',
-           'meanflow_checkpoint', 'measure', 'flow_samplers', 'train_seconds', 'step_cost', 'run_study', 'best_flow',
-           'fid_table', 'meets', 'verdict', 'plot_study']
+__all__ = ['STUDY', 'FLOW', 'INITS', 'NFES', 'FRACTIONS', 'RECIPE', 'SEEDS', 'FLOW_SOLVERS', 'REFERENCE', 'CHECK', 'ladder',
+           'run_config', 'run_dir', 'meanflow_checkpoint', 'sampling_seeds', 'measure', 'flow_samplers',
+           'train_seconds', 'step_cost', 'run_study', 'best_flow', 'fid_table', 'meets', 'verdict', 'plot_study']
 
 # %% ../../nbs/22_meanflow.ipynb
 STUDY = "meanflow"
@@ -28,8 +28,9 @@ FLOW = "linear-velocity"    # the zoo cell MeanFlow starts from (Linear path, ve
 INITS = ("finetune", "scratch")
 NFES = (1, 2, 4)            # network evaluations per image
 FRACTIONS = (16, 8, 4)      # the fine-tune ladder: 1/16, 1/8 and 1/4 of the flow model's training steps
-RECIPE = {"finetune": dict(meanflow_tangent="model", meanflow_ratio=0.75, learning_rate=1e-3),
+RECIPE = {"finetune": dict(meanflow_tangent="model", meanflow_ratio=1.0, learning_rate=1e-3, lr_scheduler_type="cosine"),
           "scratch": dict(meanflow_tangent="data", meanflow_ratio=0.25, learning_rate=1e-3)}
+SEEDS = {"quick": (0,), "full": (0, 1, 2)}   # sampling seeds: every row is measured on each (the same noise per seed)
 FLOW_SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dpm++2m", "dpm++3m", "unipc", "abm3")
 REFERENCE = {"sampling_method": "heun2", "num_steps": 126}   # 250 evaluations: the flow model's converged value
 CHECK = {"sampling_method": "heun2", "num_steps": 26}        # 50: the same value, if it has converged
@@ -41,28 +42,53 @@ def ladder(init, setting) -> tuple:
     if init != "finetune": raise UserError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     return tuple(max(1, final_steps(FLOW, s) // k) for k in FRACTIONS)
 
+def _own_runs(init) -> bool:
+    "Whether each rung of `init` is a run of its own (a decaying rate ends at its rung) rather than one resumed run."
+    return RECIPE[init].get("lr_scheduler_type", "constant") != "constant"
+
 def run_config(init, setting, steps):
     """The training config of the `init` MeanFlow run at `steps`: the flow cell's `zoo_config` (same model, data, batch,
-    constant rate, EMA) with the MeanFlow objective and `RECIPE[init]`; fine-tuning starts from the flow checkpoint."""
+    EMA) with the MeanFlow objective and `RECIPE[init]`; fine-tuning starts from the flow checkpoint. With a constant
+    rate the rungs are one resumed run (`meanflow-{init}`); with a decaying one each rung is its own run, whose
+    schedule ends at that rung (`meanflow-{init}-{schedule}/{steps}`)."""
     s = get_setting(setting)
     lad = ladder(init, s)
-    return zoo_config(FLOW, s, steps, objective="meanflow", **RECIPE[init], save_steps=math.gcd(*lad),
-                      warmup_steps=min(100, lad[0] // 10), output_dir=str(zoo_dir(s) / f"meanflow-{init}"),
+    return zoo_config(FLOW, s, steps, objective="meanflow", **RECIPE[init],
+                      save_steps=steps if _own_runs(init) else math.gcd(*lad), warmup_steps=min(100, lad[0] // 10),
+                      output_dir=str(run_dir(init, s, steps)),
                       init_from=str(zoo_checkpoint(FLOW, s)) if init == "finetune" else None)
+
+def run_dir(init, setting, steps) -> Path:
+    "The folder of the run that holds the `init` rung at `steps` (its checkpoint: `checkpoint-{steps}` in it)."
+    s = get_setting(setting)
+    if not _own_runs(init): return zoo_dir(s) / f"meanflow-{init}"
+    return zoo_dir(s) / f"meanflow-{init}-{RECIPE[init]['lr_scheduler_type']}" / str(steps)
 
 def meanflow_checkpoint(init, setting, steps, progress=False) -> Path:
     "The `init` run's checkpoint at `steps` (a rung of its ladder), trained or resumed first if needed."
     s = get_setting(setting)
-    return trained_checkpoint(run_config(init, s, steps), ladder(init, s), progress)
+    return trained_checkpoint(run_config(init, s, steps), (steps,) if _own_runs(init) else ladder(init, s), progress)
 
 # %% ../../nbs/22_meanflow.ipynb
+def sampling_seeds(setting) -> tuple:
+    "The sampling seeds every row of the study is measured on."
+    s = get_setting(setting)
+    return SEEDS.get(s.name, s.seeds)
+
 def measure(checkpoint, sampler, setting, clf=None) -> dict:
-    "Digits-FID (and its bootstrap error), accuracy, NFE and seconds of `checkpoint` sampled with `sampler`."
+    """Digits-FID of `checkpoint` sampled with `sampler` on each of `sampling_seeds`: `digits_fid` is their mean,
+    `digits_fid_std` the mean bootstrap error of one seed's 1,000 images, `seed_spread` the standard deviation over
+    seeds, `per_seed` each seed's FID; with accuracy (mean), NFE and seconds (total)."""
     from sit_workbench.evaluate import evaluate_digits_checkpoint
     s = get_setting(setting)
-    r = evaluate_digits_checkpoint(checkpoint, n=s.num_samples, sampler=sampler, cfg_scale=1.0, seed=0,
-                                   batch_size=s.num_samples, clf=clf, bootstrap=s.bootstrap, labels="balanced")
-    return {k: r[k] for k in ("digits_fid", "digits_fid_std", "accuracy", "n", "nfe", "seconds")}
+    rs = [evaluate_digits_checkpoint(checkpoint, n=s.num_samples, sampler=sampler, cfg_scale=1.0, seed=seed,
+                                     batch_size=s.num_samples, clf=clf, bootstrap=s.bootstrap, labels="balanced")
+          for seed in sampling_seeds(s)]
+    fids = [r["digits_fid"] for r in rs]
+    return {"digits_fid": statistics.fmean(fids), "digits_fid_std": statistics.fmean(r["digits_fid_std"] for r in rs),
+            "seed_spread": statistics.stdev(fids) if len(fids) > 1 else 0.0, "per_seed": fids,
+            "seeds": list(sampling_seeds(s)), "accuracy": statistics.fmean(r["accuracy"] for r in rs),
+            "n": rs[0]["n"], "nfe": rs[0]["nfe"], "seconds": round(sum(r["seconds"] for r in rs), 1)}
 
 def flow_samplers(nfe) -> list[dict]:
     "The flow model's solvers at exactly `nfe` evaluations: `Sampler` keywords, one per method of `FLOW_SOLVERS`."
@@ -203,6 +229,13 @@ def verdict(results) -> str:
              f"{_pm(get('finetune', last, 2))}, 4 steps {_pm(get('finetune', last, 4))} "
              f"({get('finetune', last, 1)['digits_fid'] / flow:.2f}x, {get('finetune', last, 2)['digits_fid'] / flow:.2f}x, "
              f"{get('finetune', last, 4)['digits_fid'] / flow:.2f}x the flow model)."]
+    conv = next(r for r in rows if r["role"] == "converged")
+    if len(conv.get("per_seed", ())) > 1:
+        per = lambda n: ", ".join(f"{m / f:.2f}x" for m, f in zip(get("finetune", last, n)["per_seed"], conv["per_seed"]))
+        lines.append(f"Every value is the mean over {len(conv['per_seed'])} sampling seeds "
+                     f"({', '.join(map(str, conv['seeds']))}; each the same noise for every model). Seed by seed the "
+                     f"fine-tuned model is {per(1)} the flow model at one step and {per(2)} at two; the flow model's "
+                     f"own value spreads by {conv['seed_spread']:.2f} (standard deviation over seeds).")
     lines.append(f"**Met** first at {min(ok):,} fine-tuning steps." if ok else "**Not met** within a quarter of the "
                  "flow model's steps.")
     sc = sorted({r["steps"] for r in rows if r.get("init") == "scratch"})
