@@ -338,3 +338,26 @@ def test_scrubber_needs_a_fixed_step_method(ckpt):
     req = Wd.Request(checkpoint=ckpt, classes="0")
     with pytest.raises(UserError, match="fixed-step"):
         Wd.solve_trajectory(req, method="dopri5")
+
+
+def test_panel_samples_with_the_stored_learned_solver(ckpt, tmp_path):
+    """A learned solver stored beside the checkpoint (`fit-solver`) is what the panel's `learned` method samples with:
+    the same pixels as our own path with that fit; at a guidance scale with no fit, a red line naming the command."""
+    from sit_workbench.fit_solver import fit_solver
+    from sit_workbench.registry import SamplerSpec
+    from sit_workbench.run import load_model, read_run
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpt, ck)
+    fit_solver(ck, [4], n_fit=8, search_samples=4, evals=2, log=lambda *a, **k: None)
+    p = panel(ck, classes="3,5", per_class=1, seed=0)
+    assert "learned" in list(p.method.options)
+    p.method.value, p.num_steps.value = "learned", 5
+    res = p.run()
+    assert p.error == "" and res.nfe == 4
+    spec = read_run(ck)
+    fn = SamplerSpec.create("ode", "learned", 5).build(spec.build_transport(), schedule_dir=ck / "schedules",
+                                                       guidance=spec.guidance)
+    ref = generate(load_model(spec), fn, torch.tensor([3, 5]), spec.guidance, seed=0)
+    assert torch.equal(res.images, rows_by_class(ref.images, 2))
+    p.cfg_scale.value = 3.0
+    assert p.run() is None and "no learned solver fitted for guidance 3 at 4 NFE" in p.error and "fit-solver" in p.error
