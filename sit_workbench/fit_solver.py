@@ -14,7 +14,8 @@ from .errors import UserError, check_number
 from .registry import SamplerSpec
 from .run import RunSpec, load_model, read_run
 from .sample import Guidance, _check_guidable, generate, random_labels, sample_noise
-from .solvers import find_learned, fit_command, fit_learned, save_learned, schedule_dir
+from .learned import find_learned, fit_command, fit_learned, save_learned
+from .solvers import schedule_dir
 
 # %% auto 0
 __all__ = ['REFERENCE', 'REFERENCE_NAME', 'guided_output', 'reference_solve', 'model_velocity', 'fit_solver',

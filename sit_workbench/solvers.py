@@ -4,11 +4,7 @@
 
 # %% ../nbs/03a_solvers.ipynb 3
 from __future__ import annotations
-import dataclasses
 import json
-import math
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +15,10 @@ from .errors import UserError, check_number
 from .interpolants import Interpolant, expand_t_like_x
 
 # %% auto 0
-__all__ = ['PREDICTION_NAMES', 'DATA_END', 'MULTISTEP_METHODS', 'SCHEDULES', 'LOGSNR_CLIP', 'LEARNED', 'LEARNED_WINDOW',
-           'ODE_MULTISTEP', 'SDE_MULTISTEP', 'data_prediction', 'log_snr', 'exp_weights', 'lagrange_at', 'rho_weights',
-           'adams_weights', 'multistep_solve', 'shift_times', 'schedule_dir', 'load_schedule', 'time_grid',
-           'optimize_schedule', 'save_schedule', 'log_step_grid', 'nelder_mead', 'search_schedule', 'abm3_coefficients',
-           'learned_solve', 'path_at', 'fit_learned_steps', 'LearnedSolver', 'fit_learned', 'learned_name',
-           'save_learned', 'fit_command', 'find_learned', 'load_learned', 'SampleFn', 'check_sde_multistep',
+__all__ = ['PREDICTION_NAMES', 'DATA_END', 'MULTISTEP_METHODS', 'SCHEDULES', 'LOGSNR_CLIP', 'LEARNED', 'ODE_MULTISTEP',
+           'SDE_MULTISTEP', 'data_prediction', 'log_snr', 'exp_weights', 'lagrange_at', 'rho_weights', 'adams_weights',
+           'multistep_solve', 'shift_times', 'schedule_dir', 'load_schedule', 'time_grid', 'optimize_schedule',
+           'save_schedule', 'log_step_grid', 'nelder_mead', 'search_schedule', 'SampleFn', 'check_sde_multistep',
            'check_num_steps', 'fixed_step_grid', 'multistep_sampler']
 
 # %% ../nbs/03a_solvers.ipynb
@@ -369,195 +363,6 @@ def search_schedule(objective, num_steps, t0, t1, init=("uniform",), evals=30, d
 
 
 # %% ../nbs/03a_solvers.ipynb
-LEARNED = "learned"
-LEARNED_WINDOW = 4   # past velocities one learned step weighs: abm3's predictor and corrector together span 4
-
-def abm3_coefficients(ts) -> torch.Tensor:
-    """`abm3` on the grid `ts` written as a learned solver: `p[i+1] = p[i] + sum_j c[i, j] v[i - j]` (`c` is
-    `[N, LEARNED_WINDOW]`, newest velocity first; `p[i]` is where the i-th velocity is evaluated, abm3's predicted
-    point: its corrector folds into the next step). The starting point of every learned solver."""
-    ts = torch.as_tensor(ts, dtype=torch.float64)
-    C = torch.zeros(len(ts) - 1, LEARNED_WINDOW, dtype=torch.float64)
-    for i in range(len(ts) - 1):
-        k = min(3, i + 1)
-        C[i, :k] += adams_weights(ts[i + 1 - k:i + 1], ts[i], ts[i + 1]).flip(0)          # predictor of step i
-        if i > 0:
-            m = min(4, i + 1)
-            C[i, :m] += adams_weights(ts[i + 1 - m:i + 1], ts[i - 1], ts[i]).flip(0)      # corrector of step i - 1
-            k = min(3, i)
-            C[i, 1:k + 1] -= adams_weights(ts[i - k:i], ts[i - 1], ts[i]).flip(0)         # less its predictor
-    return C
-
-def learned_solve(velocity, x, ts, coefs, scales, progress=False) -> list:
-    """The learned solver's states from `x` at `ts[0]`: `p[i+1] = scales[i] p[i] + sum_j coefs[i, j] v[i - j]` with
-    `v[i] = velocity(p[i], ts[i])`: `len(ts) - 1` evaluations, never at the last time."""
-    xs, vs = [x], []
-    for i in tqdm(range(len(ts) - 1), disable=not progress, desc=LEARNED, leave=False):
-        vs = [velocity(xs[-1], ts[i])] + vs[:coefs.shape[1] - 1]
-        xs.append(scales[i].to(x.dtype) * xs[-1] + sum(coefs[i, j].to(x.dtype) * v for j, v in enumerate(vs)))
-    return xs
-
-def path_at(states, times, t):
-    "The state at time `t` of a solve stored as `states[k]` at increasing `times[k]` (linear in t in between)."
-    times = torch.as_tensor(times, dtype=torch.float64)
-    k = int(torch.searchsorted(times, torch.tensor(float(t), dtype=torch.float64)).clamp(1, len(times) - 1))
-    w = (float(t) - float(times[k - 1])) / float(times[k] - times[k - 1])
-    return (1 - w) * states[k - 1] + w * states[k]
-
-def fit_learned_steps(velocity, x, ts, target, ridge=1e-3):
-    """The learned solver's weights on the grid `ts`, step by step along its own trajectory from `x`: step i takes
-    the state scale and velocity weights minimising `|target(ts[i+1]) - p[i+1]|^2` over the batch, by least squares
-    with a ridge (`ridge` times the mean diagonal of the normal equations) towards abm3's weights. One solve, no
-    gradients. Returns `(coefs [N, LEARNED_WINDOW], scales [N], final state)`."""
-    prior, N = abm3_coefficients(ts), len(ts) - 1
-    C = torch.zeros(N, LEARNED_WINDOW, dtype=torch.float64); A = torch.ones(N, dtype=torch.float64)
-    p, vs = x, []
-    for i in range(N):
-        vs = [velocity(p, ts[i])] + vs[:LEARNED_WINDOW - 1]
-        k = len(vs)
-        B = torch.stack([v.reshape(-1).double() for v in vs] + [p.reshape(-1).double()], 1)
-        r = (target(ts[i + 1]) - p).reshape(-1).double()
-        G = B.T @ B
-        lam = ridge * G.diagonal().mean()
-        sol = torch.linalg.solve(G + lam * torch.eye(k + 1, dtype=torch.float64),
-                                 B.T @ r + lam * torch.cat([prior[i, :k], torch.zeros(1, dtype=torch.float64)]))
-        C[i, :k], A[i] = sol[:k], 1 + sol[k]
-        p = A[i].to(p.dtype) * p + sum(C[i, j].to(p.dtype) * v for j, v in enumerate(vs))
-    return C, A, p
-
-@dataclasses.dataclass
-class LearnedSolver:
-    """A learned (bespoke) solver for one number of time points: its grid as fractions `u` of the sampling interval
-    (both ends included), per-step velocity weights `coefs` `[N, LEARNED_WINDOW]` (newest first) and state scales
-    `scales` `[N]`; `N = len(grid) - 1` network evaluations."""
-    grid: torch.Tensor
-    coefs: torch.Tensor
-    scales: torch.Tensor
-
-    @property
-    def num_steps(self) -> int: return len(self.grid)
-    def times(self, t0, t1) -> torch.Tensor: return t0 + self.grid.to(torch.float64) * (t1 - t0)
-    def solve(self, velocity, x, t0, t1, progress=False) -> list:
-        "`learned_solve` on `[t0, t1]`."
-        return learned_solve(velocity, x, self.times(t0, t1), self.coefs, self.scales, progress)
-    def to_dict(self) -> dict:
-        r = lambda v: [round(float(a), 10) for a in v]
-        return {"grid": r(self.grid), "coefs": [r(c) for c in self.coefs], "scales": r(self.scales)}
-    @classmethod
-    def from_dict(cls, d) -> "LearnedSolver":
-        t = lambda v: torch.tensor(v, dtype=torch.float64)
-        s = cls(t(d["grid"]), t(d["coefs"]), t(d["scales"]))
-        if s.coefs.shape != (len(s.grid) - 1, LEARNED_WINDOW) or s.scales.shape != (len(s.grid) - 1,):
-            raise UserError(f"a learned solver of {len(s.grid)} points needs {len(s.grid) - 1} x {LEARNED_WINDOW} "
-                            f"weights and {len(s.grid) - 1} scales, got {tuple(s.coefs.shape)} and {tuple(s.scales.shape)}")
-        return s
-
-def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, search_samples=64, evals=30,
-                ridges=(1e-3, 1e-2, 1e-1, 1.0), progress=False) -> tuple[LearnedSolver, dict]:
-    """A learned solver of `num_steps` points for the field `velocity(x, t, rows)` (`rows`: the indices in the
-    fitting batch of `x`'s samples, for their labels), fitted to the fine solve from the noise `x` (`reference`: its
-    states `[K, *x.shape]` at `reference_times`). The grid comes from `search_schedule`, whose objective is the final
-    RMS of `fit_learned_steps` (with `ridges[0]`) on the first `search_samples` samples; on that grid the ridge of
-    `ridges` with the lowest final RMS on those samples is kept (a larger ridge keeps the weights nearer abm3's,
-    which wins at many steps); the weights come from `fit_learned_steps` on the whole batch. No gradients: about
-    `evals + len(ridges)` solves of `search_samples` samples and one of the batch. Returns `(solver, info)`: the
-    final RMS on the batch (`rms`), the search's (`rms_search`), the ridge, `seconds`."""
-    start = time.perf_counter()
-    reference = torch.stack(list(reference)) if not torch.is_tensor(reference) else reference
-    if reference.shape[1:] != x.shape:
-        raise UserError(f"reference must hold states shaped like x {tuple(x.shape)}, got {tuple(reference.shape[1:])}")
-    rows, t0, t1 = torch.arange(len(x)), float(t0), float(t1)
-    sub = rows[:max(1, min(int(search_samples), len(x)))]
-    def fit_on(idx, ts, ridge):
-        target = lambda t: path_at(reference[:, idx], reference_times, t)
-        with torch.no_grad():
-            return fit_learned_steps(lambda y, t: velocity(y, t, idx), x[idx], ts, target, ridge)
-    rms = lambda a, idx: float(((a - reference[-1][idx]) ** 2).mean().sqrt())
-    ts, search = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0])[2], sub), num_steps, t0, t1, evals=evals,
-                                 progress=progress, desc=f"learned, {num_steps - 1} NFE")
-    by_ridge = {ridges[0]: search["objective"], **{r: rms(fit_on(sub, ts, r)[2], sub) for r in ridges[1:]}}
-    ridge = min(by_ridge, key=by_ridge.get)
-    C, A, final = fit_on(rows, ts, ridge)
-    info = {"rms": rms(final, rows), "rms_search": by_ridge[ridge], "rms_search_uniform": search["objective_init"],
-            "evals": search["evals"] + len(ridges) - 1, "fit_samples": len(x), "search_samples": len(sub),
-            "ridge": ridge, "rms_by_ridge": {str(k): round(v, 6) for k, v in by_ridge.items()},
-            "seconds": round(time.perf_counter() - start, 2)}
-    return LearnedSolver((ts - t0) / (t1 - t0), C, A), info
-
-
-# %% ../nbs/03a_solvers.ipynb
-def learned_name(scale=1.0) -> str:
-    "The file (without `.json`) holding the learned solvers fitted for guidance `scale` (1: unguided): 'learned-cfg2'."
-    return f"learned-cfg{float(scale):g}"
-
-def _guidance_dict(guidance) -> dict:
-    "`{'scale', 'interval', 'channels'}` of a `Guidance`, its dict or a scale (None: unguided)."
-    if guidance is None: return {"scale": 1.0, "interval": None, "channels": None}
-    if hasattr(guidance, "to_dict"): guidance = guidance.to_dict()
-    if not isinstance(guidance, dict): guidance = {"scale": float(guidance)}
-    if isinstance(guidance.get("scale"), (list, tuple)):
-        raise UserError("a learned solver is fitted for one guidance scale, not one per sample")
-    if guidance.get("guide"): raise UserError("learned solvers are fitted for classifier-free guidance, not autoguidance")
-    iv = guidance.get("interval")
-    return {"scale": float(guidance.get("scale", 1.0)), "interval": None if iv is None else [float(v) for v in iv],
-            "channels": guidance.get("channels")}
-
-def _same_guidance(a, b) -> bool:
-    "One field for both: the same scale, and (when guided) the same interval and guided channels."
-    a, b = _guidance_dict(a), _guidance_dict(b)
-    return a["scale"] == b["scale"] and (a["scale"] == 1.0 or (a["interval"], a["channels"]) == (b["interval"], b["channels"]))
-
-def save_learned(directory, solver: LearnedSolver, guidance=None, name=None, **meta) -> Path:
-    """Add `solver` (fitted for `guidance`) to `<directory>/<name>.json` (default name `learned_name(scale)`), beside
-    the fits of other step counts already there; `meta` (the model, the fit's info) is stored with it."""
-    g = _guidance_dict(guidance)
-    p = Path(directory) / f"{name or learned_name(g['scale'])}.json"
-    doc = json.loads(p.read_text()) if p.is_file() else {"name": p.stem, "method": LEARNED, "fits": {}}
-    doc["fits"][str(solver.num_steps)] = {"guidance": g, **meta, **solver.to_dict()}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp"); tmp.write_text(json.dumps(doc, indent=1) + "\n"); os.replace(tmp, p)
-    return p
-
-def fit_command(directory, num_steps, guidance=None) -> str:
-    "The command that fits and stores the learned solver a sampler looked for in `directory` (`<checkpoint>/schedules`)."
-    scale = _guidance_dict(guidance)["scale"]
-    ck = Path(directory).parent if directory is not None else Path("CHECKPOINT")
-    return f"sit-workbench fit-solver {ck} --nfe {num_steps - 1} --cfg-scale {scale:g}"
-
-def find_learned(directory, num_steps, guidance=None):
-    "`(solver, record, path)` of the stored fit for `num_steps` points and exactly this `guidance`, or None."
-    if directory is None: return None
-    p = Path(directory) / f"{learned_name(_guidance_dict(guidance)['scale'])}.json"
-    if not p.is_file(): return None
-    rec = json.loads(p.read_text()).get("fits", {}).get(str(num_steps))
-    if rec is None or not _same_guidance(rec.get("guidance"), guidance): return None
-    return LearnedSolver.from_dict(rec), rec, p
-
-def load_learned(directory, num_steps, guidance=None, name=None):
-    """`(solver, record, path)` of a stored learned solver of `num_steps` points: the file `name` (under `directory`,
-    or a `.json` path) when given, else the fit for this very `guidance` (a fit is reused for its own guidance scale,
-    interval and channels only: another scale is another field). A `UserError` with the command that makes a
-    missing one."""
-    if name is not None:
-        p = Path(name) if str(name).endswith(".json") else Path(directory or "schedules") / f"{name}.json"
-        if not p.is_file(): raise UserError(f"no learned solver {p}: make one with `{fit_command(p.parent, num_steps, guidance)}`")
-        rec = json.loads(p.read_text()).get("fits", {}).get(str(num_steps))
-        if rec is None: raise UserError(f"{p} holds no learned solver of {num_steps} points (NFE {num_steps - 1})")
-        return LearnedSolver.from_dict(rec), rec, p
-    found = find_learned(directory, num_steps, guidance)
-    if found is None:
-        where = "no checkpoint folder to look in" if directory is None else f"none in {directory}"
-        raise UserError(f"no learned solver fitted for {_describe_guidance(guidance)} at {num_steps - 1} NFE "
-                        f"({where}; fits are reused for the same guidance only): make one with "
-                        f"`{fit_command(directory, num_steps, guidance)}`")
-    return found
-
-def _describe_guidance(guidance) -> str:
-    g = _guidance_dict(guidance)
-    return "no guidance" if g["scale"] == 1.0 else f"guidance {g['scale']:g}"
-
-
-# %% ../nbs/03a_solvers.ipynb
 def _check_output(out, x):
     if not torch.is_tensor(out) or out.shape != x.shape:
         shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
@@ -631,6 +436,7 @@ class SampleFn:
     def __repr__(self): return f"SampleFn({self.description}, t: {self.t0:g} -> {self.t1:g}, last nfe={self.nfe})"
 
 # %% ../nbs/03a_solvers.ipynb
+LEARNED = "learned"   # the learned solvers' method (`sit_workbench.learned`)
 ODE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if not m.startswith("sde-")) + (LEARNED,)
 SDE_MULTISTEP = tuple(m for m in MULTISTEP_METHODS if m.startswith("sde-"))
 
@@ -661,32 +467,14 @@ def fixed_step_grid(schedule, adaptive, reverse, t0, t1, num_steps, path, direct
         raise UserError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
     return time_grid(schedule, t0, t1, num_steps, path, directory)
 
-def _learned_sampler(tr, num_steps, schedule, directory, progress, guidance):
-    "The `SampleFn` of a stored learned solver (`load_learned`): the fit for `guidance`, or the file 'optimized:NAME'."
-    if isinstance(schedule, str) and schedule.startswith("optimized:"): name = schedule[10:]
-    elif isinstance(schedule, str) and schedule == "uniform": name = None
-    else: raise UserError(f"the learned solver brings its own grid: schedule must be left out (or 'optimized:NAME' "
-                          f"for a file of learned solvers), got {schedule!r}")
-    solver, rec, p = load_learned(directory, num_steps, guidance, name)
-    t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
-    ts = solver.times(t0, t1)
-    def run(x, call):
-        def velocity(y, t):
-            out, tt = call(y, t)
-            return tr.velocity_from_output(out, y, tt)
-        with torch.no_grad(): return learned_solve(velocity, x, ts, solver.coefs, solver.scales, progress)
-    return SampleFn(run, t0, t1, f"{LEARNED}, {num_steps} points, fitted for {_describe_guidance(rec.get('guidance'))} "
-                                 f"({p})")
-
 def multistep_sampler(transport, method, num_steps, schedule="uniform", directory=None, progress=False, reverse=False,
                       guidance=None):
     """A `SampleFn` solving `transport`'s ODE (or SDE, 'sde-...') with
-    `multistep_solve` on the grid `schedule` (`time_grid`): one network evaluation per step, `num_steps - 1` in all.
-    `method='learned'` runs the learned solver stored in `directory` for `guidance` (`load_learned`)."""
+    `multistep_solve` on the grid `schedule` (`time_grid`): one network evaluation per step, `num_steps - 1` in all
+    (`LEARNED`, the learned solver, is built by `learned.learned_sampler`)."""
     if reverse: raise UserError(f"{method!r} integrates from noise to data only (reverse=False)")
     num_steps = check_num_steps(num_steps)
     tr = transport
-    if method == LEARNED: return _learned_sampler(tr, num_steps, schedule, directory, progress, guidance)
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
     grid = time_grid(schedule, t0, t1, num_steps, tr.path_sampler, directory)
     prediction = tr.model_type.name.lower()

@@ -17,7 +17,8 @@ from .interpolants import (Interpolant, LinearPath, GVPPath, VPPath, VelocityLos
                                         check_diffusion_form, expand_t_like_x)
 from .solvers import (ODE_MULTISTEP, SDE_MULTISTEP, SampleFn, _check_output, check_num_steps,
                                    check_sde_multistep, data_prediction,
-                                   fixed_step_grid, multistep_sampler)
+                                   fixed_step_grid, multistep_sampler, LEARNED)
+from .learned import learned_sampler
 
 # %% auto 0
 __all__ = ['PATH_TYPES', 'PREDICTIONS', 'LOSS_WEIGHTS', 'TIME_SAMPLERS', 'SDE_EPS', 'SDE_METHODS', 'LAST_STEPS',
@@ -345,6 +346,8 @@ class Sampler:
         `guidance` (the sampling's `Guidance`, its dict or scale) picks the stored fit of the `learned` solver."""
         _check_choice(sampling_method, ODE_METHODS + ODE_MULTISTEP, "ODE sampling_method")
         num_steps = check_num_steps(num_steps)
+        if sampling_method == LEARNED:
+            return learned_sampler(self.transport, num_steps, schedule, schedule_dir, progress, guidance, reverse)
         if sampling_method in ODE_MULTISTEP:
             return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse,
                                      guidance)

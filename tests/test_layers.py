@@ -4,7 +4,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "sit_workbench"
 LAYERS = [  # lowest first; a module may import its own layer and the ones above it in this list
-    ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "meanflow", "transport", "registry",
+    ("core", {"paths", "errors", "model", "interpolants", "gaussian", "solvers", "learned", "meanflow", "transport", "registry",
               "sample"}),
     ("checkpoint", {"checkpoint", "run", "fit_solver"}),
     ("training", {"config", "data", "shards", "latents", "repa", "digits", "resume", "train", "launch"}),
