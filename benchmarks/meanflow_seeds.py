@@ -1,10 +1,10 @@
 """MeanFlow fine-tunes against the flow model on fresh sampling noise: the recipe sweep (`meanflow_recipe.py`) and the
-study choose and report on sampling seed 0, so this measures the same checkpoints on other seeds. For each seed: the
+study chose and reported on sampling seed 0, so this measures the same checkpoints on other seeds. For each seed: the
 flow model's converged digits-FID (Heun-250) and each MeanFlow checkpoint's at 1 and 2 steps, 1,000 balanced labels,
 unguided, the same noise for every model of a seed (a paired comparison), and each one's ratio to the flow model.
 
     python benchmarks/meanflow_seeds.py --flow /path/to/zoo/full/linear-velocity/checkpoint-6000 \\
-        study=/path/to/zoo/full/meanflow-finetune/checkpoint-1500 \\
+        earlier=/path/to/zoo/full/meanflow-finetune/checkpoint-1500 \\
         r100-cos=runs/meanflow-recipe/model-r100-cos/checkpoint-1500 --seeds 1 2
 """
 import argparse
