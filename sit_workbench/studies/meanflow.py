@@ -279,7 +279,9 @@ def plot_study(results, checkpoints=None, path=None):
         rs = sorted((r for r in rows if r.get("init") == "scratch" and r["steps"] == sc[-1]), key=lambda r: r["nfe"])
         ax.errorbar([r["nfe"] for r in rs], [r["digits_fid"] for r in rs], [r["digits_fid_std"] for r in rs], marker="^",
                     color="tab:orange", label=f"MeanFlow from scratch, {sc[-1]:,} steps")
-    ax.set(xscale="log", yscale="log", xlabel="network evaluations per image", ylabel="digits-FID (1,000 samples)",
+    k = len(conv.get("seeds", [0]))
+    ax.set(xscale="log", yscale="log", xlabel="network evaluations per image",
+           ylabel="digits-FID (1,000 samples" + (f", mean of {k} seeds)" if k > 1 else ")"),
            xticks=list(NFES), xticklabels=[str(n) for n in NFES], title="MeanFlow vs the flow model it came from")
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.legend(fontsize=7)
