@@ -27,25 +27,30 @@ every channel: ours through `generate` and `Guidance`, diffusers' schedulers fed
 diffusers' sigma = 1 is noise and its flow velocity is noise - data, so its scheduler is fed t = 1 - sigma and the
 negated velocity; the wrapper is checked by reproducing our Euler from the same noise. The exact Gaussian-mixture
 rows (NLL gaps of few-step solves of the digits mixture's exact fields) are unchanged; `--keep-rows` keeps the rows
-of the previous results file that this run does not remake (the exact rows with `--no-exact`, and the GVP/VP zoo
-models' rows, which this script no longer measures).
+of the previous results file that this run does not remake (the exact rows with `--no-exact`, and every other
+model's rows).
+
+`--model` runs the same comparison on another zoo cell (GVP and VP paths; velocity or noise prediction). diffusers'
+flow schedulers assume the Linear path, so they see the cell's path through a change of variables that keeps its
+probability flow (`as_linear`: `x_lin = x / (alpha_t + sigma_t)` at the Linear time of the same log-SNR; checked
+against the exact Linear field of a Gaussian mixture in `tests/test_few_step.py`); the wrapper check is then that
+FlowMatchEuler with 250 steps lands on our Heun-250 solve.
 """
 import argparse
 import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sit_workbench.evaluate import digits_metrics, sample_nll
 from sit_workbench.fit_solver import REFERENCE_NAME, fit_solver, model_velocity, reference_solve
 from sit_workbench.registry import SamplerSpec
 from sit_workbench.sample import Guidance, generate, random_labels, sample_noise
-from sit_workbench.solvers import (data_prediction, log_step_grid, optimize_schedule, schedule_dir, search_schedule,
-                                   shift_times)
+from sit_workbench.interpolants import LinearPath
+from sit_workbench.solvers import _t_of_lambda, data_prediction, optimize_schedule, schedule_dir, search_schedule
 from sit_workbench.studies.path_length import digits_mixture
-from sit_workbench.studies.zoo import final_steps, machine, zoo_config, zoo_dir
+from sit_workbench.studies.zoo import ZOO, final_steps, machine, zoo_config, zoo_dir
 from sit_workbench.transport import Sampler, create_transport
 
 REFERENCE = ("heun2, 126 points (250 NFE)", dict(sampling_method="heun2", num_steps=126))
@@ -55,10 +60,11 @@ OURS_OWN = ("abm3", "dpm++2m", "dpm++3m", "unipc")     # on the uniform grid
 SHIFTS = (0.35, 0.5, 0.7, 1.0)                         # diffusers' shift, chosen on fitting noise (1.5 and 3 never won)
 
 
-def converged(name, setting="full"):
-    """`(model, transport, checkpoint, steps)`: zoo model `name` at its converged rung (`final_steps`), loaded from
-    the zoo; a `SystemExit` naming the folder when the zoo does not hold it (a benchmark never trains)."""
-    steps = final_steps(name, setting)
+def converged(name, setting="full", steps=None):
+    """`(model, transport, checkpoint, steps)`: zoo model `name` at its converged rung (`final_steps`; `steps`: another
+    rung, for a quick look), loaded from the zoo; a `SystemExit` naming the folder when the zoo does not hold it (a
+    benchmark never trains)."""
+    steps = final_steps(name, setting) if steps is None else int(steps)
     ck = Path(zoo_config(name, setting, steps).output_dir) / f"checkpoint-{steps}"
     if not (ck / "trainer_state.json").is_file():
         raise SystemExit(f"the zoo has no {ck} ({name} at its converged rung, {steps} steps): point SIT_WORKBENCH_ZOO "
@@ -88,6 +94,48 @@ def diffusers_schedulers():
         "UniPC (bh2, order 2)": (lambda s: UniPCMultistepScheduler(solver_order=2, solver_type="bh2", flow_shift=s,
                                                                    **flow), 1, "set_timesteps(sigmas=...)"),
     }
+
+
+def is_linear(transport): return isinstance(transport.path_sampler, LinearPath)
+
+
+def _coefs(path, t):
+    t = torch.as_tensor(t, dtype=torch.float64)
+    (a, da), (s, ds) = path.compute_alpha_t(t), path.compute_sigma_t(t)
+    return a, da, s, ds
+
+
+def linear_time(transport, t):
+    """Our time `t` on the transport's path as the Linear path's (what diffusers' flow schedulers assume: sigma = 1 -
+    t_lin): `x = alpha_t data + sigma_t noise` is `(alpha_t + sigma_t) x_lin`, `x_lin` on the Linear path at
+    `t_lin = alpha_t / (alpha_t + sigma_t)` (the same log-SNR)."""
+    a, _, s, _ = _coefs(transport.path_sampler, t)
+    return a / (a + s)
+
+
+def path_time(transport, t_lin):
+    "The inverse of `linear_time`: the path's time of the Linear time `t_lin`, within the sampling interval."
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, sde=False, eval=True)
+    t_lin = torch.as_tensor(t_lin, dtype=torch.float64)
+    if float(t_lin) <= 0: return torch.tensor(t0, dtype=torch.float64)
+    if float(t_lin) >= 1: return torch.tensor(t1, dtype=torch.float64)
+    return _t_of_lambda(transport.path_sampler, torch.log(t_lin / (1 - t_lin)), t0, t1)
+
+
+def as_linear(transport, velocity):
+    """`velocity(x, t, rows)` of any path as the Linear path's flow velocity `(x_lin, t_lin, rows) -> data - noise`:
+    the state is scaled to the path (`x = (alpha_t + sigma_t) x_lin`), the path's velocity `alpha'_t data + sigma'_t
+    noise` and the state give data and noise, and `data - noise` is the Linear path's velocity. The same probability
+    flow, in other coordinates: a Gaussian-mixture test checks it against the exact Linear field."""
+    path = transport.path_sampler
+    def vel(x_lin, t_lin, rows):
+        t = path_time(transport, t_lin)
+        a, da, s, ds = (c.to(x_lin.dtype) for c in _coefs(path, t))
+        x = (a + s) * x_lin
+        v = velocity(x, t.to(x_lin.dtype), rows)
+        data = (ds * x - s * v) / (ds * a - s * da)
+        return data - (x - a * data) / s
+    return vel
 
 
 def _set_grid(scheduler, ts):
@@ -126,16 +174,25 @@ def run_diffusers(scheduler, velocity, z, nfe, per_step=1, grid=None):
 
 
 def check_wrapper(model, transport, n=64, steps=10):
-    "diffusers' FlowMatchEuler on sigmas 1, 1 - 1/K, ..., 1/K through the wrapper equals our Euler on K + 1 points."
+    """On the Linear path: diffusers' FlowMatchEuler on sigmas 1, 1 - 1/K, ..., 1/K through the wrapper equals our Euler
+    on K + 1 points. On another path (seen through `as_linear`, where Euler is another method): FlowMatchEuler on 250
+    steps of the path's own sampling interval lands on our Heun-250 solve (`rmse_to_heun250`; its own sigmas would
+    evaluate past a VP path's last time, 1 - eps, whose log-SNR a 1/250 sigma exceeds)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     y = random_labels(n, model.num_classes, seed=0)
     z = sample_noise(range(n), (model.in_channels, model.input_size, model.input_size), seed=0)
+    if not is_linear(transport):
+        ref = reference_solve(model, transport, z, y)[-1]
+        t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, sde=False, eval=True)
+        x, nfe = theirs(model, transport, "FlowMatchEuler", _Fixed(z, y), None, 250,
+                        grid=torch.linspace(t0, t1, 251, dtype=torch.float64))
+        return {"rmse_to_heun250": rmse_unclamped(x, ref), "nfe": nfe}
     fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=steps + 1)
-    with torch.no_grad(): ours = fn(z, model.forward, y=y)[-1]
+    with torch.no_grad(): mine = fn(z, model.forward, y=y)[-1]
     v = model_velocity(model, transport, y)
-    theirs, nfe = run_diffusers(FlowMatchEulerDiscreteScheduler(shift=1.0), lambda x, t: v(x, t, torch.arange(n)), z,
-                                steps, grid=torch.linspace(0, 1, steps + 1, dtype=torch.float64))
-    return {"max_abs_difference": float((ours - theirs).abs().max()), "nfe": nfe}
+    got, nfe = run_diffusers(FlowMatchEulerDiscreteScheduler(shift=1.0), lambda x, t: v(x, t, torch.arange(n)), z,
+                             steps, grid=torch.linspace(0, 1, steps + 1, dtype=torch.float64))
+    return {"max_abs_difference": float((mine - got).abs().max()), "nfe": nfe}
 
 
 # --- the measurement -------------------------------------------------------------------------------------------
@@ -145,10 +202,10 @@ def rmse_unclamped(a, b): return float(((a - b) ** 2).mean().sqrt())
 
 class Batch:
     "Noise, labels and the Heun-250 reference (every state) of one seed, with the guidance `g`."
-    def __init__(self, model, transport, n, seed, g, cache=None, progress=False):
+    def __init__(self, model, transport, n, seed, g, cache=None, progress=False, name=MODEL):
         self.z = sample_noise(range(n), (model.in_channels, model.input_size, model.input_size), seed=seed)
         self.y = random_labels(n, model.num_classes, seed=seed)
-        f = None if cache is None else Path(cache) / f"ref-{MODEL}-n{n}-seed{seed}-cfg{g.scale:g}.pt"
+        f = None if cache is None else Path(cache) / f"ref-{name}-n{n}-seed{seed}-cfg{g.scale:g}.pt"
         start, self.cached = time.time(), f is not None and f.is_file()
         if self.cached:
             d = torch.load(f)
@@ -171,12 +228,25 @@ def ours(model, tr, spec, b, g, sdir, m=None):
     return generate(model, fn, y, g, noise=z).samples, fn.nfe
 
 
+class _Fixed:
+    "Noise and labels given (no reference): what `theirs` reads of a `Batch`."
+    def __init__(self, z, y): self.z, self.y = z, y
+    def sub(self, m): return self.z[:m], self.y[:m], None
+
+
 def theirs(model, tr, name, b, g, nfe, shift=1.0, grid=None, m=None):
-    "A diffusers scheduler's solve from the batch's noise with the same guided velocity (the first `m` samples)."
+    """A diffusers scheduler's solve from the batch's noise with the same guided velocity (the first `m` samples). On
+    a path other than Linear the schedulers see it through `as_linear`: the noise is scaled so the first evaluation
+    is at the path's own start, and a grid of our times is mapped to Linear times (`linear_time`)."""
     make, per_step, _ = diffusers_schedulers()[name]
     z, y, _ = b.sub(m or len(b.z))
-    v = model_velocity(model, tr, y, g)
-    return run_diffusers(make(shift), lambda x, t: v(x, t, torch.arange(len(z))), z, nfe, per_step, grid)
+    v, rows = model_velocity(model, tr, y, g), torch.arange(len(z))
+    if is_linear(tr):
+        return run_diffusers(make(shift), lambda x, t: v(x, t, rows), z, nfe, per_step, grid)
+    a, _, s, _ = _coefs(tr.path_sampler, path_time(tr, 0.0))
+    lin = as_linear(tr, v)
+    return run_diffusers(make(shift), lambda x, t: lin(x, t, rows), z / float(a + s), nfe, per_step,
+                         None if grid is None else linear_time(tr, grid))
 
 
 def heun_grid(ts):
@@ -189,12 +259,12 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
     g = Guidance(float(scale), None, None)          # classifier-free guidance on every channel (pixel space)
     sdir = schedule_dir(ck)
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
-    fit = Batch(model, tr, args.n_fit, 1, g, args.cache, progress)
-    held = Batch(model, tr, args.n, 0, g, args.cache, progress)
+    fit = Batch(model, tr, args.n_fit, 1, g, args.cache, progress, args.model)
+    held = Batch(model, tr, args.n, 0, g, args.cache, progress, args.model)
     m, c, rows, info = args.search_samples, args.choice_samples, [], {}
     def add(solver, impl, grid, x, calls, nfe, **extra):
         met = digits_metrics((x.clamp(-1, 1) + 1) / 2, held.y, clf, bootstrap=20)
-        rows.append({"model": MODEL, "guidance": float(scale), "solver": solver, "implementation": impl, "grid": grid,
+        rows.append({"model": args.model, "guidance": float(scale), "solver": solver, "implementation": impl, "grid": grid,
                      "nfe": nfe, "calls": calls, "rmse_to_reference": rmse(x, held.ref),
                      "rmse_unclamped": rmse_unclamped(x, held.ref), "digits_fid": met["digits_fid"],
                      "digits_fid_std": met["digits_fid_std"], "accuracy": met["accuracy"], "reference": REFERENCE[0],
@@ -324,6 +394,9 @@ def main():
     ap.add_argument("--fit-diffusers-grids", action="store_true",
                     help="also search a grid for each diffusers scheduler itself (default: the better of ours)")
     ap.add_argument("--setting", default="full", help="zoo setting (default full: the converged zoo)")
+    ap.add_argument("--model", default=MODEL, choices=sorted(ZOO), help=f"zoo cell (default {MODEL})")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="the cell's rung to use (default its converged rung; another one is for a quick look only)")
     ap.add_argument("--cache", default=None, help="folder to keep the Heun-250 references in between runs (default: none)")
     ap.add_argument("--no-exact", action="store_true", help="skip the exact Gaussian-mixture rows")
     ap.add_argument("--keep-rows", action="store_true",
@@ -332,22 +405,23 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     from sit_workbench.studies.zoo import _classifier
-    model, tr, ck, steps = converged(MODEL, args.setting)
+    model, tr, ck, steps = converged(args.model, args.setting, args.steps)
     t_start, clf = time.time(), _classifier()
     wrapper = check_wrapper(model, tr)
-    print("wrapper check (diffusers FlowMatchEuler vs our euler):", wrapper, flush=True)
+    print("wrapper check (diffusers FlowMatchEuler vs our " + ("euler" if is_linear(tr) else "heun2, 250 NFE") + "):",
+          wrapper, flush=True)
     rows, timing = [], {}
     for scale in args.guidance:
         r, timing[f"{scale:g}"] = guidance_rows(model, tr, ck, steps, scale, args.nfe, args, clf)
         rows += r
-    made = {MODEL}
+    made = {args.model}
     if not args.no_exact:
         exact = exact_rows([6, 8, 10], 5 * args.n, True)
         rows += exact; made |= {r["model"] for r in exact}
     out = Path(args.out)
     kept, kept_date = kept_rows(out, made) if args.keep_rows else ([], None)
     doc = {"study": "few_step", "machine": machine(), "date": time.strftime("%Y-%m-%d"), "reference": REFERENCE[0],
-           "zoo": str(zoo_dir(args.setting)), "zoo_steps": {MODEL: steps}, "checkpoint": str(ck),
+           "zoo": str(zoo_dir(args.setting)), "zoo_steps": {args.model: steps}, "checkpoint": str(ck),
            "wrapper_check": wrapper, "n": args.n, "n_fit": args.n_fit, "search_samples": args.search_samples,
            "choice_samples": args.choice_samples, "evals": args.evals, "grid_evals": args.grid_evals, "guidance": args.guidance, "shifts": list(SHIFTS),
            "timing": timing, "seconds": round(time.time() - t_start),

@@ -42,7 +42,7 @@ def test_rows(loaded):
     torch.manual_seed(0)
     clf = DigitsClassifier().eval()                          # an untrained classifier: the plumbing, not the values
     model, tr, ck, steps = loaded
-    args = argparse.Namespace(n=6, n_fit=8, search_samples=4, choice_samples=4, evals=3, grid_evals=3, cache=None,
+    args = argparse.Namespace(model=B.MODEL, n=6, n_fit=8, search_samples=4, choice_samples=4, evals=3, grid_evals=3, cache=None,
                               fit_diffusers_grids=False)
     rows, timing = B.guidance_rows(model, tr, ck, steps, 2.0, [4], args, clf, progress=False)
     assert (ck / "schedules" / "learned-cfg2.json").is_file() and timing["per_nfe"][4]["learned_fit_seconds"] > 0
@@ -139,3 +139,31 @@ def test_learned_method_without_a_fit_says_how_to_make_one(tiny_digits_run, tmp_
              "--out", tmp_path / "x.png")
     err = capsys.readouterr().err
     assert "no learned solver fitted for guidance 4 at 5 NFE" in err and f"fit-solver {ck} --nfe 5 --cfg-scale 4" in err, err
+
+
+@pytest.mark.parametrize("path", ["GVP", "VP"])
+@pytest.mark.parametrize("prediction", ["velocity", "noise"])
+def test_diffusers_see_any_path_as_the_linear_one(path, prediction):
+    """`as_linear` turns a path's field into the Linear path's flow velocity: on a Gaussian mixture the GVP / VP
+    exact field, seen through it, is the exact Linear field at the same state and Linear time (whatever the network
+    predicts), and `linear_time` / `path_time` invert each other inside the sampling interval."""
+    from sit_workbench.gaussian import GaussianMixture
+    from sit_workbench.transport import create_transport
+    gen = torch.Generator().manual_seed(0)
+    gm = GaussianMixture(torch.randn(4, 6, dtype=torch.float64, generator=gen),
+                         torch.rand(4, 6, dtype=torch.float64, generator=gen) * 0.5 + 0.2)
+    tr, lin = create_transport(path, prediction), create_transport("Linear", "velocity")
+    out = gm.model(tr.path_sampler, prediction)
+    def velocity(x, t, rows):
+        tt = torch.as_tensor(t, dtype=x.dtype).expand(len(x))
+        return tr.velocity_from_output(out(x, tt), x, tt)
+    exact = gm.model(lin.path_sampler, "velocity")
+    seen = B.as_linear(tr, velocity)
+    x = torch.randn(32, 6, dtype=torch.float64, generator=gen)
+    t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
+    for t_lin in (0.1, 0.3, 0.5, 0.8, 0.95):
+        t = B.path_time(tr, t_lin)
+        assert t0 < float(t) < t1 and abs(float(B.linear_time(tr, t)) - t_lin) < 1e-9
+        want = exact(x, torch.full((32,), t_lin, dtype=torch.float64))
+        assert torch.allclose(seen(x, torch.tensor(t_lin, dtype=torch.float64), None), want, atol=1e-6), t_lin
+    assert float(B.path_time(tr, 0.0)) == t0 and float(B.path_time(tr, 1.0)) == t1
