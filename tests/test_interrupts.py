@@ -15,9 +15,16 @@ from sit_workbench.errors import EXIT_PREEMPTED
 ENV_EXTRA = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _default_sigint():
+    """In the child, before exec: Ctrl-C as a terminal delivers it, even where this test runs with SIGINT ignored (a
+    shell's background job, nohup), which the child would inherit and Python then leaves ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*argv):
     return subprocess.Popen([sys.executable, "-c", "from sit_workbench.cli import main; main()", *map(str, argv)],
-                            env={**os.environ, **ENV_EXTRA}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, **ENV_EXTRA}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for(pred, proc, timeout=180):
