@@ -467,8 +467,7 @@ def fixed_step_grid(schedule, adaptive, reverse, t0, t1, num_steps, path, direct
         raise UserError(f"schedule={schedule!r} needs a fixed-step or multistep method, integrating noise to data")
     return time_grid(schedule, t0, t1, num_steps, path, directory)
 
-def multistep_sampler(transport, method, num_steps, schedule="uniform", directory=None, progress=False, reverse=False,
-                      guidance=None):
+def multistep_sampler(transport, method, num_steps, schedule="uniform", directory=None, progress=False, reverse=False):
     """A `SampleFn` solving `transport`'s ODE (or SDE, 'sde-...') with
     `multistep_solve` on the grid `schedule` (`time_grid`): one network evaluation per step, `num_steps - 1` in all
     (`LEARNED`, the learned solver, is built by `learned.learned_sampler`)."""

@@ -349,8 +349,7 @@ class Sampler:
         if sampling_method == LEARNED:
             return learned_sampler(self.transport, num_steps, schedule, schedule_dir, progress, guidance, reverse)
         if sampling_method in ODE_MULTISTEP:
-            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse,
-                                     guidance)
+            return multistep_sampler(self.transport, sampling_method, num_steps, schedule, schedule_dir, progress, reverse)
         if atol <= 0 or rtol <= 0: raise UserError(f"atol and rtol must be positive, got atol={atol}, rtol={rtol}")
         tr = self.transport
         t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True, reverse=reverse)
