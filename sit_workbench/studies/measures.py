@@ -152,7 +152,7 @@ def paired_bootstrap_difference(features_a, features_b, ref_features, n_boot=200
             "diff_std": float(d.std(ddof=1)), "lo": float(np.percentile(d, 2.5)), "hi": float(np.percentile(d, 97.5)),
             "n_boot": n_boot}
 
-HEUN_LADDER = (6, 11, 26, 51, 126)    # heun2 time points: 10, 20, 50, 100, 250 NFE
+HEUN_LADDER = (6, 11, 26, 51, 126, 251, 501)    # heun2 time points: 10, 20, 50, 100, 250, 500, 1000 NFE
 
 def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="balanced", ladder=HEUN_LADDER,
                   bootstrap=20, clf=None, always=(26, 126), rtol=0.1, batch_size=1000, keep_samples=False) -> dict:

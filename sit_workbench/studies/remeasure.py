@@ -19,8 +19,8 @@ from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn
 from ..errors import UserError
 
 # %% auto 0
-__all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'measures', 'seed_checkpoint', 'features_path', 'measure_row', 'seed_summary',
-           'paired_cells', 'run_study', 'cell_table', 'seed_table']
+__all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'FINAL_RULE', 'measures', 'seed_checkpoint', 'features_path', 'measure_row',
+           'converged_steps', 'seed_summary', 'paired_cells', 'run_study', 'cell_table', 'seed_table']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -91,6 +91,19 @@ def measure_row(name, setting, steps, seed=0, clf=None, progress=False) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 # %% ../../nbs/14c_remeasure.ipynb
+FINAL_RULE = "the first rung whose converged FID is within sqrt(s_k^2 + s_{k-1}^2) of the rung below; else the last rung"
+
+def converged_steps(ladder_rows) -> int:
+    """A cell's final rung from its seed-0 ladder rows, measured with the converged sampler: the first rung whose
+    converged FID agrees with the rung below within their bootstrap errors (the convergence study's rule, `FINAL_RULE`),
+    else the highest rung measured."""
+    rs = sorted(ladder_rows, key=lambda r: r["steps"])
+    if not rs: raise UserError("converged_steps needs at least one measured rung")
+    for prev, row in zip(rs, rs[1:]):
+        if abs(row["converged_fid"] - prev["converged_fid"]) <= math.hypot(row["converged_fid_std"], prev["converged_fid_std"]):
+            return int(row["steps"])
+    return int(rs[-1]["steps"])
+
 def seed_summary(rows) -> list[dict]:
     "Per cell at its final rung: the training seeds measured, and the mean and spread over them of FID, NLL and loss."
     out = []
@@ -126,9 +139,10 @@ def paired_cells(setting, finals, n_boot=200) -> list[dict]:
 
 # %% ../../nbs/14c_remeasure.ipynb
 def run_study(setting="quick", progress=False, models=None) -> dict:
-    """Measure (resuming) the reference rows, every cell of `models` (default: the zoo) at every rung of the ladder,
-    and training seeds `EXTRA_SEEDS` at each cell's final rung; then the per-cell seed spread and the paired
-    differences between cells. Writes and returns the results."""
+    """Measure (resuming) the reference rows, every cell of `models` (default: the zoo) at every rung of the ladder up
+    to `zoo.final_steps`, and training seeds `EXTRA_SEEDS` at each cell's final rung as measured here
+    (`converged_steps`); then the per-cell seed spread and the paired differences between cells. Writes and returns
+    the results."""
     from tqdm.auto import tqdm
     from sit_workbench.digits import load_or_train_classifier
     from sit_workbench.evaluate import digits_reference_rows
@@ -137,26 +151,32 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     for m in models:
         if m not in ZOO: raise UserError(f"unknown zoo model {m!r}; choose from {', '.join(ZOO)}")
     t0, clf = time.time(), load_or_train_classifier()
-    finals = {name: final_steps(name, s) for name in models}
-    plan = [(name, steps, 0) for steps in s.ladder for name in models if steps <= finals[name]]
-    plan += [(name, finals[name], k) for name in models for k in EXTRA_SEEDS]
+    tops = {name: final_steps(name, s) for name in models}      # how far up the ladder: the convergence study's rungs
+    ladder = [(name, steps, 0) for steps in s.ladder for name in models if steps <= tops[name]]
     log = RowLog(STUDY, s)
-    bar = tqdm(total=1 + len(plan), desc="remeasure", disable=not progress)
+    bar = tqdm(total=1 + len(ladder) + len(models) * len(EXTRA_SEEDS), desc="remeasure", disable=not progress)
     refs = log.row("reference", lambda: digits_reference_rows(s.num_samples, clf)); bar.update()
     rows = [{**r, "role": "reference"} for r in refs]
-    for name, steps, seed in plan:
+
+    def measure(name, steps, seed):
         bar.set_postfix_str(f"{name} @ {steps}, seed {seed}")
         row = log.row(f"{name}/{steps}/seed{seed}", lambda: measure_row(name, s, steps, seed, clf, progress=False))
-        role = "seeds" if steps == finals[name] else "ladder"
-        rows.append({**row, "role": role})     # seed 0 at the final rung: both the ladder's last rung and a seed
         bar.update()
         if progress:
             bar.write(f"{name} @ {steps} seed {seed}: FID {row['converged_fid']:.2f} ± {row['converged_fid_std']:.2f} "
                       f"at {row['converged_nfe']} NFE, NLL {row['nll_bpd']:.3f} ± {row['nll_bpd_se']:.3f} bpd, "
                       f"nn_ratio {row['nn_ratio']:.2f} ({row['seconds']:.0f} s)")
+        return row
+
+    walked = [measure(*p) for p in ladder]
+    finals = {name: converged_steps([r for r in walked if r["model"] == name]) for name in models}
+    seeds = [measure(name, finals[name], k) for name in models for k in EXTRA_SEEDS]
     bar.close()
+    for row in walked + seeds:      # seed 0 at the final rung: both a rung of the ladder and a seed
+        rows.append({**row, "role": "seeds" if row["steps"] == finals[row["model"]] else "ladder"})
     m = measures(s)
-    res = {"models": models, "final_steps": finals, "extra_seeds": list(EXTRA_SEEDS), "measures": m,
+    res = {"models": models, "final_steps": finals, "zoo_final_steps": tops, "final_rule": FINAL_RULE,
+           "extra_seeds": list(EXTRA_SEEDS), "measures": m,
            "cells": seed_summary(rows), "paired": paired_cells(s, finals, n_boot=m["n_boot"]),
            "seconds": round(time.time() - t0)}
     save_results(STUDY, s, rows, **res)
