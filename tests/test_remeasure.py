@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sit_workbench.studies import remeasure as study
-from sit_workbench.studies.zoo import results_path
+from sit_workbench.studies.zoo import get_setting, results_path, save_results
 
 CELLS = ["linear-velocity", "vp-noise"]
 FIELDS = {"model", "steps", "train_seed", "converged_fid", "converged_fid_std", "converged_nfe", "fid_50", "fid_250",
@@ -18,6 +18,9 @@ FIELDS = {"model", "steps", "train_seed", "converged_fid", "converged_fid_std", 
 def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path / "zoo"))
+    # another study's results of the same setting, to be joined with the re-measurement at the end
+    save_results("design_space", "quick", [{"model": "linear-velocity", "digits_fid": 99.0}, {"model": "not a cell"}],
+                 zoo_steps={"linear-velocity": 150})
     real, calls = study.measure_row, []
     def counted(*a, stop_at=None, **k):
         calls.append(a[:4])
@@ -53,3 +56,11 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     by = {(r["model"], r["train_seed"]): r for r in rows if r["steps"] == 150}
     assert abs(p["fid_diff"] - (by["linear-velocity", 0]["converged_fid"] - by["vp-noise", 0]["converged_fid"])) < 1e-9
     assert study.cell_table(res)[0]["model"].startswith("floor") and len(study.seed_table(res)) == 2
+    assert all(r["train_seeds"] == [r["train_seed"]] for r in rows)
+
+    joined = json.loads(results_path("design_space", "quick").read_text())
+    floor, memo, cell, other = joined["rows"]
+    assert floor["role"] == memo["role"] == "reference" and floor["digits_fid"] == res["rows"][0]["digits_fid"]
+    assert cell["digits_fid"] == 99.0 and cell["train_seeds"] == [0, 1, 2] and cell["remeasured_steps"] == 150
+    assert cell["converged_fid"] == by["linear-velocity", 0]["converged_fid"] and cell["nll_bpd"] == by["linear-velocity", 0]["nll_bpd"]
+    assert cell["converged_fid_seed_std"] == cells["linear-velocity"]["converged_fid_seed_std"] and "nll_bpd" not in other

@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, save_results,
-                                       trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir)
+from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, results_path,
+                                       save_results, trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir)
 from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn_ratio,
                                             paired_bootstrap_difference, paired_difference)
 from ..errors import UserError
 
 # %% auto 0
-__all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'FINAL_RULE', 'measures', 'seed_checkpoint', 'features_path', 'measure_row',
-           'converged_steps', 'seed_summary', 'paired_cells', 'run_study', 'cell_table', 'seed_table']
+__all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures', 'seed_checkpoint',
+           'features_path', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells', 'annotate',
+           'annotate_studies', 'run_study', 'cell_table', 'seed_table']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -138,6 +139,50 @@ def paired_cells(setting, finals, n_boot=200) -> list[dict]:
     return out
 
 # %% ../../nbs/14c_remeasure.ipynb
+CELL_FIELDS = ("converged_fid", "converged_fid_std", "converged_nfe", "nll_bpd", "nll_bpd_se", "heldout_loss", "nn_ratio")
+ANNOTATED = ("convergence", "path_length", "nfe", "w_t", "design_space")   # the studies whose rows name zoo cells
+
+def annotate(doc, remeasured) -> dict:
+    """`doc` (a study's results) with `remeasured` (this study's results) joined in: the floor and memoriser rows first
+    (role 'reference', unless `doc` has reference rows), and in every row of a zoo cell with a seed-0 measurement at
+    the rung it used (`steps`, else `doc['zoo_steps']`): `CELL_FIELDS`, `remeasured_steps`, `train_seeds`, and at the
+    cell's final rung the spread over the seeds (`converged_fid_seed_std`, `nll_bpd_seed_std`)."""
+    if remeasured.get("setting") != doc.get("setting"):
+        raise UserError(f"the re-measurement is of setting {remeasured.get('setting', {}).get('name')!r}, the "
+                        f"{doc.get('study')!r} results of {doc.get('setting', {}).get('name')!r}")
+    measured = {(r["model"], r["steps"]): r for r in remeasured["rows"]
+                if r.get("role") != "reference" and r["train_seed"] == 0}
+    cells = {c["model"]: c for c in remeasured["cells"]}
+    has_refs = any(r.get("role") == "reference" for r in doc["rows"])
+    rows = [] if has_refs else [dict(r) for r in remeasured["rows"] if r.get("role") == "reference"]
+    for r in doc["rows"]:
+        name = r.get("model")
+        steps = r.get("steps", doc.get("zoo_steps", {}).get(name)) if name in ZOO else None
+        m = measured.get((name, steps))
+        if m is not None:
+            r = {**r, **{k: m[k] for k in CELL_FIELDS}, "remeasured_steps": steps, "train_seeds": [0]}
+            c = cells.get(name)
+            if c is not None and c["steps"] == steps:
+                r.update(train_seeds=c["train_seeds"], converged_fid_seed_std=c["converged_fid_seed_std"],
+                         nll_bpd_seed_std=c["nll_bpd_seed_std"])
+        rows.append(r)
+    return {**doc, "rows": rows, "remeasured": {"date": remeasured["date"], "final_steps": remeasured["final_steps"]}}
+
+def annotate_studies(setting) -> list[Path]:
+    "Join this study's results into each of `ANNOTATED` that has results for `setting` (rewritten in place, atomically)."
+    import json
+    s = get_setting(setting)
+    remeasured, done = load_results(STUDY, s), []
+    for study in ANNOTATED:
+        path = results_path(study, s)
+        if not path.is_file(): continue
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(annotate(json.loads(path.read_text()), remeasured), indent=1) + "\n")
+        tmp.replace(path)
+        done.append(path)
+    return done
+
+# %% ../../nbs/14c_remeasure.ipynb
 def run_study(setting="quick", progress=False, models=None) -> dict:
     """Measure (resuming) the reference rows, every cell of `models` (default: the zoo) at every rung of the ladder up
     to `zoo.final_steps`, and training seeds `EXTRA_SEEDS` at each cell's final rung as measured here
@@ -173,7 +218,8 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     seeds = [measure(name, finals[name], k) for name in models for k in EXTRA_SEEDS]
     bar.close()
     for row in walked + seeds:      # seed 0 at the final rung: both a rung of the ladder and a seed
-        rows.append({**row, "role": "seeds" if row["steps"] == finals[row["model"]] else "ladder"})
+        rows.append({**row, "role": "seeds" if row["steps"] == finals[row["model"]] else "ladder",
+                     "train_seeds": [row["train_seed"]]})
     m = measures(s)
     res = {"models": models, "final_steps": finals, "zoo_final_steps": tops, "final_rule": FINAL_RULE,
            "extra_seeds": list(EXTRA_SEEDS), "measures": m,
@@ -181,6 +227,7 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
            "seconds": round(time.time() - t0)}
     save_results(STUDY, s, rows, **res)
     log.finish()
+    annotate_studies(s)
     return load_results(STUDY, s)
 
 # %% ../../nbs/14c_remeasure.ipynb
