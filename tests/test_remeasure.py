@@ -59,7 +59,7 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     assert all(r["train_seeds"] == [r["train_seed"]] for r in rows)
 
     joined = json.loads(results_path("design_space", "quick").read_text())
-    floor, memo, cell, other = joined["rows"]
+    (floor, memo), (cell, other) = joined["reference_rows"], joined["rows"]
     assert floor["role"] == memo["role"] == "reference" and floor["digits_fid"] == res["rows"][0]["digits_fid"]
     assert cell["digits_fid"] == 99.0 and cell["train_seeds"] == [0, 1, 2] and cell["remeasured_steps"] == 150
     assert cell["converged_fid"] == by["linear-velocity", 0]["converged_fid"] and cell["nll_bpd"] == by["linear-velocity", 0]["nll_bpd"]

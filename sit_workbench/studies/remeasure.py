@@ -143,18 +143,18 @@ CELL_FIELDS = ("converged_fid", "converged_fid_std", "converged_nfe", "nll_bpd",
 ANNOTATED = ("convergence", "path_length", "nfe", "w_t", "design_space")   # the studies whose rows name zoo cells
 
 def annotate(doc, remeasured) -> dict:
-    """`doc` (a study's results) with `remeasured` (this study's results) joined in: the floor and memoriser rows first
-    (role 'reference', unless `doc` has reference rows), and in every row of a zoo cell with a seed-0 measurement at
-    the rung it used (`steps`, else `doc['zoo_steps']`): `CELL_FIELDS`, `remeasured_steps`, `train_seeds`, and at the
-    cell's final rung the spread over the seeds (`converged_fid_seed_std`, `nll_bpd_seed_std`)."""
+    """`doc` (a study's results) with `remeasured` (this study's results) joined in: the floor and memoriser rows as
+    `reference_rows` (beside `rows`, so the study's readers see its own rows only), and in every row of a zoo cell
+    with a seed-0 measurement at the rung it used (`steps`, else `doc['zoo_steps']`): `CELL_FIELDS`,
+    `remeasured_steps`, `train_seeds`, and at the cell's final rung the spread over the seeds
+    (`converged_fid_seed_std`, `nll_bpd_seed_std`)."""
     if remeasured.get("setting") != doc.get("setting"):
         raise UserError(f"the re-measurement is of setting {remeasured.get('setting', {}).get('name')!r}, the "
                         f"{doc.get('study')!r} results of {doc.get('setting', {}).get('name')!r}")
     measured = {(r["model"], r["steps"]): r for r in remeasured["rows"]
                 if r.get("role") != "reference" and r["train_seed"] == 0}
     cells = {c["model"]: c for c in remeasured["cells"]}
-    has_refs = any(r.get("role") == "reference" for r in doc["rows"])
-    rows = [] if has_refs else [dict(r) for r in remeasured["rows"] if r.get("role") == "reference"]
+    rows = []
     for r in doc["rows"]:
         name = r.get("model")
         steps = r.get("steps", doc.get("zoo_steps", {}).get(name)) if name in ZOO else None
@@ -166,7 +166,9 @@ def annotate(doc, remeasured) -> dict:
                 r.update(train_seeds=c["train_seeds"], converged_fid_seed_std=c["converged_fid_seed_std"],
                          nll_bpd_seed_std=c["nll_bpd_seed_std"])
         rows.append(r)
-    return {**doc, "rows": rows, "remeasured": {"date": remeasured["date"], "final_steps": remeasured["final_steps"]}}
+    refs = [dict(r) for r in remeasured["rows"] if r.get("role") == "reference"]
+    return {**doc, "rows": rows, "reference_rows": refs,
+            "remeasured": {"date": remeasured["date"], "final_steps": remeasured["final_steps"]}}
 
 def annotate_studies(setting) -> list[Path]:
     "Join this study's results into each of `ANNOTATED` that has results for `setting` (rewritten in place, atomically)."
