@@ -21,7 +21,7 @@ from ..errors import UserError
 # %% auto 0
 __all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures', 'seed_checkpoint',
            'features_path', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells', 'annotate',
-           'annotate_studies', 'run_study', 'cell_table', 'seed_table']
+           'annotate_studies', 'run_study', 'cell_table', 'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -252,3 +252,42 @@ def seed_table(results) -> list[dict]:
     return [{"model": c["model"], "steps": c["steps"], "seeds": c["train_seeds"],
              "converged FID": _pm(c["converged_fid_mean"], c["converged_fid_seed_std"] or 0.0),
              "NLL bpd": _pm(c["nll_bpd_mean"], c["nll_bpd_seed_std"] or 0.0, 3)} for c in results["cells"]]
+
+# %% ../../nbs/14c_remeasure.ipynb
+def plot_study(results, convergence=None, path=None):
+    """Per cell against training steps (training seed 0): the converged digits-FID beside the convergence study's
+    50-NFE value (dashed, from `convergence`, its results), with the floor and memoriser bands; the held-out NLL; the
+    nn_ratio. A star marks each cell's final rung."""
+    import matplotlib.pyplot as plt
+    rows = [r for r in results["rows"] if r.get("role") != "reference" and r["train_seed"] == 0]
+    refs = [r for r in results["rows"] if r.get("role") == "reference"]
+    finals = results.get("final_steps", {})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for i, name in enumerate(ZOO):
+        rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["steps"])
+        if not rs: continue
+        st = [r["steps"] for r in rs]
+        style = dict(marker="o", ms=4, color=f"C{i}", ls="-" if "velocity" in name else "-.", label=name)
+        axes[0].errorbar(st, [r["converged_fid"] for r in rs], yerr=[r["converged_fid_std"] for r in rs], capsize=3, **style)
+        if convergence is not None:
+            old = sorted((r for r in convergence["rows"] if r.get("model") == name), key=lambda r: r["steps"])
+            axes[0].plot([r["steps"] for r in old], [r["digits_fid"] for r in old], ls=":", color=f"C{i}", alpha=0.8)
+        axes[1].errorbar(st, [r["nll_bpd"] for r in rs], yerr=[r["nll_bpd_se"] for r in rs], capsize=3, **style)
+        axes[2].plot(st, [r["nn_ratio"] for r in rs], **style)
+        f = next((r for r in rs if r["steps"] == finals.get(name)), None)
+        if f is not None: axes[0].plot(f["steps"], f["converged_fid"], "*", ms=14, color=f"C{i}", mec="k")
+    for r, c in zip(refs, ("0.85", "0.7")):
+        lo, hi = r["digits_fid"] - r["digits_fid_std"], r["digits_fid"] + r["digits_fid_std"]
+        axes[0].axhspan(lo, hi, color=c, alpha=0.5, label=r["model"].split(":")[0])
+    titles = ("converged digits-FID (dotted: the convergence study's 50 NFE)", "held-out NLL, bits/dim",
+              "nn_ratio of the samples (1: like the data, 0: copies)")
+    ladder = sorted({r["steps"] for r in rows})
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log"); ax.minorticks_off(); ax.set_xticks(ladder); ax.set_xticklabels([f"{x:,}" for x in ladder])
+        ax.set_xlabel("training steps"); ax.set_title(title, fontsize=10); ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    if path is not None: fig.savefig(path, dpi=110)
+    return fig
