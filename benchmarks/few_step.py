@@ -201,8 +201,9 @@ def rmse_unclamped(a, b): return float(((a - b) ** 2).mean().sqrt())
 
 
 class Batch:
-    "Noise, labels and the Heun-250 reference (every state) of one seed, with the guidance `g`."
-    def __init__(self, model, transport, n, seed, g, cache=None, progress=False, name=MODEL):
+    """Noise, labels and the Heun-250 reference (every state) of one seed, with the guidance `g`; `name` (the zoo cell)
+    keys the cached reference, so it has no default: a wrong one would compare against another model's solve."""
+    def __init__(self, model, transport, n, seed, g, name, cache=None, progress=False):
         self.z = sample_noise(range(n), (model.in_channels, model.input_size, model.input_size), seed=seed)
         self.y = random_labels(n, model.num_classes, seed=seed)
         f = None if cache is None else Path(cache) / f"ref-{name}-n{n}-seed{seed}-cfg{g.scale:g}.pt"
@@ -259,8 +260,8 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
     g = Guidance(float(scale), None, None)          # classifier-free guidance on every channel (pixel space)
     sdir = schedule_dir(ck)
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
-    fit = Batch(model, tr, args.n_fit, 1, g, args.cache, progress, args.model)
-    held = Batch(model, tr, args.n, 0, g, args.cache, progress, args.model)
+    fit = Batch(model, tr, args.n_fit, 1, g, args.model, args.cache, progress)
+    held = Batch(model, tr, args.n, 0, g, args.model, args.cache, progress)
     m, c, rows, info = args.search_samples, args.choice_samples, [], {}
     def add(solver, impl, grid, x, calls, nfe, **extra):
         met = digits_metrics((x.clamp(-1, 1) + 1) / 2, held.y, clf, bootstrap=20)

@@ -1,9 +1,11 @@
-"""How sure is each ratio of benchmarks/few_step.py? For each guidance and NFE of the Linear model's rows in
-nbs/results/few_step.json, our best row and diffusers' best row (over both grids) are solved again from the same
+"""How sure is each ratio of benchmarks/few_step.py? For each guidance and NFE of the model's rows in its results
+(`--results`: nbs/results/few_step.json, the Linear model, by default; a `--model` run's file for another cell), our best row and diffusers' best row (over both grids) are solved again from the same
 held-out noise and labels, the recorded RMS distances are checked to be reproduced, and the ratio ours/diffusers is
 bootstrapped over the held-out samples (the same resampled samples for both: a paired interval).
 
     SIT_WORKBENCH_ZOO=/path/to/zoo OMP_WAIT_POLICY=PASSIVE python benchmarks/few_step_spread.py --cache runs/few-cache
+    SIT_WORKBENCH_ZOO=/path/to/zoo python benchmarks/few_step_spread.py --cache runs/few-cache \
+        --results nbs/results/few_step_vp-velocity.json --out runs/few_step_spread_vp-velocity.json
 
 It also prints how much of each row's squared error its 5 worst samples carry: at few steps a handful of samples,
 whose few-step solve lands on another shape than the reference's, dominate the RMS distance.
@@ -16,18 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from few_step import MODEL, Batch, converged, ours, theirs
+from few_step import Batch, converged, ours, theirs
 from sit_workbench.registry import SamplerSpec
 from sit_workbench.sample import Guidance
 from sit_workbench.solvers import schedule_dir
 from sit_workbench.studies.zoo import machine
 
 
-def best_rows(rows):
-    "{(guidance, nfe): (our best row, diffusers' best row)} by `rmse_to_reference`, over both grids."
+def best_rows(rows, model):
+    "{(guidance, nfe): (our best row, diffusers' best row)} of zoo cell `model` by `rmse_to_reference`, over both grids."
     out = {}
     for r in rows:
-        if r["model"] != MODEL or r["nfe"] == 250: continue
+        if r["model"] != model or r["nfe"] == 250: continue
         k, side = (r["guidance"], r["nfe"]), int(r["implementation"] == "diffusers")
         pair = out.setdefault(k, [None, None])
         if pair[side] is None or r["rmse_to_reference"] < pair[side]["rmse_to_reference"]: pair[side] = r
@@ -73,13 +75,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     res = json.loads(Path(args.results).read_text())
-    model, tr, ck, steps = converged(MODEL)
+    (name, steps), = res["zoo_steps"].items()            # the one zoo cell the results were measured on
+    model, tr, ck, steps = converged(name, steps=steps)
     if Path(res["checkpoint"]).resolve() != Path(ck).resolve():
         raise SystemExit(f"{args.results} was measured on {res['checkpoint']}, the zoo holds {ck}")
     start, out, batches = time.time(), [], {}
-    for (scale, nfe), (mine, best_d) in best_rows(res["rows"]).items():
+    for (scale, nfe), (mine, best_d) in best_rows(res["rows"], name).items():
         g = Guidance(float(scale), None, None)
-        if scale not in batches: batches[scale] = Batch(model, tr, res["n"], 0, g, args.cache)   # one reference a scale
+        if scale not in batches: batches[scale] = Batch(model, tr, res["n"], 0, g, name, args.cache, True)   # one reference a scale
         held = batches[scale]
         ea, eb = (per_sample(solve_row(model, tr, ck, r, held, g), held.ref) for r in (mine, best_d))
         for r, e in ((mine, ea), (best_d, eb)):   # the recorded distance is reproduced
@@ -95,7 +98,7 @@ def main():
         print(f"guidance {scale:g}, {nfe:2d} NFE: ours/diffusers {ratio:.3f} [{lo:.3f}, {hi:.3f}]  "
               f"({row['ours']} vs {row['diffusers']}; 5 worst of {res['n']} samples carry "
               f"{row['worst5_share_ours']:.0%} / {row['worst5_share_diffusers']:.0%} of the squared error)", flush=True)
-    doc = {"results": args.results, "measured": res["date"], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    doc = {"results": args.results, "model": name, "steps": steps, "measured": res["date"], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
            "n": res["n"], "draws": args.draws, "seconds": round(time.time() - start), "rows": out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
