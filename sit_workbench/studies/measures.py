@@ -16,7 +16,7 @@ from ..errors import UserError
 
 # %% auto 0
 __all__ = ['LEVEL_STEP', 'HEUN_LADDER', 'dequantise', 'ode_log_likelihood', 'bits_per_dim', 'heldout_nll', 'paired_difference',
-           'heldout_loss', 'nn_ratio', 'paired_bootstrap_difference', 'converged_fid']
+           'heldout_loss', 'nn_ratio', 'paired_bootstrap_difference', 'walk_ladder', 'converged_fid']
 
 # %% ../../nbs/14b_measures.ipynb
 LEVEL_STEP = 1 / 8      # the digits' pixel levels v/8 - 1, v in 0..16: a cell of width 1/8 around each
@@ -154,6 +154,24 @@ def paired_bootstrap_difference(features_a, features_b, ref_features, n_boot=200
 
 HEUN_LADDER = (6, 11, 26, 51, 126, 251, 501)    # heun2 time points: 10, 20, 50, 100, 250, 500, 1000 NFE
 
+def walk_ladder(ladder, always, measure, agree):
+    """Walk up `ladder`, `measure(rung) -> key` (None: no value) on each rung, until two consecutive measured rungs
+    `agree(a, b)`; the later is accepted. The rungs in `always` are measured in any case, and one that does not agree
+    with the accepted rung withdraws it (it had not converged: a noisy pair of rungs agreed by chance), and the walk
+    goes on up the ladder from there. Returns `(accepted key or None, [every key measured, in order])`."""
+    found, prev, seen = None, None, []
+    for steps in ladder:
+        if found is not None and steps not in always:
+            if steps > max(always, default=0): break
+            continue
+        k = measure(steps); seen.append(k)
+        if k is None: prev = None; continue
+        if found is not None:
+            if not agree(found, k): found = None
+        elif prev is not None and agree(prev, k): found = k
+        prev = k
+    return found, seen
+
 def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="balanced", ladder=HEUN_LADDER,
                   bootstrap=20, clf=None, always=(26, 126), rtol=0.1, batch_size=1000, keep_samples=False) -> dict:
     """Digits-FID of a model (or a checkpoint, with its run's transport when `transport` is None) sampled with Heun at
@@ -179,10 +197,8 @@ def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="bal
     ref_stats = gaussian_stats(ref)
     y = label_plan(n, model.num_classes, labels, seed)
     idx = _boot_indices(n, bootstrap, seed)
-    fids, stds, secs, feats, found, prev, boots, diffs = {}, {}, {}, {}, None, None, {}, {}
-    for steps in ladder:
-        if found is not None and steps not in always and steps > max(always, default=0): break
-        if found is not None and steps not in always: continue
+    fids, stds, secs, feats, boots = {}, {}, {}, {}, {}
+    def measure(steps):
         spec = SamplerSpec.create("ode", "heun2", int(steps))
         g = generate(model, spec.build(transport), y, None, seed=seed, batch_size=batch_size)
         x = g.samples.clamp(-1, 1).float()
@@ -190,15 +206,18 @@ def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="bal
         nfe = int(g.nfe)
         secs[nfe] = round(g.seconds, 2)
         if f is None:
-            fids[nfe], stds[nfe] = float("inf"), 0.0; prev = None; continue
+            fids[nfe], stds[nfe] = float("inf"), 0.0; return None
         feats[nfe] = (f, x)
         fids[nfe] = fid_from_features(f, ref)
         boots[nfe] = _boot_fids(f, ref_stats, idx)
         stds[nfe] = float(boots[nfe].std(ddof=1))
-        if prev is not None:
-            diffs[nfe] = (fids[nfe] - fids[prev], float((boots[nfe] - boots[prev]).std(ddof=1)))
-            if found is None and abs(diffs[nfe][0]) < max(diffs[nfe][1], rtol * stds[nfe]): found = nfe
-        prev = nfe
+        return nfe
+    change = lambda a, b: (fids[b] - fids[a], float((boots[b] - boots[a]).std(ddof=1)))
+    def agree(a, b):
+        d, e = change(a, b)
+        return abs(d) < max(e, rtol * stds[b])
+    found, seen = walk_ladder(ladder, always, measure, agree)
+    diffs = {b: change(a, b) for a, b in zip(seen, seen[1:]) if a is not None and b is not None}
     at = found if found is not None else max((k for k in fids if k in feats), default=max(fids))
     out = {"converged_fid": fids[at], "converged_fid_std": stds[at], "converged_nfe": at, "converged": found is not None,
            "fids": fids, "fid_stds": stds, "steps_diff": diffs, "seconds": secs, "n": n, "labels": labels if isinstance(labels, str) else list(labels),
