@@ -39,7 +39,7 @@ test-nbs: install
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2
 
 test-py: install
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests/
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --durations=12 tests/
 
 test: check-export test-nbs test-py
 
