@@ -16,8 +16,8 @@ from .zoo import (ZOO, _locked, figures_dir, get_setting, load_results, markdown
 from ..errors import UserError
 
 # %% auto 0
-__all__ = ['STUDY', 'PROBE_SIGMAS', 'label_following', 'training_seconds', 'is_converged', 'measure_rung', 'ladder_rows',
-           'run_study', 'status_table', 'budget_table', 'plot_study']
+__all__ = ['STUDY', 'PROBE_SIGMAS', 'label_following', 'training_seconds', 'within_error', 'is_converged', 'measure_rung',
+           'ladder_rows', 'run_study', 'status_table', 'budget_table', 'plot_study']
 
 # %% ../../nbs/14a_convergence.ipynb
 STUDY = "convergence"
@@ -53,10 +53,14 @@ def training_seconds(run_dir, start, stop) -> float:
         total += (r["step"] - prev) / r["steps_per_sec"]; prev = r["step"]
     return round(total, 1)
 
+def within_error(a, sa, b, sb) -> bool:
+    "Whether two values agree within their errors: `|a - b| <= sqrt(sa^2 + sb^2)`."
+    return abs(a - b) <= math.hypot(sa, sb)
+
 def is_converged(prev, row) -> bool:
     "Whether two consecutive rungs agree: `|FID_k - FID_{k-1}| <= sqrt(s_k^2 + s_{k-1}^2)` (bootstrap errors)."
     if prev is None: return False
-    return abs(row["digits_fid"] - prev["digits_fid"]) <= math.hypot(row["digits_fid_std"], prev["digits_fid_std"])
+    return within_error(row["digits_fid"], row["digits_fid_std"], prev["digits_fid"], prev["digits_fid_std"])
 
 # %% ../../nbs/14a_convergence.ipynb
 def measure_rung(name, setting, steps, prev=None, clf=None, progress=False) -> dict:

@@ -5,7 +5,6 @@
 # %% ../../nbs/14c_remeasure.ipynb 3
 from __future__ import annotations
 import itertools
-import math
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, results_path,
                                        save_results, trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir)
+from .convergence import within_error
 from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn_ratio,
                                             paired_bootstrap_difference, paired_difference)
 from ..errors import UserError
@@ -101,7 +101,7 @@ def converged_steps(ladder_rows) -> int:
     rs = sorted(ladder_rows, key=lambda r: r["steps"])
     if not rs: raise UserError("converged_steps needs at least one measured rung")
     for prev, row in zip(rs, rs[1:]):
-        if abs(row["converged_fid"] - prev["converged_fid"]) <= math.hypot(row["converged_fid_std"], prev["converged_fid_std"]):
+        if within_error(row["converged_fid"], row["converged_fid_std"], prev["converged_fid"], prev["converged_fid_std"]):
             return int(row["steps"])
     return int(rs[-1]["steps"])
 
