@@ -235,8 +235,12 @@ def test_study_writes_each_rung_and_continues(tmp_path, monkeypatch):
     assert [(r["objective"], r["steps"]) for r in res["rows"]] == [("plain", 8), ("plain", 16), ("repa", 8), ("repa", 16)]
     assert [r for r in res["rows"] if r["steps"] == 8] == first["rows"]          # measured once, kept
     for r in res["rows"]:
-        assert {"objective", "seed", "steps", "digits_fid", "digits_fid_std", "accuracy", "n", "seconds"} <= set(r)
+        assert {"objective", "seed", "steps", "digits_fid", "digits_fid_std", "accuracy", "n", "seconds",
+                "model", "train_seeds", *study.REMEASURED} <= set(r)
         assert r["n"] == 200 and r["seconds"] > 0 and ("repa_align" in r) == (r["objective"] == "repa")
+        assert r["train_seeds"] == [0] and r["model"] == ("linear-velocity" if r["objective"] == "plain" else "linear-velocity+repa")
+        assert 0 < r["nll_bpd"] < 8 and r["nll_bpd_se"] > 0 and r["heldout_loss"] > 0 and r["converged_fid"] > 0
+    assert [r["model"].split(":")[0] for r in res["reference_rows"]] == ["floor", "memoriser"]
     assert (tmp_path / "zoo" / "quick" / "results" / "repa.json").is_file()
     for arm in ("plain-seed0", "repa-seed0"):   # the 16-step runs resumed from the 8-step checkpoints
         run = tmp_path / "runs" / "quick" / arm
@@ -244,6 +248,14 @@ def test_study_writes_each_rung_and_continues(tmp_path, monkeypatch):
         assert [r["step"] for r in read_log(run / "log.jsonl")] == [1, 8, 16]   # a fresh start: [1, 16]
     assert res["ladder"] == [8, 16] and res["config"]["repa_encoder"] is None
     assert "Not enough rungs measured yet" in study.verdict(res)
+    # a row of the earlier measurement (no held-out NLL, loss or converged FID) is measured again, from its checkpoint
+    path = tmp_path / "zoo" / "quick" / "results" / "repa.json"
+    doc = json.loads(path.read_text())
+    doc["rows"][0] = {k: v for k, v in doc["rows"][0].items() if k not in study.REMEASURED}
+    path.write_text(json.dumps(doc))
+    again = study.run_study("quick", ladder=(8, 16), seeds=(0,))
+    assert again["rows"][0] == {**res["rows"][0], "eval_seconds": again["rows"][0]["eval_seconds"]}
+    assert [r["step"] for r in read_log(tmp_path / "runs" / "quick" / "plain-seed0" / "log.jsonl")] == [1, 8, 16]
 
 
 def test_study_refuses_foreign_runs_and_old_results(tmp_path, monkeypatch):

@@ -20,8 +20,8 @@ from ..errors import UserError
 
 # %% auto 0
 __all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures', 'seed_checkpoint',
-           'features_path', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells', 'annotate',
-           'annotate_studies', 'run_study', 'cell_table', 'seed_table', 'plot_study']
+           'features_path', 'measure_model', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells',
+           'annotate', 'annotate_studies', 'run_study', 'cell_table', 'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -49,19 +49,13 @@ def features_path(setting, name, steps, seed) -> Path:
     return zoo_dir(setting) / "remeasure-features" / f"{name}-{steps}-seed{seed}.pt"
 
 # %% ../../nbs/14c_remeasure.ipynb
-def measure_row(name, setting, steps, seed=0, clf=None, progress=False) -> dict:
-    """Train (when missing) and measure zoo cell `name` at `steps` with training `seed`: converged FID (and the 50- and
-    250-NFE rungs), accuracy, nn_ratio of the converged samples, held-out NLL and loss. Keeps the converged rung's
-    features and the per-image bpd in `features_path` for the paired differences."""
-    from sit_workbench.checkpoint import load_sit
+def measure_model(model, transport, setting, clf=None) -> tuple[dict, dict]:
+    """Measure a loaded model as this study does (`measures(setting)`): converged FID on balanced labels and seed-0
+    noise (the 50- and 250-NFE rungs beside it), accuracy, nn_ratio of the converged samples, held-out NLL and loss.
+    Returns `(fields, kept)`: the row's fields, and the converged rung's classifier features and per-image bpd (for
+    paired differences)."""
     from sit_workbench.digits import digits_arrays, load_or_train_classifier
-    from sit_workbench.transport import transport_from_config
-    s, m = get_setting(setting), measures(setting)
-    t0 = time.time()
-    ck = seed_checkpoint(name, s, steps, seed, progress)
-    t_train = time.time() - t0
-    model = load_sit(ck).eval()
-    transport = transport_from_config(zoo_config(name, s, steps).model_config)
+    m = measures(setting)
     clf = clf or load_or_train_classifier()
     (xtr, _), (xte, yte) = digits_arrays("train"), digits_arrays("test")
     t = time.time()
@@ -74,22 +68,35 @@ def measure_row(name, setting, steps, seed=0, clf=None, progress=False) -> dict:
     t_nll = time.time() - t; t = time.time()
     loss = heldout_loss(model, transport, xte, yte, bins=m["loss_bins"], seed=0)
     t_loss = time.time() - t
+    fids = {str(nfe): v for nfe, v in fid["fids"].items()}
+    fields = {"converged_fid": fid["converged_fid"], "converged_fid_std": fid["converged_fid_std"],
+              "converged_nfe": fid["converged_nfe"], "converged": fid["converged"], "fids": fids,
+              "fid_stds": {str(nfe): v for nfe, v in fid["fid_stds"].items()},
+              "rung_changes": {str(nfe): {"diff": d, "paired_std": e} for nfe, (d, e) in fid["steps_diff"].items()},
+              "fid_50": fids.get("50"), "fid_250": fids.get("250"), "accuracy": fid.get("accuracy"),
+              "nn_ratio": nn, "nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"], "nll_nfe": nll["nfe"],
+              "nll_images": nll["n"], "heldout_loss": loss["heldout_loss"], "heldout_loss_se": loss["heldout_loss_se"],
+              "heldout_loss_bins": loss["bins"], "n": fid["n"], "fid_seconds": round(t_fid, 1),
+              "nll_seconds": round(t_nll, 1), "loss_seconds": round(t_loss, 2)}
+    return fields, {"features": fid.get("features"), "bpd": nll["bpd"], "converged_nfe": fid["converged_nfe"]}
+
+def measure_row(name, setting, steps, seed=0, clf=None, progress=False) -> dict:
+    """Train (when missing) and measure zoo cell `name` at `steps` with training `seed` (`measure_model`). Keeps the
+    converged rung's features and the per-image bpd in `features_path` for the paired differences."""
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.transport import transport_from_config
+    s = get_setting(setting)
+    t0 = time.time()
+    ck = seed_checkpoint(name, s, steps, seed, progress)
+    t_train = time.time() - t0
+    model = load_sit(ck).eval()
+    fields, kept = measure_model(model, transport_from_config(zoo_config(name, s, steps).model_config), s, clf)
     p = features_path(s, name, steps, seed); p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    torch.save({"features": fid.get("features"), "bpd": nll["bpd"], "converged_nfe": fid["converged_nfe"]}, tmp)
+    torch.save(kept, tmp)
     tmp.replace(p)
-    fids = {str(nfe): v for nfe, v in fid["fids"].items()}
-    return {"model": name, **ZOO[name], "steps": int(steps), "train_seed": int(seed),
-            "converged_fid": fid["converged_fid"], "converged_fid_std": fid["converged_fid_std"],
-            "converged_nfe": fid["converged_nfe"], "converged": fid["converged"], "fids": fids,
-            "fid_stds": {str(nfe): v for nfe, v in fid["fid_stds"].items()},
-            "rung_changes": {str(nfe): {"diff": d, "paired_std": e} for nfe, (d, e) in fid["steps_diff"].items()},
-            "fid_50": fids.get("50"), "fid_250": fids.get("250"), "accuracy": fid.get("accuracy"),
-            "nn_ratio": nn, "nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"], "nll_nfe": nll["nfe"],
-            "nll_images": nll["n"], "heldout_loss": loss["heldout_loss"], "heldout_loss_se": loss["heldout_loss_se"],
-            "heldout_loss_bins": loss["bins"], "n": fid["n"], "train_seconds": round(t_train, 1),
-            "fid_seconds": round(t_fid, 1), "nll_seconds": round(t_nll, 1), "loss_seconds": round(t_loss, 2),
-            "seconds": round(time.time() - t0, 1)}
+    return {"model": name, **ZOO[name], "steps": int(steps), "train_seed": int(seed), **fields,
+            "train_seconds": round(t_train, 1), "seconds": round(time.time() - t0, 1)}
 
 # %% ../../nbs/14c_remeasure.ipynb
 FINAL_RULE = "the first rung whose converged FID is within sqrt(s_k^2 + s_{k-1}^2) of the rung below; else the last rung"
