@@ -6,11 +6,17 @@
 from __future__ import annotations
 import itertools
 
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog, zoo_velocity_loss
+import numpy as np
+
+from .zoo import (ZOO, figures_dir, get_setting, load_results, markdown_table, save_results,
+                                       zoo_steps, RowLog,
+                                       checkpoint_velocity_loss, _classifier)
+from .measures import converged_fid
+from .remeasure import TRAIN_SEEDS, seed_model
 
 # %% auto 0
-__all__ = ['STUDY', 'ETA', 'COLUMNS', 'ROWS', 'PAPER', 'sde_sampler', 'run_study', 'fid_table', 'kendall_tau', 'ordering_table',
-           'plot_study']
+__all__ = ['STUDY', 'ETA', 'COLUMNS', 'ROWS', 'PAPER', 'SDE_LADDERS', 'SDE_ALWAYS', 'HEADLINE', 'converged_sde', 'run_study',
+           'fid_table', 'converged_cells', 'converged_table', 'kendall_tau', 'ordering_table', 'plot_study']
 
 # %% ../../nbs/17_diffusion_coefficient.ipynb
 STUDY = "w_t"
@@ -32,34 +38,62 @@ PAPER = {   # Table 6, SiT-B/2, 400K steps, FID-50K (lower is better)
     ("Linear", "velocity"): (33.6, 33.5, 33.3, 33.0), ("Linear", "score"): (41.0, 35.3, 34.4, 34.9),
 }
 
-def sde_sampler(column, name, setting) -> dict:
-    "`sample_sde` keyword arguments for a Table 6 column and zoo model (w_KL,eta gets the model's measured L_t)."
-    kw = dict(sampling_method="Euler", num_steps=get_setting(setting).sde_steps, **COLUMNS[column])
-    if column == "w_KL,eta": kw["velocity_loss"] = zoo_velocity_loss(name, setting)
-    return kw
+SDE_LADDERS = {"quick": (10, 20), "full": (100, 250, 500, 1000)}   # Euler-Maruyama steps, walked to convergence
+SDE_ALWAYS = {"quick": (20,), "full": (100, 250)}   # measured whatever the walk says: the fixed budget among them
+HEADLINE = ("linear-score", "gvp-score")     # the rows the findings rest on: measured on every training seed
+
+def converged_sde(model, transport, column, setting, velocity_loss=None, clf=None) -> dict:
+    """Digits-FID of `model` sampled with column `column`'s SDE (Euler-Maruyama) walked up `SDE_LADDERS` until two
+    rungs agree (`measures.converged_fid`: balanced labels, seed-0 noise, the `SDE_ALWAYS` rungs measured in any case,
+    the setting's fixed budget `sde_steps` among them): `sde_fid`, `sde_fid_std` (bootstrap), `sde_nfe`,
+    `sde_converged` (False: the ladder ran out), `sde_fids` and `sde_fid_stds` by NFE, the converged samples'
+    `accuracy`, and the fixed budget's `digits_fid`, `digits_fid_std` and `nfe`. `velocity_loss`: the model's L_t,
+    for w_KL,eta."""
+    from sit_workbench.registry import SamplerSpec
+    s = get_setting(setting)
+    at = lambda k: (SamplerSpec.create("sde", "Euler", k, **COLUMNS[column]), velocity_loss)
+    r = converged_fid(model, transport, n=s.num_samples, seed=0, labels="balanced", ladder=SDE_LADDERS[s.name],
+                      always=SDE_ALWAYS[s.name], bootstrap=s.bootstrap, clf=clf or _classifier(), sampler_at=at)
+    fixed = s.sde_steps
+    return {"sde_fid": r["converged_fid"], "sde_fid_std": r["converged_fid_std"], "sde_nfe": r["converged_nfe"],
+            "sde_converged": r["converged"], "sde_fids": {str(k): v for k, v in r["fids"].items()},
+            "sde_fid_stds": {str(k): v for k, v in r["fid_stds"].items()}, "accuracy": r.get("accuracy"),
+            "digits_fid": r["fids"][fixed], "digits_fid_std": r["fid_stds"][fixed], "nfe": fixed, "n": r["n"],
+            "seconds": round(sum(r["seconds"].values()), 1)}
 
 def run_study(setting="full", progress=True) -> dict:
-    "Every (row, column) cell of Table 6 on the digits zoo; saved and returned."
+    """Every (row, column) cell of Table 6 on the digits zoo, converged in NFE (`converged_sde`, whose walk includes
+    the setting's fixed budget, the paper's kind of column); the `HEADLINE` rows on every training seed of
+    `TRAIN_SEEDS`, the others on seed 0. Resumes row by row; saved and returned, with the floor and memoriser rows
+    (`reference_rows`)."""
+    from sit_workbench.evaluate import digits_reference_rows
     s = get_setting(setting)
     rows, log = [], RowLog(STUDY, s)
-    for (interp, objective), name in ROWS.items():
-        for column in COLUMNS:
-            measure = lambda: measure_digits(name, s, mode="sde", sampler=sde_sampler(column, name, s), seed=s.seeds[0])
-            r = log.row(f"{name}|{column}", measure)
-            rows.append({"interpolant": interp, "objective": objective, "model": name, "w_t": column,
-                         **{k: r[k] for k in ("accuracy", "digits_fid", "digits_fid_std", "nfe", "n", "seconds")}})
-            if progress: print(rows[-1], flush=True)
-    save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), eta=ETA, columns=COLUMNS,
-                 paper={f"{a} / {b}": v for (a, b), v in PAPER.items()})
+    def measure(name, column, seed):
+        model, transport, ck = seed_model(name, s, seed)
+        return converged_sde(model, transport, column, s, checkpoint_velocity_loss(ck) if column == "w_KL,eta" else None)
+    for seed in TRAIN_SEEDS[s.name]:
+        for (interp, objective), name in ROWS.items():
+            if seed and name not in HEADLINE: continue
+            for column in COLUMNS:
+                r = log.row(f"{name}|{column}|seed{seed}", lambda: measure(name, column, seed))
+                rows.append({"interpolant": interp, "objective": objective, "model": name, "w_t": column,
+                             "train_seed": seed, **r})
+                if progress: print({k: v for k, v in rows[-1].items() if k not in ("sde_fids", "sde_fid_stds")}, flush=True)
+    save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), eta=ETA, columns=COLUMNS, sde_ladder=SDE_LADDERS[s.name],
+                 sde_always=SDE_ALWAYS[s.name], headline=list(HEADLINE), train_seeds=list(TRAIN_SEEDS[s.name]),
+                 paper={f"{a} / {b}": v for (a, b), v in PAPER.items()},
+                 reference_rows=digits_reference_rows(s.num_samples, _classifier()))
     log.finish()
     return load_results(STUDY, s)
 
 # %% ../../nbs/17_diffusion_coefficient.ipynb
 def _cells(results):
-    return {(r["interpolant"], r["objective"], r["w_t"]): r for r in results["rows"]}
+    "Training seed 0's row of each (interpolant, objective, column)."
+    return {(r["interpolant"], r["objective"], r["w_t"]): r for r in results["rows"] if r.get("train_seed", 0) == 0}
 
 def fid_table(results) -> list[dict]:
-    "Rows of Table 6: ours (digits-FID ± error) and the paper's FID-50K for each w_t."
+    "Rows of Table 6 at the setting's fixed SDE budget: ours (digits-FID ± error) and the paper's FID-50K per w_t."
     cells, out = _cells(results), []
     for (interp, objective), paper in PAPER.items():
         row = {"interpolant": interp, "model": objective}
@@ -68,6 +102,40 @@ def fid_table(results) -> list[dict]:
             row[f"{column} (ours)"] = f"{c['digits_fid']:.2f} ± {c['digits_fid_std']:.2f}"
             row[f"{column} (paper)"] = p
         out.append(row)
+    return out
+
+def converged_cells(results) -> dict:
+    """Per (interpolant, objective, column): the converged SDE digits-FID (`fid`) over the training seeds measured, its
+    error (`err`: the standard deviation over seeds where there are several, else the bootstrap error), the seeds,
+    the largest NFE at which a seed converged (`nfe`) and whether every seed did (`converged`)."""
+    out = {}
+    for r in results["rows"]:
+        out.setdefault((r["interpolant"], r["objective"], r["w_t"]), []).append(r)
+    cells = {}
+    for key, rs in out.items():
+        v = np.array([r["sde_fid"] for r in rs])
+        cells[key] = {"fid": float(v.mean()), "err": float(v.std(ddof=1)) if len(rs) > 1 else rs[0]["sde_fid_std"],
+                      "seeds": sorted(r.get("train_seed", 0) for r in rs), "nfe": max(r["sde_nfe"] for r in rs),
+                      "converged": all(r["sde_converged"] for r in rs)}
+    return cells
+
+def converged_table(results) -> list[dict]:
+    """Rows of Table 6 with a converged sampler: per column our converged digits-FID ± error (mean ± seed spread over
+    the seeds in brackets, else ± bootstrap) and the NFE it took ('>' if the ladder ran out), beside the paper's;
+    then the floor and memoriser rows."""
+    cells, out = converged_cells(results), []
+    for (interp, objective), paper in PAPER.items():
+        row = {"interpolant": interp, "model": objective}
+        for column, p in zip(COLUMNS, paper):
+            c = cells[(interp, objective, column)]
+            seeds = f" ({len(c['seeds'])} seeds)" if len(c["seeds"]) > 1 else ""
+            row[f"{column} (ours)"] = (f"{c['fid']:.2f} ± {c['err']:.2f}{seeds} @ {'' if c['converged'] else '>'}"
+                                       f"{c['nfe']}")
+            row[f"{column} (paper)"] = p
+        out.append(row)
+    for r in results.get("reference_rows", []):
+        out.append({"interpolant": r["model"], "model": "", **{f"{c} (ours)": f"{r['digits_fid']:.2f} ± "
+                    f"{r['digits_fid_std']:.2f}" for c in COLUMNS}})
     return out
 
 def kendall_tau(a, b) -> float:
@@ -79,16 +147,24 @@ def kendall_tau(a, b) -> float:
         s += (x * y > 0) - (x * y < 0)
     return s / n
 
-def ordering_table(results) -> list[dict]:
-    "Per row: the paper's best w_t, ours (or a tie), whether they agree, and Kendall's tau of the two rankings."
-    cells, out = _cells(results), []
+def ordering_table(results, converged=False) -> list[dict]:
+    """Per row: the paper's best w_t, ours (or a tie: the runner-up within two combined errors), whether they agree,
+    and Kendall's tau of the two rankings; at the fixed budget, or with `converged` on the converged FIDs (seed means
+    and spreads where there are several seeds)."""
     cols = list(COLUMNS)
+    if converged:
+        cc = converged_cells(results)
+        get = lambda i, o, c: (cc[(i, o, c)]["fid"], cc[(i, o, c)]["err"])
+    else:
+        fc = _cells(results)
+        get = lambda i, o, c: (fc[(i, o, c)]["digits_fid"], fc[(i, o, c)]["digits_fid_std"])
+    out = []
     for (interp, objective), paper in PAPER.items():
-        ours = [cells[(interp, objective, c)] for c in cols]
-        fids = [c["digits_fid"] for c in ours]
+        ours = [get(interp, objective, c) for c in cols]
+        fids = [f for f, _ in ours]
         order = sorted(range(4), key=lambda k: fids[k])
-        best, second = ours[order[0]], ours[order[1]]
-        tie = fids[order[1]] - fids[order[0]] < 2 * (best["digits_fid_std"] + second["digits_fid_std"])
+        (f0, e0), (f1, e1) = ours[order[0]], ours[order[1]]
+        tie = f1 - f0 < 2 * (e0 ** 2 + e1 ** 2) ** 0.5
         paper_best = cols[min(range(4), key=lambda k: paper[k])]
         ours_best = cols[order[0]] + (f" (tie with {cols[order[1]]})" if tie else "")
         out.append({"interpolant": interp, "model": objective, "paper best": paper_best, "our best": ours_best,
@@ -98,18 +174,29 @@ def ordering_table(results) -> list[dict]:
     return out
 
 def plot_study(results, out=None):
-    "Grouped bars: digits-FID per row and w_t, with 2-s.e. error bars."
+    """Grouped bars: converged SDE digits-FID per row and w_t (2 errors: the seed spread where several seeds, else
+    bootstrap; results measured before the converged sampler: the fixed-budget value), with the fixed-budget value as
+    a tick on each bar and the floor as a band."""
     import matplotlib.pyplot as plt
     cells = _cells(results)
+    if all("sde_fid" in r for r in results["rows"]): cc = converged_cells(results)
+    else:                                               # measured before the converged sampler: the fixed budget only
+        cc = {k: {"fid": r["digits_fid"], "err": r["digits_fid_std"]} for k, r in cells.items()}
     fig, ax = plt.subplots(figsize=(12, 4.2))
     w = 0.2
     for j, column in enumerate(COLUMNS):
-        rs = [cells[(i, o, column)] for (i, o) in ROWS]
-        ax.bar([k + (j - 1.5) * w for k in range(len(ROWS))], [r["digits_fid"] for r in rs], w,
-               yerr=[2 * r["digits_fid_std"] for r in rs], capsize=2, label=column)
+        xs = [k + (j - 1.5) * w for k in range(len(ROWS))]
+        rs = [cc[(i, o, column)] for (i, o) in ROWS]
+        ax.bar(xs, [r["fid"] for r in rs], w, yerr=[2 * r["err"] for r in rs], capsize=2, label=column)
+        ax.plot(xs, [cells[(i, o, column)]["digits_fid"] for (i, o) in ROWS], "_", color="k", ms=12,
+                label=f"{results['rows'][0]['nfe']} NFE (fixed)" if j == 0 else None)
+    for r in results.get("reference_rows", [])[:1]:
+        ax.axhspan(r["digits_fid"] - r["digits_fid_std"], r["digits_fid"] + r["digits_fid_std"], color="0.8",
+                   label=r["model"].split(":")[0])
     ax.set_xticks(range(len(ROWS)), [f"{i}\n{o}" for (i, o) in ROWS]); ax.set_ylabel("digits-FID (lower is better)")
-    ax.set_yscale("log"); ax.legend(title="w_t"); ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"SDE sampling (Euler-Maruyama, {results['rows'][0]['nfe']} NFE) with four diffusion coefficients")
+    ax.set_yscale("log"); ax.legend(title="w_t", fontsize=8); ax.grid(axis="y", alpha=0.3)
+    budget = "converged in NFE" if "sde_fid" in results["rows"][0] else f"{results['rows'][0]['nfe']} NFE"
+    ax.set_title(f"SDE sampling (Euler-Maruyama) with four diffusion coefficients, {budget}")
     fig.tight_layout()
     if out: fig.savefig(out, dpi=110, metadata={"Software": None})
     return fig

@@ -173,14 +173,17 @@ def walk_ladder(ladder, always, measure, agree):
     return found, seen
 
 def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="balanced", ladder=HEUN_LADDER,
-                  bootstrap=20, clf=None, always=(26, 126), rtol=0.1, batch_size=1000, keep_samples=False) -> dict:
+                  bootstrap=20, clf=None, always=(26, 126), rtol=0.1, batch_size=1000, keep_samples=False,
+                  sampler_at=None) -> dict:
     """Digits-FID of a model (or a checkpoint, with its run's transport when `transport` is None) sampled with Heun at
     each rung of `ladder` (time points) on the same `n` noises (from `seed`) and labels, until two consecutive rungs
     differ by less than their paired bootstrap error (`bootstrap` resamplings) or `rtol` times the later rung's own
     bootstrap error; the rungs in `always` are measured too. Returns `converged_fid`, `converged_fid_std` (its
     bootstrap error), `converged_nfe`, `converged` (False when the ladder ran out), `fids` / `fid_stds` / `seconds`
     by NFE, `steps_diff` (each rung's change from the one below, its paired error), `accuracy` and `features` at the converged
-    rung, `labels`, and with `keep_samples` the converged rung's `samples` in the data's scale."""
+    rung, `labels`, and with `keep_samples` the converged rung's `samples` in the data's scale. `sampler_at(rung)`
+    (returning a `SamplerSpec` and the velocity loss it needs, or None) walks another sampler's ladder instead, e.g.
+    an SDE's step counts."""
     from sit_workbench.digits import class_conditional_accuracy, digits_arrays, load_or_train_classifier
     from sit_workbench.evaluate import label_plan
     from sit_workbench.registry import SamplerSpec
@@ -199,8 +202,8 @@ def converged_fid(checkpoint_or_model, transport=None, *, n, seed=0, labels="bal
     idx = _boot_indices(n, bootstrap, seed)
     fids, stds, secs, feats, boots = {}, {}, {}, {}, {}
     def measure(steps):
-        spec = SamplerSpec.create("ode", "heun2", int(steps))
-        g = generate(model, spec.build(transport), y, None, seed=seed, batch_size=batch_size)
+        spec, vloss = (SamplerSpec.create("ode", "heun2", int(steps)), None) if sampler_at is None else sampler_at(int(steps))
+        g = generate(model, spec.build(transport, velocity_loss=vloss), y, None, seed=seed, batch_size=batch_size)
         x = g.samples.clamp(-1, 1).float()
         f = classifier_features(clf, x) if not torch.isnan(x).any() else None
         nfe = int(g.nfe)

@@ -10,11 +10,14 @@ from ..digits import digits_arrays
 from ..sample import random_labels, sample_noise
 from ..gaussian import GaussianMixture
 from ..transport import Sampler, create_transport
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_steps, RowLog, zoo_model
+from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, save_results, zoo_steps, RowLog
+from .remeasure import TRAIN_SEEDS, seed_model
+import numpy as np
 
 # %% auto 0
 __all__ = ['INTERPOLANTS', 'PATH_SAMPLER', 'STUDY', 'MODELS', 'trajectory_lengths', 'mixture_2d', 'digits_mixture',
-           'exact_path_length', 'model_path_length', 'run_study', 'table', 'plot_trajectories', 'plot_study', 'ratios']
+           'exact_path_length', 'model_path_length', 'model_source', 'run_study', 'table', 'plot_trajectories',
+           'plot_study', 'ratios', 'seed_ratios']
 
 # %% ../../nbs/15_path_length.ipynb
 INTERPOLANTS = ("VP", "GVP", "Linear")
@@ -51,10 +54,11 @@ def exact_path_length(gm: GaussianMixture, path_type, n, seed=0, sampler=None, r
     res = _summary(*trajectory_lengths(xs), interpolant=path_type, nfe=fn.nfe)
     return (res, xs) if return_paths else res
 
-def model_path_length(name, setting, seed=0, sampler=None) -> dict:
-    "Path-length summary of zoo model `name`'s ODE (uniform labels, no guidance)."
+def model_path_length(name, setting, seed=0, sampler=None, train_seed=0) -> dict:
+    """Path-length summary of zoo model `name`'s ODE (uniform labels from `seed`, no guidance); `train_seed`: the
+    cell trained with another seed (the re-measurement study's seed runs)."""
     s = get_setting(setting)
-    model, transport, _ = zoo_model(name, s)
+    model, transport, _ = seed_model(name, s, train_seed)
     fn = Sampler(transport).sample_ode(**(sampler or PATH_SAMPLER))
     y = random_labels(s.num_samples, model.num_classes, seed)
     z = sample_noise(range(s.num_samples), (model.in_channels, model.input_size, model.input_size), seed)
@@ -65,6 +69,10 @@ def model_path_length(name, setting, seed=0, sampler=None) -> dict:
 STUDY = "path_length"
 MODELS = {"VP": "vp-velocity", "GVP": "gvp-velocity", "Linear": "linear-velocity"}
 
+def model_source(train_seed=0) -> str:
+    "The `source` of the zoo models' rows: one group per training seed (`TRAIN_SEEDS`), seed 0 the zoo's own."
+    return "digits model" + (f", training seed {train_seed}" if train_seed else "")
+
 def run_study(setting="full", progress=True) -> dict:
     "Path lengths on the 2-D mixture, the digits mixture (exact) and the zoo's velocity models; saved and returned."
     s = get_setting(setting)
@@ -73,10 +81,12 @@ def run_study(setting="full", progress=True) -> dict:
         for p in INTERPOLANTS:
             rows.append({"source": source, **log.row(f"{source}|{p}", lambda: exact_path_length(gm, p, s.num_samples, seed=s.seeds[0]))})
             if progress: print(rows[-1], flush=True)
-    for p in INTERPOLANTS:
-        rows.append({"source": "digits model", "model": MODELS[p],
-                     **log.row(f"model|{p}", lambda: model_path_length(MODELS[p], s, seed=s.seeds[0]))})
-        if progress: print(rows[-1], flush=True)
+    for k in TRAIN_SEEDS[s.name]:
+        for p in INTERPOLANTS:
+            rows.append({"source": model_source(k), "model": MODELS[p], "train_seed": k,
+                         **log.row(f"model|{p}" + (f"|seed{k}" if k else ""),
+                                   lambda: model_path_length(MODELS[p], s, seed=s.seeds[0], train_seed=k))})
+            if progress: print(rows[-1], flush=True)
     save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), sampler=PATH_SAMPLER, paper="SBDM-VP paths longer than Linear and GVP (Fig. 4)")
     log.finish()
     return load_results(STUDY, s)
@@ -142,4 +152,13 @@ def ratios(results) -> dict:
             q = rs[p]["path_length"] / vp["path_length"]
             err = 2 * q * ((rs[p]["path_length_sem"] / rs[p]["path_length"]) ** 2 + (vp["path_length_sem"] / vp["path_length"]) ** 2) ** 0.5
             out[(source, p)] = (q, err)
+    return out
+
+def seed_ratios(results) -> dict:
+    """Per interpolant (GVP, Linear): its trained models' path length relative to SBDM-VP's on each training seed
+    (`ratios` of each seed's group of rows), and their mean and standard deviation over the seeds."""
+    r, out = ratios(results), {}
+    for p in ("GVP", "Linear"):
+        qs = [q for (source, pp), (q, _) in r.items() if pp == p and source.startswith(model_source())]
+        out[p] = {"ratios": qs, "mean": float(np.mean(qs)), "seed_std": float(np.std(qs, ddof=1)) if len(qs) > 1 else None}
     return out

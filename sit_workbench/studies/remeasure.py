@@ -12,20 +12,23 @@ import numpy as np
 import torch
 
 from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, results_path,
-                                       save_results, trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir)
+                                       save_results, trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir,
+                                       zoo_model)
 from .convergence import within_error
 from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn_ratio,
                                             paired_bootstrap_difference, paired_difference)
 from ..errors import UserError
 
 # %% auto 0
-__all__ = ['STUDY', 'EXTRA_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures', 'seed_checkpoint',
-           'features_path', 'measure_model', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells',
-           'annotate', 'annotate_studies', 'run_study', 'cell_table', 'seed_table', 'plot_study']
+__all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
+           'seed_checkpoint', 'seed_model', 'features_path', 'measure_model', 'measure_row', 'converged_steps',
+           'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study', 'cell_table', 'seed_table',
+           'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
 EXTRA_SEEDS = (1, 2)        # training seeds beside the zoo's own (0), at each cell's final rung
+TRAIN_SEEDS = {"quick": (0, 1), "full": (0, *EXTRA_SEEDS)}   # the seeds other studies measure their headline cells on
 MEASURES = {
     "quick": dict(nll_images=40, tol=1e-3, fid_ladder=(6, 11, 26), always=(26,), loss_bins=10, n_boot=50),
     "full": dict(nll_images=360, tol=1e-5, fid_ladder=HEUN_LADDER, always=(26, 126), loss_bins=10, n_boot=200),
@@ -43,6 +46,17 @@ def seed_checkpoint(name, setting, steps, seed=0, progress=False) -> Path:
     if seed == 0: return zoo_checkpoint(name, s, steps, progress=progress)
     cfg = zoo_config(name, s, steps, seed=int(seed), output_dir=str(zoo_dir(s) / f"{name}-seed{seed}"))
     return trained_checkpoint(cfg, s.ladder, progress)
+
+def seed_model(name, setting, seed=0, steps=None):
+    """`(model, transport, checkpoint)`: zoo cell `name` after `steps` (default: the studies' rung, `final_steps`)
+    trained with training `seed` (`seed_checkpoint`; trained first when missing), EMA weights in eval mode."""
+    from sit_workbench.checkpoint import load_sit
+    from sit_workbench.transport import transport_from_config
+    s = get_setting(setting)
+    steps = final_steps(name, s) if steps is None else int(steps)
+    if seed == 0: return zoo_model(name, s, steps)
+    ck = seed_checkpoint(name, s, steps, seed)
+    return load_sit(ck).eval(), transport_from_config(zoo_config(name, s, steps).model_config), ck
 
 def features_path(setting, name, steps, seed) -> Path:
     "Where a row's converged-rung classifier features and per-image bpd are kept (for the paired differences)."

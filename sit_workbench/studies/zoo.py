@@ -27,7 +27,7 @@ from ..run import read_trainer_state
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
            'save_results', 'markdown_table', 'load_results', 'zoo_config', 'trained_checkpoint', 'zoo_checkpoint',
-           'final_steps', 'zoo_steps', 'zoo_model', 'zoo_velocity_loss', 'measure_digits', 'RowLog']
+           'final_steps', 'zoo_steps', 'zoo_model', 'checkpoint_velocity_loss', 'measure_digits', 'RowLog']
 
 # %% ../../nbs/14_zoo.ipynb
 ZOO = {
@@ -200,14 +200,15 @@ def _classifier():
     from sit_workbench.digits import load_or_train_classifier
     return load_or_train_classifier()
 
-def zoo_velocity_loss(name, setting="full"):
-    "The measured `L_t` profile of zoo model `name` (for `w_KL_eta`), measured once and cached in its checkpoint."
+def checkpoint_velocity_loss(ck):
+    "The measured `L_t` profile of checkpoint `ck` (for `w_KL_eta`), measured once and cached in the checkpoint."
     from sit_workbench.interpolants import VelocityLossProfile
     from sit_workbench.train import measure_velocity_loss
-    ck = zoo_checkpoint(name, setting)
-    with _locked(ck.parent / f".{name}.lt.lock"):
+    ck = Path(ck)
+    with _locked(ck.parent / f".{ck.parent.name}.lt.lock"):
         if not (ck / VelocityLossProfile.FILENAME).is_file(): measure_velocity_loss(ck, progress=False)
     return VelocityLossProfile.load(ck)
+
 
 # %% ../../nbs/14_zoo.ipynb
 def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cfg_scale=1.0, steps=None) -> dict:
