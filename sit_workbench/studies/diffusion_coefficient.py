@@ -6,12 +6,10 @@
 from __future__ import annotations
 import itertools
 
-import numpy as np
-
 from .zoo import (ZOO, figures_dir, get_setting, load_results, markdown_table, save_results,
                                        zoo_steps, RowLog,
                                        checkpoint_velocity_loss, _classifier)
-from .measures import converged_fid
+from .measures import converged_fid, seed_mean
 from .remeasure import TRAIN_SEEDS, seed_model
 
 # %% auto 0
@@ -113,9 +111,9 @@ def converged_cells(results) -> dict:
         out.setdefault((r["interpolant"], r["objective"], r["w_t"]), []).append(r)
     cells = {}
     for key, rs in out.items():
-        v = np.array([r["sde_fid"] for r in rs])
-        cells[key] = {"fid": float(v.mean()), "err": float(v.std(ddof=1)) if len(rs) > 1 else rs[0]["sde_fid_std"],
-                      "seeds": sorted(r.get("train_seed", 0) for r in rs), "nfe": max(r["sde_nfe"] for r in rs),
+        fid, err = seed_mean([r["sde_fid"] for r in rs], rs[0]["sde_fid_std"])
+        cells[key] = {"fid": fid, "err": err, "seeds": sorted(r.get("train_seed", 0) for r in rs),
+                      "nfe": max(r["sde_nfe"] for r in rs),
                       "converged": all(r["sde_converged"] for r in rs)}
     return cells
 

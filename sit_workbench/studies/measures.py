@@ -15,8 +15,9 @@ from ..digits import classifier_features, fid_from_features, frechet_distance, g
 from ..errors import UserError
 
 # %% auto 0
-__all__ = ['LEVEL_STEP', 'HEUN_LADDER', 'dequantise', 'ode_log_likelihood', 'bits_per_dim', 'heldout_nll', 'paired_difference',
-           'heldout_loss', 'nn_ratio', 'paired_bootstrap_difference', 'walk_ladder', 'converged_fid']
+__all__ = ['LEVEL_STEP', 'HEUN_LADDER', 'dequantise', 'ode_log_likelihood', 'bits_per_dim', 'seed_mean', 'heldout_nll',
+           'paired_difference', 'heldout_loss', 'nn_ratio', 'paired_bootstrap_difference', 'walk_ladder',
+           'converged_fid']
 
 # %% ../../nbs/14b_measures.ipynb
 LEVEL_STEP = 1 / 8      # the digits' pixel levels v/8 - 1, v in 0..16: a cell of width 1/8 around each
@@ -54,6 +55,12 @@ def bits_per_dim(logp, dim, step=LEVEL_STEP) -> torch.Tensor:
 def _mean_se(v) -> tuple[float, float]:
     v = torch.as_tensor(v).double()
     return float(v.mean()), (float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else float("nan"))
+
+def seed_mean(values, own_error=0.0) -> tuple[float, float]:
+    """Mean of a measurement over training seeds and its error: the standard deviation over the seeds where there
+    are several, else the one run's `own_error` (its bootstrap or standard error)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else float(own_error))
 
 def heldout_nll(model, transport, images, labels=None, *, seed=0, atol=1e-5, rtol=1e-5, divergence="rademacher",
                 batch_size=500) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 from ..config import config_from_dict, config_to_dict
 from ..errors import UserError
 from ..evaluate import digits_reference_rows
+from .measures import seed_mean
 from .remeasure import measure_model
 from .zoo import (_locked, get_setting, load_results, project_root, results_path, save_results,
                                        zoo_config)
@@ -162,13 +163,10 @@ def summarise(rows) -> list[dict]:
     for obj in OBJECTIVES:
         for steps in sorted({r["steps"] for r in rows if r["objective"] == obj}):
             rs = [r for r in rows if r["objective"] == obj and r["steps"] == steps]
-            many = len(rs) > 1
             row = {"objective": obj, "steps": steps}
             for key, err in METRICS.items():
                 if not all(key in r for r in rs): continue
-                v = np.array([r[key] for r in rs], dtype=float)
-                row[key] = float(v.mean())
-                row[f"{key}_std"] = float(v.std(ddof=1)) if many else (float(rs[0][err]) if err else 0.0)
+                row[key], row[f"{key}_std"] = seed_mean([r[key] for r in rs], rs[0][err] if err else 0.0)
             row.update(digits_fid_boot_std=float(np.mean([r["digits_fid_std"] for r in rs])), n=rs[0]["n"],
                        seeds=len(rs), seconds=float(np.mean([r["seconds"] for r in rs])))
             for k in ("train_loss", "repa_align"):
