@@ -168,7 +168,7 @@ def annotate(doc, remeasured) -> dict:
     `reference_rows` (beside `rows`, so the study's readers see its own rows only), and in every row of a zoo cell
     with a seed-0 measurement at the rung it used (`steps`, else `doc['zoo_steps']`): `CELL_FIELDS`,
     `remeasured_steps`, `train_seeds`, and at the cell's final rung the spread over the seeds
-    (`converged_fid_seed_std`, `nll_bpd_seed_std`)."""
+    (`converged_fid_seed_std`, `nll_bpd_seed_std`). A row of another training seed (`train_seed`) keeps its own."""
     if remeasured.get("setting") != doc.get("setting"):
         raise UserError(f"the re-measurement is of setting {remeasured.get('setting', {}).get('name')!r}, the "
                         f"{doc.get('study')!r} results of {doc.get('setting', {}).get('name')!r}")
@@ -179,7 +179,7 @@ def annotate(doc, remeasured) -> dict:
     for r in doc["rows"]:
         name = r.get("model")
         steps = r.get("steps", doc.get("zoo_steps", {}).get(name)) if name in ZOO else None
-        m = measured.get((name, steps))
+        m = measured.get((name, steps)) if r.get("train_seed", 0) == 0 else None   # a row of another seed: its own
         if m is not None:
             r = {**r, **{k: m[k] for k in CELL_FIELDS}, "remeasured_steps": steps, "train_seeds": [0]}
             c = cells.get(name)
