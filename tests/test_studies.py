@@ -112,3 +112,19 @@ def test_readme_quotes_the_committed_numbers_of_the_new_studies(study, lead, mon
     assert quoted, f"the README paragraph {lead!r} quotes no measured numbers"
     missing = [q for q in quoted if q not in _quoted_values(load_results(study))]
     assert not missing, f"README numbers not in nbs/results/{study}.json: {missing}"
+
+
+def test_claims_read_the_committed_results(monkeypatch):
+    """nbs/14d_claims draws its lines from the committed results: each study that is there gives its claims with
+    numbers (none left as "not measured yet"), each difference inside its interval."""
+    from sit_workbench.studies import claims
+    from sit_workbench.studies.zoo import results_path
+    monkeypatch.chdir(ROOT)
+    rows = claims.claims_table("full")
+    there = {s for s in ("remeasure", "nfe", "path_length") if results_path(s, "full").is_file()}
+    measured = [r for r in rows if r["verdict"] != "not measured yet"]
+    if "remeasure" in there: assert sum(r["source"].startswith("remeasure") for r in measured) == 2 * len(claims.DESIGN)
+    if "nfe" in there: assert sum(r["source"].startswith("nfe") for r in measured) == len(claims.VELOCITY)
+    if "path_length" in there: assert sum(r["source"].startswith("path_length") for r in measured) == 2
+    for r in measured:
+        assert r["lo"] <= r["diff"] <= r["hi"] and r["verdict"] in ("reproduced", "contradicted", "not resolvable at this scale")
