@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from .zoo import (ZOO, _locked, figures_dir, get_setting, load_results, markdown_table, results_path,
-                               save_results, zoo_checkpoint, zoo_config, zoo_dir, zoo_model)
+                               save_results, zoo_checkpoint, zoo_config, zoo_dir, zoo_model, converged_columns)
 from ..errors import UserError
 
 # %% auto 0
 __all__ = ['STUDY', 'PROBE_SIGMAS', 'label_following', 'training_seconds', 'within_error', 'is_converged', 'measure_rung',
-           'ladder_rows', 'run_study', 'status_table', 'budget_table', 'plot_study']
+           'ladder_rows', 'run_study', 'reference_rows', 'status_table', 'budget_table', 'plot_study']
 
 # %% ../../nbs/14a_convergence.ipynb
 STUDY = "convergence"
@@ -118,8 +118,16 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     return load_results(STUDY, s)
 
 # %% ../../nbs/14a_convergence.ipynb
+def reference_rows(setting="full") -> list[dict]:
+    "The floor and memoriser rows the re-measurement joined into this study's results (none before it has)."
+    path = results_path(STUDY, get_setting(setting))
+    refs = json.loads(path.read_text()).get("reference_rows", []) if path.is_file() else []
+    return [{"model": r["model"], "digits_fid": r["digits_fid"], "digits_fid_std": r["digits_fid_std"], "state": "reference"}
+            for r in refs]
+
 def status_table(setting="full"):
-    "Per cell: the last rung measured, its quality, and whether it converged or is still running / stopped at the cap."
+    """Per cell: the last rung measured, its quality, and whether it converged or is still running / stopped at the cap;
+    where the re-measurement has been joined in, its converged FID, NLL and nn_ratio, and the floor and memoriser rows."""
     s = get_setting(setting)
     out = []
     for name in ZOO:
@@ -128,15 +136,17 @@ def status_table(setting="full"):
         last = rows[-1]
         state = "converged" if last["converged"] else ("stopped at the cap" if last["steps"] == s.max_steps else "not converged yet")
         out.append({"model": name, "steps": last["steps"], "digits_fid": last["digits_fid"],
-                    "digits_fid_std": last["digits_fid_std"], "accuracy": last["accuracy"], "state": state})
-    return out
+                    "digits_fid_std": last["digits_fid_std"], "accuracy": last["accuracy"], "state": state,
+                    **converged_columns(last)})
+    return out + reference_rows(s)
 
 def budget_table(steps, setting="full"):
-    "Every cell that reached `steps` training steps, at that budget (equal compute), best digits-FID first."
+    """Every cell that reached `steps` training steps, at that budget (equal compute), best digits-FID first (with the
+    re-measurement's columns, and then the floor and memoriser rows, where it has been joined in)."""
     rows = [r for name in ZOO for r in ladder_rows(name, setting) if r["steps"] == steps]
     return sorted(({"model": r["model"], "digits_fid": r["digits_fid"], "digits_fid_std": r["digits_fid_std"],
-                    "accuracy": r["accuracy"], **{f"follows@{k}": v for k, v in r["label_following"].items()}}
-                   for r in rows), key=lambda r: r["digits_fid"])
+                    "accuracy": r["accuracy"], **{f"follows@{k}": v for k, v in r["label_following"].items()},
+                    **converged_columns(r)} for r in rows), key=lambda r: r["digits_fid"]) + reference_rows(setting)
 
 def plot_study(setting="full", path=None):
     "Digits-FID, accuracy and label following (at sigma 0.9) against training steps, one line per cell."

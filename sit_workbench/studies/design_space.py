@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..digits import digits_arrays
-from .zoo import ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog, zoo_model
+from .zoo import (ZOO, figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results,
+                                      zoo_steps, RowLog, zoo_model, converged_columns, reference_table_rows)
 
 # %% auto 0
 __all__ = ['STUDY', 'WALK', 'WALK_SAMPLER', 'DENOISE_SIGMAS', 'SWITCH_TAUS', 'SWITCH_SAMPLER', 'time_at_sigma',
@@ -119,7 +120,9 @@ def run_study(setting="full", progress=True) -> dict:
 
 # %% ../../nbs/18_design_space.ipynb
 def walk_table(results) -> list[dict]:
-    "The walk with our digits-FID ± error and accuracy, the paper's FID, and the direction of each step on both sides."
+    """The walk with our digits-FID ± error and accuracy, the paper's FID, and the direction of each step on both sides;
+    where the re-measurement has been joined in, its converged FID, NLL and nn_ratio per step and the floor and
+    memoriser rows (`zoo.converged_columns`, `zoo.reference_table_rows`)."""
     out, prev = [], None
     for r in results["rows"]:
         row = {"step": r["step"], "digits-FID (ours)": f"{r['digits_fid']:.2f} ± {r['digits_fid_std']:.2f}",
@@ -133,8 +136,8 @@ def walk_table(results) -> list[dict]:
             paper = "better" if dp < 0 else "worse"
             row.update({"ours": f"{ours} ({d:+.2f})", "paper": f"{paper} ({dp:+.1f})",
                         "same direction": "yes" if ours == paper else ("-" if ours == "no change" else "no")})
-        out.append(row); prev = r
-    return out
+        out.append({**row, **converged_columns(r)}); prev = r
+    return out + reference_table_rows(results, "step", "digits-FID (ours)", "converged FID")
 
 def denoising_table(results) -> list[dict]:
     "Each model's error in estimating the clean digit at four noise levels (equal signal-to-noise ratios on every interpolant)."

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 from .zoo import (ZOO, figures_dir, get_setting, load_results, markdown_table, save_results,
-                                       zoo_steps, RowLog,
+                                       zoo_steps, RowLog, reference_table_rows,
                                        checkpoint_velocity_loss, _classifier)
 from .measures import converged_fid, seed_mean
 from .remeasure import TRAIN_SEEDS, seed_model
@@ -91,7 +91,8 @@ def _cells(results):
     return {(r["interpolant"], r["objective"], r["w_t"]): r for r in results["rows"] if r.get("train_seed", 0) == 0}
 
 def fid_table(results) -> list[dict]:
-    "Rows of Table 6 at the setting's fixed SDE budget: ours (digits-FID ± error) and the paper's FID-50K per w_t."
+    """Rows of Table 6 at the setting's fixed SDE budget: ours (digits-FID ± error) and the paper's FID-50K per w_t; then
+    the floor and memoriser rows."""
     cells, out = _cells(results), []
     for (interp, objective), paper in PAPER.items():
         row = {"interpolant": interp, "model": objective}
@@ -100,7 +101,7 @@ def fid_table(results) -> list[dict]:
             row[f"{column} (ours)"] = f"{c['digits_fid']:.2f} ± {c['digits_fid_std']:.2f}"
             row[f"{column} (paper)"] = p
         out.append(row)
-    return out
+    return out + reference_table_rows(results, "interpolant", *(f"{c} (ours)" for c in COLUMNS))
 
 def converged_cells(results) -> dict:
     """Per (interpolant, objective, column): the converged SDE digits-FID (`fid`) over the training seeds measured, its
@@ -131,10 +132,7 @@ def converged_table(results) -> list[dict]:
                                        f"{c['nfe']}")
             row[f"{column} (paper)"] = p
         out.append(row)
-    for r in results.get("reference_rows", []):
-        out.append({"interpolant": r["model"], "model": "", **{f"{c} (ours)": f"{r['digits_fid']:.2f} ± "
-                    f"{r['digits_fid_std']:.2f}" for c in COLUMNS}})
-    return out
+    return out + reference_table_rows(results, "interpolant", *(f"{c} (ours)" for c in COLUMNS))
 
 def kendall_tau(a, b) -> float:
     "Kendall's tau-a between two score lists of equal length (a pair tied in either list adds 0 to the sum)."

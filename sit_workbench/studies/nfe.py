@@ -8,7 +8,8 @@ import numpy as np
 
 from ..evaluate import sampler_error
 from .path_length import INTERPOLANTS, MODELS, digits_mixture
-from .zoo import figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results, zoo_steps, RowLog
+from .zoo import (figures_dir, get_setting, load_results, markdown_table, measure_digits, save_results,
+                                      zoo_steps, RowLog, converged_columns, reference_table_rows)
 
 # %% auto 0
 __all__ = ['STUDY', 'PAPER_250', 'SOLVERS_50', 'REFERENCE', 'grid', 'exact_row', 'model_row', 'run_study', 'crossover_table',
@@ -73,7 +74,8 @@ def _error(r, m):
 
 def crossover_table(results) -> list[dict]:
     """Per interpolant: the best ODE and SDE quality, the quality of each at ~250 NFE beside the paper's FID there,
-    and the smallest NFE from which the SDE's error is below the ODE's at every larger budget."""
+    and the smallest NFE from which the SDE's error is below the ODE's at every larger budget. Where the re-measurement
+    has been joined in: the digits models' converged ODE FID, NLL and nn_ratio, and the floor and memoriser rows."""
     out = []
     for source in ("digits model", "digits mixture (exact)"):
         m, e = _metric(source)
@@ -90,11 +92,13 @@ def crossover_table(results) -> list[dict]:
             out.append({"source": source, "interpolant": p, "metric": m,
                         "ODE @250": f"{o250[m]:.3f} ± {o250[e]:.3f}", "SDE @250": f"{s250[m]:.3f} ± {s250[e]:.3f}",
                         "SDE better from NFE": cross if cross is not None else "never",
-                        "paper FID-50K ODE / SDE @250": f"{PAPER_250[p]['ode']} / {PAPER_250[p]['sde']}"})
-    return out
+                        "paper FID-50K ODE / SDE @250": f"{PAPER_250[p]['ode']} / {PAPER_250[p]['sde']}",
+                        **converged_columns(o250)})
+    return out + [{"source": "reference", **r} for r in reference_table_rows(results, "interpolant", "ODE @250", "SDE @250")]
 
 def solver_table(results) -> list[dict]:
-    "The ~50-NFE solvers against Heun-250, per interpolant and source: quality ± error and NFE actually used."
+    """The ~50-NFE solvers against Heun-250, per interpolant and source: quality ± error and NFE actually used (and the
+    floor and memoriser rows where the re-measurement has been joined in)."""
     out = []
     for source in ("digits model", "digits mixture (exact)"):
         m, e = _metric(source)
@@ -103,7 +107,7 @@ def solver_table(results) -> list[dict]:
                        if q["interpolant"] == r["interpolant"] and q["sampler"] == REFERENCE[0])
             out.append({"source": source, "interpolant": r["interpolant"], "sampler": r["sampler"], "NFE": r["nfe"],
                         m: f"{r[m]:.3f} ± {r[e]:.3f}", "minus Heun-250": round(r[m] - ref[m], 3)})
-    return out
+    return out + [{"source": "reference", **r} for r in reference_table_rows(results, "sampler", "digits_fid")]
 
 def plot_study(results, out=None):
     "Quality against NFE (log axis), ODE solid and SDE dashed, one colour per interpolant; digits and exact panels."

@@ -26,8 +26,9 @@ from ..run import read_trainer_state
 
 # %% auto 0
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
-           'save_results', 'markdown_table', 'load_results', 'zoo_config', 'trained_checkpoint', 'zoo_checkpoint',
-           'final_steps', 'zoo_steps', 'zoo_model', 'checkpoint_velocity_loss', 'measure_digits', 'RowLog']
+           'save_results', 'markdown_table', 'converged_columns', 'reference_table_rows', 'load_results', 'zoo_config',
+           'trained_checkpoint', 'zoo_checkpoint', 'final_steps', 'zoo_steps', 'zoo_model', 'checkpoint_velocity_loss',
+           'measure_digits', 'RowLog']
 
 # %% ../../nbs/14_zoo.ipynb
 ZOO = {
@@ -119,6 +120,23 @@ def markdown_table(rows, digits=3):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return Markdown("\n".join(lines))
+
+def converged_columns(row) -> dict:
+    """The re-measurement's columns for a zoo cell's row where `remeasure.annotate` joined them in (else `{}`): the
+    converged digits-FID ± bootstrap error at the NFE it converged (and the spread over training seeds where the row
+    is the cell's final rung), the held-out NLL ± s.e. in bits/dim, and the nn_ratio."""
+    if "converged_fid" not in row: return {}
+    fid = f"{row['converged_fid']:.2f} ± {row['converged_fid_std']:.2f} @ {row['converged_nfe']} NFE"
+    if row.get("converged_fid_seed_std") is not None:
+        fid += f"; {len(row['train_seeds'])} seeds ± {row['converged_fid_seed_std']:.2f}"
+    return {"converged FID": fid, "NLL bpd": f"{row['nll_bpd']:.3f} ± {row['nll_bpd_se']:.3f}",
+            "nn_ratio": round(row["nn_ratio"], 2)}
+
+def reference_table_rows(results, name, *values) -> list[dict]:
+    """The floor and memoriser rows that `remeasure.annotate` joined into `results` (`reference_rows`), as rows of a
+    study's table: the reference's name under column `name` and its digits-FID ± error under each of `values`."""
+    return [{name: r["model"], **{v: f"{r['digits_fid']:.2f} ± {r['digits_fid_std']:.2f}" for v in values}}
+            for r in results.get("reference_rows", [])]
 
 def load_results(study, setting="full") -> dict:
     "A study's saved results, with a clear error saying how to make them when they are missing."
