@@ -8,12 +8,13 @@ import math
 
 from ..errors import UserError
 from .zoo import load_results
+from .convergence import within_error
 from . import design_space, diffusion_coefficient, nfe, path_length
 
 # %% auto 0
 __all__ = ['Z', 'EXPECT', 'DESIGN', 'PAPER_WALK', 'VELOCITY', 'SOURCES', 'is_called', 'verdict', 'claim_row', 'unpaired',
-           'paired_row', 'design_claims', 'ode_sde_claims', 'w_t_claims', 'path_claims', 'claims_table',
-           'verdict_counts', 'show_claims']
+           'paired_row', 'still_training', 'design_claims', 'ode_sde_claims', 'w_t_claims', 'path_claims',
+           'claims_table', 'verdict_counts', 'show_claims']
 
 # %% ../../nbs/14d_claims.ipynb
 Z = 1.96   # the 95% interval of a difference from its standard error
@@ -76,18 +77,30 @@ def _seed_spread(cells, a, b, key):
     sa, sb = cells[a].get(f"{key}_seed_std"), cells[b].get(f"{key}_seed_std")
     return None if sa is None or sb is None else math.hypot(sa, sb)
 
+def still_training(remeasured, name) -> str:
+    """A note when cell `name`'s final rung is the last one measured and its converged FID still moved beyond the
+    error from the rung below (the design is then compared before it has finished training), else ''."""
+    rows = sorted((r for r in remeasured.get("rows", []) if r.get("model") == name and r.get("role") != "reference"
+                   and r.get("train_seed", 0) == 0), key=lambda r: r["steps"])
+    if len(rows) < 2 or remeasured.get("final_steps", {}).get(name) != rows[-1]["steps"]: return ""
+    a, b = rows[-2], rows[-1]
+    if within_error(a["converged_fid"], a["converged_fid_std"], b["converged_fid"], b["converged_fid_std"]): return ""
+    return f"{name} still changing at {b['steps']:,} steps ({a['converged_fid']:.1f} -> {b['converged_fid']:.1f})"
+
 def design_claims(remeasured) -> list[dict]:
-    "Two lines per step of the walk (`DESIGN`): the converged digits-FID and the held-out NLL, paired, with the seed spread."
+    """Two lines per step of the walk (`DESIGN`): the converged digits-FID and the held-out NLL, paired, with the seed
+    spread, and a note where a cell had not finished training (`still_training`)."""
     cells, out = {c["model"]: c for c in remeasured["cells"]}, []
     for claim, a, b, expect in DESIGN:
         p = paired_row(remeasured, a, b)
         paper = f"{PAPER_WALK[a]} vs {PAPER_WALK[b]}"
         src = f"remeasure ({a} @ {p['steps_a']:,} vs {b} @ {p['steps_b']:,})"
+        note = "; ".join(n for n in (still_training(remeasured, a), still_training(remeasured, b)) if n)
         out.append(claim_row(claim, paper, src, "converged digits-FID", p["fid_diff"], p["fid_diff_lo"],
-                             p["fid_diff_hi"], _seed_spread(cells, a, b, "converged_fid"), expect))
+                             p["fid_diff_hi"], _seed_spread(cells, a, b, "converged_fid"), expect, note=note))
         d, h = p["nll_bpd_diff"], Z * p["nll_bpd_diff_se"]
         out.append(claim_row(claim, paper, src, "held-out NLL (bits/dim)", d, d - h, d + h,
-                             _seed_spread(cells, a, b, "nll_bpd"), expect, d=3))
+                             _seed_spread(cells, a, b, "nll_bpd"), expect, d=3, note=note))
     return out
 
 # %% ../../nbs/14d_claims.ipynb
