@@ -99,9 +99,12 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
             p = save_learned(schedule_dir(folder), solver, g, model=str(folder), reference=REFERENCE_NAME, fit_seed=seed,
                              date=time.strftime("%Y-%m-%d"), **info)
             info["path"], where = str(p), f" -> {p}"
+        dims = ("weights per dimension (ridge {dim_ridge:g})".format(**info) if info["dim_ridge"] is not None
+                else "shared weights")
         log(f"learned solver, {nfe} NFE, {g.describe()}: RMS to Heun-250 {info['rms']:.4f} on the {n_fit} fitting "
             f"noises (grid search: {info['rms_search']:.4f} on {info['search_samples']}, uniform grid "
-            f"{info['rms_search_uniform']:.4f}); fitted in {info['seconds']:.1f} s{where}", flush=True)
+            f"{info['rms_search_uniform']:.4f}); {dims}, chosen on {info['validation_samples']} held back; "
+            f"fitted in {info['seconds']:.1f} s{where}", flush=True)
         out[nfe] = (solver, info)
     return out
 

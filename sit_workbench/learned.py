@@ -18,8 +18,9 @@ from .solvers import LEARNED, SampleFn, adams_weights, search_schedule
 
 
 # %% auto 0
-__all__ = ['LEARNED_WINDOW', 'abm3_coefficients', 'learned_solve', 'path_at', 'fit_learned_steps', 'LearnedSolver', 'fit_learned',
-           'learned_name', 'save_learned', 'fit_command', 'find_learned', 'load_learned', 'learned_sampler']
+__all__ = ['LEARNED_WINDOW', 'abm3_coefficients', 'learned_solve', 'path_at', 'fit_learned_steps', 'fit_learned_dims',
+           'LearnedSolver', 'fit_learned', 'learned_name', 'save_learned', 'fit_command', 'find_learned',
+           'load_learned', 'learned_sampler']
 
 # %% ../nbs/03d_learned.ipynb
 LEARNED_WINDOW = 4   # past velocities one learned step weighs: abm3's predictor and corrector together span 4
@@ -42,7 +43,11 @@ def abm3_coefficients(ts) -> torch.Tensor:
 
 def learned_solve(velocity, x, ts, coefs, scales, progress=False) -> list:
     """The learned solver's states from `x` at `ts[0]`: `p[i+1] = scales[i] p[i] + sum_j coefs[i, j] v[i - j]` with
-    `v[i] = velocity(p[i], ts[i])`: `len(ts) - 1` evaluations, never at the last time."""
+    `v[i] = velocity(p[i], ts[i])`: `len(ts) - 1` evaluations, never at the last time. Weights are numbers
+    (`coefs [N, W]`, `scales [N]`) or one per dimension of a sample (`coefs [N, W, *x.shape[1:]]`, `scales [N, *...]`)."""
+    if coefs.dim() > 2 and tuple(coefs.shape[2:]) != tuple(x.shape[1:]):
+        raise UserError(f"this learned solver has weights per dimension of samples shaped {tuple(coefs.shape[2:])}, "
+                        f"but the samples are shaped {tuple(x.shape[1:])}")
     xs, vs = [x], []
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc=LEARNED, leave=False):
         vs = [velocity(xs[-1], ts[i])] + vs[:coefs.shape[1] - 1]
@@ -77,11 +82,36 @@ def fit_learned_steps(velocity, x, ts, target, ridge=1e-3):
         p = A[i].to(p.dtype) * p + sum(C[i, j].to(p.dtype) * v for j, v in enumerate(vs))
     return C, A, p
 
+def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0):
+    """Weights per dimension of a sample, from shared ones (`coefs [N, W]`, `scales [N]`, e.g. `fit_learned_steps`'):
+    as `fit_learned_steps`, step by step along its own trajectory, but each dimension takes its own state scale and
+    velocity weights by least squares over the batch, with a ridge (`ridge` times the mean diagonal of that
+    dimension's normal equations) towards the shared weights. Returns `(coefs [N, W, *shape], scales [N, *shape],
+    final state)`."""
+    N, W = coefs.shape
+    n, D, shape = len(x), x[0].numel(), tuple(x.shape[1:])
+    C = coefs.to(torch.float64)[:, :, None].repeat(1, 1, D); A = scales.to(torch.float64)[:, None].repeat(1, D)
+    p, vs = x, []
+    for i in range(N):
+        vs = [velocity(p, ts[i])] + vs[:W - 1]
+        k = len(vs)
+        B = torch.stack([v.reshape(n, D).double() for v in vs] + [p.reshape(n, D).double()], 2)      # [n, D, k + 1]
+        r = (target(ts[i + 1]) - p).reshape(n, D).double()
+        G, rhs = torch.einsum("ndk,ndl->dkl", B, B), torch.einsum("ndk,nd->dk", B, r)
+        lam = ridge * G.diagonal(dim1=1, dim2=2).mean(1)[:, None]
+        prior = torch.cat([coefs[i, :k].double(), scales[i:i + 1].double() - 1])
+        sol = torch.linalg.solve(G + lam[:, :, None] * torch.eye(k + 1, dtype=torch.float64), rhs + lam * prior)
+        C[i, :k], A[i] = sol[:, :k].T, 1 + sol[:, k]
+        Ci, Ai = C[i].reshape(W, *shape).to(p.dtype), A[i].reshape(shape).to(p.dtype)
+        p = Ai * p + sum(Ci[j] * v for j, v in enumerate(vs))
+    return C.reshape(N, W, *shape), A.reshape(N, *shape), p
+
 @dataclasses.dataclass
 class LearnedSolver:
     """A learned (bespoke) solver for one number of time points: its grid as fractions `u` of the sampling interval
     (both ends included), per-step velocity weights `coefs` `[N, LEARNED_WINDOW]` (newest first) and state scales
-    `scales` `[N]`; `N = len(grid) - 1` network evaluations."""
+    `scales` `[N]`, or one of each per dimension of a sample (`[N, LEARNED_WINDOW, *shape]`, `[N, *shape]`);
+    `N = len(grid) - 1` network evaluations."""
     grid: torch.Tensor
     coefs: torch.Tensor
     scales: torch.Tensor
@@ -92,28 +122,38 @@ class LearnedSolver:
     def solve(self, velocity, x, t0, t1, progress=False) -> list:
         "`learned_solve` on `[t0, t1]`."
         return learned_solve(velocity, x, self.times(t0, t1), self.coefs, self.scales, progress)
+    @property
+    def per_dimension(self) -> bool: return self.coefs.dim() > 2
     def to_dict(self) -> dict:
-        r = lambda v: [round(float(a), 10) for a in v]
-        return {"grid": r(self.grid), "coefs": [r(c) for c in self.coefs], "scales": r(self.scales)}
+        r = lambda v: (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
+        return {"grid": r(self.grid), "coefs": r(self.coefs), "scales": r(self.scales)}
     @classmethod
     def from_dict(cls, d) -> "LearnedSolver":
         t = lambda v: torch.tensor(v, dtype=torch.float64)
         s = cls(t(d["grid"]), t(d["coefs"]), t(d["scales"]))
-        if s.coefs.shape != (len(s.grid) - 1, LEARNED_WINDOW) or s.scales.shape != (len(s.grid) - 1,):
-            raise UserError(f"a learned solver of {len(s.grid)} points needs {len(s.grid) - 1} x {LEARNED_WINDOW} "
-                            f"weights and {len(s.grid) - 1} scales, got {tuple(s.coefs.shape)} and {tuple(s.scales.shape)}")
+        N = len(s.grid) - 1
+        if (s.coefs.shape[:2] != (N, LEARNED_WINDOW) or s.scales.shape[:1] != (N,)
+                or s.coefs.shape[2:] != s.scales.shape[1:]):
+            raise UserError(f"a learned solver of {len(s.grid)} points needs {N} x {LEARNED_WINDOW} weights and {N} "
+                            f"scales (each a number, or one per dimension of a sample, the same for both), got "
+                            f"{tuple(s.coefs.shape)} and {tuple(s.scales.shape)}")
         return s
 
 def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, search_samples=64, evals=30,
-                ridges=(1e-3, 1e-2, 1e-1, 1.0), progress=False) -> tuple[LearnedSolver, dict]:
+                ridges=(1e-3, 1e-2, 1e-1, 1.0), dim_ridges=(0.1, 1.0, 10.0), validation=0.25,
+                progress=False) -> tuple[LearnedSolver, dict]:
     """A learned solver of `num_steps` points for the field `velocity(x, t, rows)` (`rows`: the indices in the
     fitting batch of `x`'s samples, for their labels), fitted to the fine solve from the noise `x` (`reference`: its
     states `[K, *x.shape]` at `reference_times`). The grid comes from `search_schedule`, whose objective is the final
     RMS of `fit_learned_steps` (with `ridges[0]`) on the first `search_samples` samples; on that grid the ridge of
     `ridges` with the lowest final RMS on those samples is kept (a larger ridge keeps the weights nearer abm3's,
-    which wins at many steps); the weights come from `fit_learned_steps` on the whole batch. No gradients: about
-    `evals + len(ridges)` solves of `search_samples` samples and one of the batch. Returns `(solver, info)`: the
-    final RMS on the batch (`rms`), the search's (`rms_search`), the ridge, `seconds`."""
+    which wins at many steps); the weights come from `fit_learned_steps` on the whole batch. Then weights per
+    dimension (`fit_learned_dims`, for each of `dim_ridges`) are fitted on all but the last `validation` fraction
+    of the batch and kept, refitted on the whole batch, if one lands nearer on that held-back part than the shared
+    weights fitted on the same samples (`dim_ridge`: the ridge kept, or None; `rms_validation`: each candidate's).
+    No gradients: about `evals + len(ridges)` solves of `search_samples` samples and `2 + len(dim_ridges)` of the
+    batch. Returns `(solver, info)`: the final RMS on the batch (`rms`), the search's (`rms_search`), the ridge,
+    `seconds`."""
     start = time.perf_counter()
     reference = torch.stack(list(reference)) if not torch.is_tensor(reference) else reference
     if reference.shape[1:] != x.shape:
@@ -130,9 +170,29 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
     by_ridge = {ridges[0]: search["objective"], **{r: rms(fit_on(sub, ts, r)[2], sub) for r in ridges[1:]}}
     ridge = min(by_ridge, key=by_ridge.get)
     C, A, final = fit_on(rows, ts, ridge)
+    def dims_on(idx, C, A, mu):
+        target = lambda t: path_at(reference[:, idx], reference_times, t)
+        with torch.no_grad():
+            return fit_learned_dims(lambda y, t: velocity(y, t, idx), x[idx], ts, target, C, A, mu)
+    n_val = int(round(len(x) * validation))
+    dim_ridge, by_dims = None, {}
+    if dim_ridges and 0 < n_val < len(x) - 1:
+        a, b = rows[:len(x) - n_val], rows[len(x) - n_val:]
+        def held_back(C, A):
+            with torch.no_grad():
+                return rms(learned_solve(lambda y, t: velocity(y, t, b), x[b], ts, C, A)[-1], b)
+        Ca, Aa, _ = fit_on(a, ts, ridge)
+        by_dims = {"shared": held_back(Ca, Aa)}
+        for mu in dim_ridges: by_dims[str(mu)] = held_back(*dims_on(a, Ca, Aa, mu)[:2])
+        best = min(by_dims, key=by_dims.get)
+        if best != "shared":
+            dim_ridge = float(best)
+            C, A, final = dims_on(rows, C, A, dim_ridge)
     info = {"rms": rms(final, rows), "rms_search": by_ridge[ridge], "rms_search_uniform": search["objective_init"],
             "evals": search["evals"] + len(ridges) - 1, "fit_samples": len(x), "search_samples": len(sub),
             "ridge": ridge, "rms_by_ridge": {str(k): round(v, 6) for k, v in by_ridge.items()},
+            "dim_ridge": dim_ridge, "validation_samples": n_val if by_dims else 0,
+            "rms_validation": {k: round(v, 6) for k, v in by_dims.items()},
             "seconds": round(time.perf_counter() - start, 2)}
     return LearnedSolver((ts - t0) / (t1 - t0), C, A), info
 
