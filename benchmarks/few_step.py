@@ -16,8 +16,9 @@ every channel: ours through `generate` and `Guidance`, diffusers' schedulers fed
   `--search-samples`) and reported on held-out noise (seed 0, `--n` samples);
 * `grid` is "own" or "fitted". Own: ours on the uniform grid; diffusers' schedulers at their best shift of `SHIFTS`
   (chosen on fitting noise). Fitted: the learned solver with its own fit (`fit_solver`: grid and per-step weights,
-  stored beside the checkpoint and run from there through `SamplerSpec("learned")`); every other solver, ours and
-  diffusers', on the better, on fitting noise, of our two fitted grids: abm3's (searched for it with
+  shared or per dimension as a held-back part of the fitting noise decides, `fit_dim_ridge`; stored beside the
+  checkpoint and run from there through `SamplerSpec("learned")`); every other solver, ours and diffusers', on
+  the better, on fitting noise, of our two fitted grids: abm3's (searched for it with
   `search_schedule`) and the learned solver's (`grid_source` says which; FlowMatchHeun, two evaluations a step, takes
   every other time). diffusers' schedulers take it through `set_timesteps(sigmas=...)` where they accept custom
   sigmas, else it is set on the scheduler after `set_timesteps` (`custom_grid` says which);
@@ -303,7 +304,8 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
                 **({"grid_search_seconds": round(abm3_seconds, 1), "grid_search_rms": ginfo["objective"]} if meth == "abm3" else {}))
         add("learned", "ours", "fitted", *ours(model, tr, SamplerSpec.create("ode", "learned", nfe + 1), held, g, sdir),
             nfe=nfe, grid_source="its own fit", grid_times=[round(float(t), 5) for t in grid_learned],
-            fit_rms=linfo["rms"], fit_seconds=linfo["seconds"], fit_evals=linfo["evals"])
+            fit_rms=linfo["rms"], fit_seconds=linfo["seconds"], fit_evals=linfo["evals"],
+            fit_dim_ridge=linfo["dim_ridge"], fit_rms_validation=linfo["rms_validation"])
         # diffusers: the best shift, and the better of our fitted grids, both chosen on the first c fitting noises
         for name, (_, per_step, how) in diffusers_schedulers().items():
             start = time.time()
@@ -372,11 +374,12 @@ def exact_rows(nfes, n, progress, n_fit=256, iters=60):
 
 
 def kept_rows(out, made_models):
-    "The rows of the previous results file whose model this run did not measure, each marked with that file's date."
+    """The rows of the previous results file whose model this run did not measure, each marked with the date it was
+    measured (its own mark if it was kept before, else that file's date), and those dates."""
     if not out.is_file(): return [], None
     old = json.loads(out.read_text())
     keep = [{**r, "measured": r.get("measured", old.get("date"))} for r in old["rows"] if r["model"] not in made_models]
-    return keep, old.get("date")
+    return keep, ", ".join(sorted({r["measured"] for r in keep}))
 
 
 def main():
