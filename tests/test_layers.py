@@ -11,7 +11,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones above
     ("evaluation", {"evaluate"}),
     ("studies", {"studies.zoo", "studies.path_length", "studies.nfe", "studies.diffusion_coefficient",
                  "studies.design_space", "studies.convergence", "studies.repa", "studies.meanflow", "studies.guidance",
-                 "studies.measures", "studies.remeasure"}),
+                 "studies.measures", "studies.remeasure", "studies.claims"}),
     ("front ends", {"cli", "sampling_cli", "explore", "widgets", "demo", "pipeline"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
