@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
-from .zoo import load_results
+from .zoo import load_results, markdown_table
 from .convergence import within_error
 from . import design_space, diffusion_coefficient, nfe, path_length
 
@@ -203,8 +203,5 @@ def verdict_counts(rows) -> dict:
     return out
 
 def show_claims(rows):
-    "The claims as a table (a pandas DataFrame when pandas is there, else the rows), without the raw numbers."
-    keep = [{k: r[k] for k in ("claim", "paper", "source", "metric", "ours", "verdict")} for r in rows]
-    try: import pandas as pd
-    except ImportError: return keep
-    return pd.DataFrame(keep).style.hide(axis="index") if hasattr(pd.DataFrame().style, "hide") else pd.DataFrame(keep)
+    "The claims as a Markdown table, without the raw numbers."
+    return markdown_table([{k: r[k] for k in ("claim", "paper", "source", "metric", "ours", "verdict")} for r in rows])
