@@ -160,20 +160,18 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
         raise UserError(f"reference must hold states shaped like x {tuple(x.shape)}, got {tuple(reference.shape[1:])}")
     rows, t0, t1 = torch.arange(len(x)), float(t0), float(t1)
     sub = rows[:max(1, min(int(search_samples), len(x)))]
-    def fit_on(idx, ts, ridge):
+    def on(idx, fit, ts, *args):     # `fit` (fit_learned_steps or fit_learned_dims) on the samples `idx`
         target = lambda t: path_at(reference[:, idx], reference_times, t)
         with torch.no_grad():
-            return fit_learned_steps(lambda y, t: velocity(y, t, idx), x[idx], ts, target, ridge)
+            return fit(lambda y, t: velocity(y, t, idx), x[idx], ts, target, *args)
+    fit_on = lambda idx, ts, ridge: on(idx, fit_learned_steps, ts, ridge)
     rms = lambda a, idx: float(((a - reference[-1][idx]) ** 2).mean().sqrt())
     ts, search = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0])[2], sub), num_steps, t0, t1, evals=evals,
                                  progress=progress, desc=f"learned, {num_steps - 1} NFE")
     by_ridge = {ridges[0]: search["objective"], **{r: rms(fit_on(sub, ts, r)[2], sub) for r in ridges[1:]}}
     ridge = min(by_ridge, key=by_ridge.get)
     C, A, final = fit_on(rows, ts, ridge)
-    def dims_on(idx, C, A, mu):
-        target = lambda t: path_at(reference[:, idx], reference_times, t)
-        with torch.no_grad():
-            return fit_learned_dims(lambda y, t: velocity(y, t, idx), x[idx], ts, target, C, A, mu)
+    dims_on = lambda idx, C, A, mu: on(idx, fit_learned_dims, ts, C, A, mu)
     n_val = int(round(len(x) * validation))
     dim_ridge, by_dims = None, {}
     if dim_ridges and 0 < n_val < len(x) - 1:

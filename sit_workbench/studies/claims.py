@@ -5,6 +5,7 @@
 # %% ../../nbs/14d_claims.ipynb 3
 from __future__ import annotations
 import math
+from collections import Counter
 
 from ..errors import UserError
 from .zoo import load_results, markdown_table
@@ -198,9 +199,7 @@ def claims_table(setting="full", results=None) -> list[dict]:
 
 def verdict_counts(rows) -> dict:
     "How many lines have each verdict."
-    out = {}
-    for r in rows: out[r["verdict"]] = out.get(r["verdict"], 0) + 1
-    return out
+    return dict(Counter(r["verdict"] for r in rows))
 
 def show_claims(rows):
     "The claims as a Markdown table, without the raw numbers."
