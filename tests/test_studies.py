@@ -10,7 +10,7 @@ from sit_workbench.studies import convergence, design_space, diffusion_coefficie
 from sit_workbench.studies.zoo import SETTINGS, ZOO, final_steps, load_results
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = {path_length: 9, nfe: 3 * 2 * (8 + 6 + 5), diffusion_coefficient: 24, design_space: 6}
+STUDIES = {path_length: 15, nfe: 3 * 2 * (8 + 6 + 5), diffusion_coefficient: 24, design_space: 6}
 
 
 def _setting_dict(s):
