@@ -16,11 +16,12 @@ every channel: ours through `generate` and `Guidance`, diffusers' schedulers fed
   `--search-samples`) and reported on held-out noise (seed 0, `--n` samples);
 * `grid` is "own" or "fitted". Own: ours on the uniform grid; diffusers' schedulers at their best shift of `SHIFTS`
   (chosen on fitting noise). Fitted: the learned solver with its own fit (`fit_solver`: grid and per-step weights,
-  shared or per dimension as a held-back part of the fitting noise decides, `fit_dim_ridge`; stored beside the
-  checkpoint and run from there through `SamplerSpec("learned")`); every other solver, ours and diffusers', on
-  the better, on fitting noise, of our two fitted grids: abm3's (searched for it with
-  `search_schedule`) and the learned solver's (`grid_source` says which; FlowMatchHeun, two evaluations a step, takes
-  every other time). diffusers' schedulers take it through `set_timesteps(sigmas=...)` where they accept custom
+  shared or per dimension as a held-back part of the fitting noise decides, `fit_dim_ridge`; its first velocity,
+  from pure noise, an affine stand-in fitted to the network there, `fit_first_step`, so it takes one more step for
+  the same NFE; stored beside the checkpoint and run from there through `SamplerSpec("learned")`); every other
+  solver, ours and diffusers', on the better, on fitting noise, of our two fitted grids: abm3's (searched for it with
+  `search_schedule`) and the learned solver's where it evaluates the network (`grid_source` says which;
+  FlowMatchHeun, two evaluations a step, takes every other time). diffusers' schedulers take it through `set_timesteps(sigmas=...)` where they accept custom
   sigmas, else it is set on the scheduler after `set_timesteps` (`custom_grid` says which);
   `--fit-diffusers-grids` also searches a grid for each diffusers scheduler itself, from there;
 * the learned solver's fit seconds per NFE are printed and recorded (`fit_seconds`), apart from the reference.
@@ -279,7 +280,8 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
         res = fit_solver(ck, [nfe], guidance=g, n_fit=args.n_fit, seed=1, search_samples=m, evals=args.evals,
                          progress=False, reference=fit.path, log=(print if progress else (lambda *a, **k: None)))
         learned, linfo = res[nfe]
-        print(f"fit seconds, guidance {scale:g}, {nfe} NFE: {linfo['seconds']:.1f} s (learned solver, {args.n_fit} "
+        fit_seconds = round(linfo["seconds"] + res.get("affine_start_seconds", 0.0), 2)    # its affine first step included
+        print(f"fit seconds, guidance {scale:g}, {nfe} NFE: {fit_seconds:.1f} s (learned solver, {args.n_fit} "
               f"noises; the Heun-250 reference of the fitting noise is made once for all NFEs)", flush=True)
         # abm3's grid, searched on the first m fitting noises
         start = time.time()
@@ -288,6 +290,8 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
                                            nfe + 1, t0, t1, evals=args.grid_evals)
         abm3_seconds = time.time() - start
         grid_learned = learned.times(t0, t1)
+        if learned.start is not None:      # for the others: where it evaluates the network (not its stand-in step)
+            grid_learned = torch.cat([grid_learned[:1], grid_learned[2:]])
         cands = {"abm3's searched grid": grid_abm3, "the learned solver's grid": grid_learned}
         def choose(err_of, heun=False):
             "The better of our fitted grids on the first `c` fitting noises: (name, grid, {name: rms})."
@@ -304,8 +308,9 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
                 **({"grid_search_seconds": round(abm3_seconds, 1), "grid_search_rms": ginfo["objective"]} if meth == "abm3" else {}))
         add("learned", "ours", "fitted", *ours(model, tr, SamplerSpec.create("ode", "learned", nfe + 1), held, g, sdir),
             nfe=nfe, grid_source="its own fit", grid_times=[round(float(t), 5) for t in grid_learned],
-            fit_rms=linfo["rms"], fit_seconds=linfo["seconds"], fit_evals=linfo["evals"],
-            fit_dim_ridge=linfo["dim_ridge"], fit_rms_validation=linfo["rms_validation"])
+            fit_rms=linfo["rms"], fit_seconds=fit_seconds, fit_evals=linfo["evals"],
+            fit_dim_ridge=linfo["dim_ridge"], fit_rms_validation=linfo["rms_validation"],
+            fit_first_step="affine" if learned.start is not None else "network", fit_affine_start=linfo["affine_start"])
         # diffusers: the best shift, and the better of our fitted grids, both chosen on the first c fitting noises
         for name, (_, per_step, how) in diffusers_schedulers().items():
             start = time.time()
@@ -322,7 +327,7 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
             add(name, "diffusers", "fitted", *theirs(model, tr, name, held, g, nfe, grid=grid), nfe=nfe,
                 grid_source=which, custom_grid=how, grid_times=[round(float(t), 5) for t in grid], grids_tried=tried,
                 choice_seconds=round(time.time() - start, 1))
-        info[nfe] = {"learned_fit_seconds": linfo["seconds"], "abm3_grid_seconds": round(abm3_seconds, 1)}
+        info[nfe] = {"learned_fit_seconds": fit_seconds, "abm3_grid_seconds": round(abm3_seconds, 1)}
     r1 = lambda v: None if v is None else round(v, 1)
     return rows, {"reference_seconds": {"fit": r1(fit.seconds), "held_out": r1(held.seconds)},
                   "per_nfe": info}

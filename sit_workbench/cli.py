@@ -157,13 +157,17 @@ def fit_solver_parser(p):
     p.add_argument("--seed", type=int, default=1, help="seed of the fitting noise (sample's default noise is seed 0)")
     p.add_argument("--search-samples", type=int, default=64, help="noises the grid search runs on")
     p.add_argument("--evals", type=int, default=30, help="solves of the grid search per NFE")
+    p.add_argument("--no-affine-start", action="store_true",
+                   help="never replace the first network evaluation by an affine stand-in (default: tried up to "
+                        "8 NFE, kept where it lands nearer on held-back noise)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.set_defaults(func=cmd_fit_solver)
 
 def cmd_fit_solver(args):
     from sit_workbench.fit_solver import fit_solver
     return fit_solver(checkpoint_of(args), args.nfe, guidance=args.cfg_scale, n_fit=args.n_fit, seed=args.seed,
-                      search_samples=args.search_samples, evals=args.evals, device=args.device, progress=True)
+                      search_samples=args.search_samples, evals=args.evals, device=args.device, progress=True,
+                      affine_start=not args.no_affine_start)
 
 # %% ../nbs/05_cli.ipynb
 STUDIES = {"convergence": "convergence", "path-length": "path_length", "nfe": "nfe", "w_t": "diffusion_coefficient",

@@ -14,11 +14,11 @@ from .errors import UserError, check_number
 from .registry import SamplerSpec
 from .run import RunSpec, load_model, read_run
 from .sample import Guidance, _check_guidable, generate, random_labels, sample_noise
-from .learned import find_learned, fit_command, fit_learned, save_learned
+from .learned import find_learned, fit_affine_start, fit_command, fit_learned, save_learned
 from .solvers import schedule_dir
 
 # %% auto 0
-__all__ = ['REFERENCE', 'REFERENCE_NAME', 'guided_output', 'reference_solve', 'model_velocity', 'fit_solver',
+__all__ = ['REFERENCE', 'REFERENCE_NAME', 'guided_output', 'reference_solve', 'model_velocity', 'affine_start_for', 'fit_solver',
            'learned_or_fallback']
 
 # %% ../nbs/04c_fit_solver.ipynb
@@ -64,13 +64,26 @@ def model_velocity(model, transport, labels, guidance=None):
 
 
 # %% ../nbs/04c_fit_solver.ipynb
+def affine_start_for(model, transport, guidance, t0, n=256, seed=1, first_index=0, draws=2, device="cpu"):
+    """`fit_affine_start` for a model under `guidance` (a `Guidance`): its first velocity at `t0` on `draws` x `n`
+    noises of `seed` (from `first_index` on) with balanced labels, at least 4 of every class."""
+    K = model.num_classes
+    n = max(int(n), 4 * K)
+    labels, shape = torch.arange(n) % K, (model.in_channels, model.input_size, model.input_size)
+    noises = sample_noise(range(first_index, first_index + draws * n), shape, seed).reshape(draws, n, *shape).to(device)
+    v, rows = model_velocity(model, transport, labels.to(device), guidance), torch.arange(n)
+    return fit_affine_start(lambda x, t: v(x, t, rows), noises, t0, labels, K)
+
 def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=64, evals=30, device="cpu",
-               progress=False, save=True, reference=None, log=print) -> dict:
+               progress=False, save=True, reference=None, log=print, affine_start=True, affine_max_nfe=8) -> dict:
     """Fit learned solvers of each of `nfes` network evaluations for a checkpoint (`run`: what `read_run` reads) and
     a guidance (default the run's; a number replaces its scale), on `n_fit` noises and labels of `seed` (default 1,
     not the noise `sample` draws by default), against their Heun-250 solve (`reference`: given, or made here), and
     store each beside the checkpoint (`save_learned`: `<checkpoint>/schedules/learned-cfg<scale>.json`). Logs the
-    seconds of each fit. Returns `{nfe: (solver, info)}` and, under `'reference_seconds'`, the reference's time."""
+    seconds of each fit. `affine_start`: up to `affine_max_nfe` NFE, a second solver is fitted that takes its first
+    velocity from `affine_start_for` (fitted on noise of `seed` after the fitting noise), one more step for the same
+    NFE, and the one nearer Heun-250 on the fit's held-back noise is kept (`affine_start_validation`). Returns
+    `{nfe: (solver, info)}` and, under `'reference_seconds'`, the reference's time."""
     spec = read_run(run)
     folder = Path(spec.location)
     if save and not folder.is_dir():
@@ -91,20 +104,38 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
     out = {"reference_seconds": round(time.perf_counter() - start, 2)}
     if progress: log(f"reference: {out['reference_seconds']:.1f} s", flush=True)
     velocity = model_velocity(model, tr, labels, g)
+    began = time.perf_counter()
+    start, start_info = affine_start_for(model, tr, g, t0, n_fit, seed, n_fit, device=device) if affine_start else (None, None)
+    if start is not None:
+        out["affine_start_seconds"] = round(time.perf_counter() - began, 2)
+        if progress: log(f"affine first step: residual RMS {start_info['rms_residual']:.4f} of the first velocity's "
+                         f"{start_info['rms_velocity']:.4f}, {out['affine_start_seconds']:.1f} s", flush=True)
+    fit = lambda nfe, start: fit_learned(velocity, z, reference, torch.linspace(t0, t1, len(reference)), t0, t1, nfe + 1,
+                                         search_samples, evals, progress=progress, start=start, labels=labels)
     for nfe in nfes:
-        solver, info = fit_learned(velocity, z, reference, torch.linspace(t0, t1, len(reference)), t0, t1, nfe + 1,
-                                   search_samples, evals, progress=progress)
+        solver, info = fit(nfe, None)
+        if start is not None and nfe <= affine_max_nfe:
+            other, oinfo = fit(nfe, start)
+            held = lambda i: min(i["rms_validation"].values()) if i["rms_validation"] else i["rms"]
+            choice = {"with": held(oinfo), "without": held(info)}
+            seconds = info["seconds"] + oinfo["seconds"]
+            if choice["with"] < choice["without"]: solver, info = other, oinfo
+            info.update(seconds=round(seconds, 2), affine_start_validation={k: round(v, 6) for k, v in choice.items()})
+        info["affine_start"] = start_info if solver.start is not None else None
         where = ""
         if save:
             p = save_learned(schedule_dir(folder), solver, g, model=str(folder), reference=REFERENCE_NAME, fit_seed=seed,
                              date=time.strftime("%Y-%m-%d"), **info)
             info["path"], where = str(p), f" -> {p}"
         dims = ("weights per dimension (ridge {dim_ridge:g})".format(**info) if info["dim_ridge"] is not None
-                else "shared weights")
+                else "shared weights") + f", chosen on {info['validation_samples']} held back"
+        if "affine_start_validation" in info:
+            v = info["affine_start_validation"]
+            dims += (f"; first step: {'affine' if solver.start is not None else 'the network'} (held back: "
+                     f"{v['with']:.4f} with the affine one, {v['without']:.4f} without)")
         log(f"learned solver, {nfe} NFE, {g.describe()}: RMS to Heun-250 {info['rms']:.4f} on the {n_fit} fitting "
             f"noises (grid search: {info['rms_search']:.4f} on {info['search_samples']}, uniform grid "
-            f"{info['rms_search_uniform']:.4f}); {dims}, chosen on {info['validation_samples']} held back; "
-            f"fitted in {info['seconds']:.1f} s{where}", flush=True)
+            f"{info['rms_search_uniform']:.4f}); {dims}; fitted in {info['seconds']:.1f} s{where}", flush=True)
         out[nfe] = (solver, info)
     return out
 

@@ -18,9 +18,9 @@ from .solvers import LEARNED, SampleFn, adams_weights, search_schedule
 
 
 # %% auto 0
-__all__ = ['LEARNED_WINDOW', 'abm3_coefficients', 'learned_solve', 'path_at', 'fit_learned_steps', 'fit_learned_dims',
-           'LearnedSolver', 'fit_learned', 'learned_name', 'save_learned', 'fit_command', 'find_learned',
-           'load_learned', 'learned_sampler']
+__all__ = ['LEARNED_WINDOW', 'abm3_coefficients', 'first_or_model', 'learned_solve', 'path_at', 'fit_learned_steps',
+           'fit_learned_dims', 'AffineStart', 'fit_affine_start', 'LearnedSolver', 'fit_learned', 'learned_name',
+           'save_learned', 'fit_command', 'find_learned', 'load_learned', 'learned_sampler']
 
 # %% ../nbs/03d_learned.ipynb
 LEARNED_WINDOW = 4   # past velocities one learned step weighs: abm3's predictor and corrector together span 4
@@ -41,16 +41,21 @@ def abm3_coefficients(ts) -> torch.Tensor:
             C[i, 1:k + 1] -= adams_weights(ts[i - k:i], ts[i - 1], ts[i]).flip(0)         # less its predictor
     return C
 
-def learned_solve(velocity, x, ts, coefs, scales, progress=False) -> list:
+def first_or_model(velocity, first, p, ts, i):
+    "The velocity of step `i` at `p`: `first(p)` for the first step when a stand-in is given, else the model's."
+    return first(p) if (i == 0 and first is not None) else velocity(p, ts[i])
+
+def learned_solve(velocity, x, ts, coefs, scales, progress=False, first=None) -> list:
     """The learned solver's states from `x` at `ts[0]`: `p[i+1] = scales[i] p[i] + sum_j coefs[i, j] v[i - j]` with
-    `v[i] = velocity(p[i], ts[i])`: `len(ts) - 1` evaluations, never at the last time. Weights are numbers
-    (`coefs [N, W]`, `scales [N]`) or one per dimension of a sample (`coefs [N, W, *x.shape[1:]]`, `scales [N, *...]`)."""
+    `v[i] = velocity(p[i], ts[i])`: `len(ts) - 1` evaluations, never at the last time; with `first` (a stand-in for
+    the first velocity, `first(x)`: `AffineStart`) one fewer. Weights are numbers (`coefs [N, W]`, `scales [N]`) or
+    one per dimension of a sample (`coefs [N, W, *x.shape[1:]]`, `scales [N, *...]`)."""
     if coefs.dim() > 2 and tuple(coefs.shape[2:]) != tuple(x.shape[1:]):
         raise UserError(f"this learned solver has weights per dimension of samples shaped {tuple(coefs.shape[2:])}, "
                         f"but the samples are shaped {tuple(x.shape[1:])}")
     xs, vs = [x], []
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc=LEARNED, leave=False):
-        vs = [velocity(xs[-1], ts[i])] + vs[:coefs.shape[1] - 1]
+        vs = [first_or_model(velocity, first, xs[-1], ts, i)] + vs[:coefs.shape[1] - 1]
         xs.append(scales[i].to(x.dtype) * xs[-1] + sum(coefs[i, j].to(x.dtype) * v for j, v in enumerate(vs)))
     return xs
 
@@ -61,16 +66,17 @@ def path_at(states, times, t):
     w = (float(t) - float(times[k - 1])) / float(times[k] - times[k - 1])
     return (1 - w) * states[k - 1] + w * states[k]
 
-def fit_learned_steps(velocity, x, ts, target, ridge=1e-3):
+def fit_learned_steps(velocity, x, ts, target, ridge=1e-3, first=None):
     """The learned solver's weights on the grid `ts`, step by step along its own trajectory from `x`: step i takes
     the state scale and velocity weights minimising `|target(ts[i+1]) - p[i+1]|^2` over the batch, by least squares
     with a ridge (`ridge` times the mean diagonal of the normal equations) towards abm3's weights. One solve, no
-    gradients. Returns `(coefs [N, LEARNED_WINDOW], scales [N], final state)`."""
+    gradients; `first`: a stand-in for the first velocity (`learned_solve`). Returns `(coefs [N, LEARNED_WINDOW],
+    scales [N], final state)`."""
     prior, N = abm3_coefficients(ts), len(ts) - 1
     C = torch.zeros(N, LEARNED_WINDOW, dtype=torch.float64); A = torch.ones(N, dtype=torch.float64)
     p, vs = x, []
     for i in range(N):
-        vs = [velocity(p, ts[i])] + vs[:LEARNED_WINDOW - 1]
+        vs = [first_or_model(velocity, first, p, ts, i)] + vs[:LEARNED_WINDOW - 1]
         k = len(vs)
         B = torch.stack([v.reshape(-1).double() for v in vs] + [p.reshape(-1).double()], 1)
         r = (target(ts[i + 1]) - p).reshape(-1).double()
@@ -82,7 +88,7 @@ def fit_learned_steps(velocity, x, ts, target, ridge=1e-3):
         p = A[i].to(p.dtype) * p + sum(C[i, j].to(p.dtype) * v for j, v in enumerate(vs))
     return C, A, p
 
-def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0):
+def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0, first=None):
     """Weights per dimension of a sample, from shared ones (`coefs [N, W]`, `scales [N]`, e.g. `fit_learned_steps`'):
     as `fit_learned_steps`, step by step along its own trajectory, but each dimension takes its own state scale and
     velocity weights by least squares over the batch, with a ridge (`ridge` times the mean diagonal of that
@@ -93,7 +99,7 @@ def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0):
     C = coefs.to(torch.float64)[:, :, None].repeat(1, 1, D); A = scales.to(torch.float64)[:, None].repeat(1, D)
     p, vs = x, []
     for i in range(N):
-        vs = [velocity(p, ts[i])] + vs[:W - 1]
+        vs = [first_or_model(velocity, first, p, ts, i)] + vs[:W - 1]
         k = len(vs)
         B = torch.stack([v.reshape(n, D).double() for v in vs] + [p.reshape(n, D).double()], 2)      # [n, D, k + 1]
         r = (target(ts[i + 1]) - p).reshape(n, D).double()
@@ -107,30 +113,96 @@ def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0):
     return C.reshape(N, W, *shape), A.reshape(N, *shape), p
 
 @dataclasses.dataclass
+class AffineStart:
+    """A stand-in for the network's first evaluation, from pure noise: `v(x, t0 | c) = offsets[c] + slope * x`
+    (`offsets [K, *shape]`, one per class, `slope [*shape]`). Exact for the Linear path at t0 = 0, where the
+    velocity is `E[data | c] - x` (guided: the guided mean less x); `fit_affine_start` fits it to the model."""
+    offsets: torch.Tensor
+    slope: torch.Tensor
+
+    def __call__(self, x, labels) -> torch.Tensor:
+        """The stand-in velocity at `x` (samples with `labels`). A batch whose second half has the null class (the
+        number of classes) is `forward_with_cfg`'s guided batch, whose halves share the guided velocity: its null
+        half takes the classes of the first."""
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.offsets.device)
+        if labels.ndim != 1 or len(labels) != len(x):
+            raise UserError(f"the learned solver's first step needs one class label per sample: {len(x)} samples, "
+                            f"labels shaped {tuple(labels.shape)}")
+        K, n = len(self.offsets), len(labels) // 2
+        if len(labels) % 2 == 0 and n and bool((labels[n:] == K).all()) and not bool((labels[:n] == K).any()):
+            labels = torch.cat([labels[:n], labels[:n]])
+        if tuple(x.shape[1:]) != tuple(self.slope.shape):
+            raise UserError(f"this learned solver's first step was fitted for samples shaped {tuple(self.slope.shape)}, "
+                            f"but the samples are shaped {tuple(x.shape[1:])}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.offsets)):
+            raise UserError(f"the learned solver's first step knows classes 0..{len(self.offsets) - 1}, got labels "
+                            f"{sorted(set(labels.tolist()))[:8]}")
+        return (self.offsets[labels] + self.slope * x.to(self.slope.dtype)).to(x.dtype)
+    def to_dict(self) -> dict:
+        r = lambda v: (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
+        return {"offsets": r(self.offsets), "slope": r(self.slope)}
+    @classmethod
+    def from_dict(cls, d) -> "AffineStart":
+        s = cls(torch.tensor(d["offsets"], dtype=torch.float64), torch.tensor(d["slope"], dtype=torch.float64))
+        if s.offsets.shape[1:] != s.slope.shape:
+            raise UserError(f"an affine first step needs offsets [classes, *shape] and a slope [*shape], got "
+                            f"{tuple(s.offsets.shape)} and {tuple(s.slope.shape)}")
+        return s
+
+def fit_affine_start(velocity, noises, t0, labels, num_classes) -> tuple[AffineStart, dict]:
+    """`AffineStart` fitted to `velocity(x, t0)` (the guided field of samples with `labels`) at the noises
+    `noises [D, n, *shape]` (`D` draws of the `n` samples): per dimension, a slope shared by the classes and an offset
+    per class, by least squares (within-class regression). Every class needs samples among `labels`. Returns it and
+    `{'rms_residual', 'rms_velocity'}` (how far the field is from affine there, and its size)."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    missing = sorted(set(range(num_classes)) - set(labels.tolist()))
+    if missing: raise UserError(f"fitting the first step needs samples of every class; none of {missing[:8]}")
+    with torch.no_grad(): V = torch.stack([velocity(z, t0) for z in noises]).double().flatten(0, 1)
+    X, lab = torch.as_tensor(noises).double().flatten(0, 1), labels.repeat(len(noises))
+    onehot = torch.nn.functional.one_hot(lab, num_classes).double()
+    class_mean = lambda a: (onehot.T @ a.flatten(1) / onehot.sum(0)[:, None]).reshape(num_classes, *a.shape[1:])
+    xm, vm = class_mean(X), class_mean(V)
+    Xc, Vc = X - xm[lab], V - vm[lab]
+    slope = (Xc * Vc).sum(0) / (Xc * Xc).sum(0)
+    start = AffineStart(vm - slope * xm, slope)
+    rms = lambda a: float(a.pow(2).mean().sqrt())
+    return start, {"rms_residual": rms(V - start(X, lab)), "rms_velocity": rms(V)}
+
+@dataclasses.dataclass
 class LearnedSolver:
     """A learned (bespoke) solver for one number of time points: its grid as fractions `u` of the sampling interval
     (both ends included), per-step velocity weights `coefs` `[N, LEARNED_WINDOW]` (newest first) and state scales
     `scales` `[N]`, or one of each per dimension of a sample (`[N, LEARNED_WINDOW, *shape]`, `[N, *shape]`);
-    `N = len(grid) - 1` network evaluations."""
+    `N = len(grid) - 1` network evaluations, or `N - 1` with a stand-in for the first one (`start`, `AffineStart`).
+    `num_steps` is what a sampler of the same cost asks for: network evaluations + 1."""
     grid: torch.Tensor
     coefs: torch.Tensor
     scales: torch.Tensor
+    start: AffineStart | None = None
 
     @property
-    def num_steps(self) -> int: return len(self.grid)
+    def num_steps(self) -> int: return len(self.grid) - (self.start is not None)
+    @property
+    def nfe(self) -> int: return self.num_steps - 1
     def times(self, t0, t1) -> torch.Tensor: return t0 + self.grid.to(torch.float64) * (t1 - t0)
-    def solve(self, velocity, x, t0, t1, progress=False) -> list:
-        "`learned_solve` on `[t0, t1]`."
-        return learned_solve(velocity, x, self.times(t0, t1), self.coefs, self.scales, progress)
+    def first(self, labels):
+        "The stand-in for the first velocity of samples with `labels` (`first(x)`), or None without one."
+        if self.start is None: return None
+        if labels is None: raise UserError("this learned solver's first step needs the samples' class labels (y)")
+        return lambda x: self.start(x, labels)
+    def solve(self, velocity, x, t0, t1, progress=False, labels=None) -> list:
+        "`learned_solve` on `[t0, t1]` (`labels`: the samples' classes, for a solver with a `start`)."
+        return learned_solve(velocity, x, self.times(t0, t1), self.coefs, self.scales, progress, self.first(labels))
     @property
     def per_dimension(self) -> bool: return self.coefs.dim() > 2
     def to_dict(self) -> dict:
         r = lambda v: (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
-        return {"grid": r(self.grid), "coefs": r(self.coefs), "scales": r(self.scales)}
+        return {"grid": r(self.grid), "coefs": r(self.coefs), "scales": r(self.scales),
+                **({"start": self.start.to_dict()} if self.start is not None else {})}
     @classmethod
     def from_dict(cls, d) -> "LearnedSolver":
         t = lambda v: torch.tensor(v, dtype=torch.float64)
-        s = cls(t(d["grid"]), t(d["coefs"]), t(d["scales"]))
+        s = cls(t(d["grid"]), t(d["coefs"]), t(d["scales"]), AffineStart.from_dict(d["start"]) if d.get("start") else None)
         N = len(s.grid) - 1
         if (s.coefs.shape[:2] != (N, LEARNED_WINDOW) or s.scales.shape[:1] != (N,)
                 or s.coefs.shape[2:] != s.scales.shape[1:]):
@@ -141,7 +213,7 @@ class LearnedSolver:
 
 def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, search_samples=64, evals=30,
                 ridges=(1e-3, 1e-2, 1e-1, 1.0), dim_ridges=(0.1, 1.0, 10.0), validation=0.25,
-                progress=False) -> tuple[LearnedSolver, dict]:
+                progress=False, start=None, labels=None) -> tuple[LearnedSolver, dict]:
     """A learned solver of `num_steps` points for the field `velocity(x, t, rows)` (`rows`: the indices in the
     fitting batch of `x`'s samples, for their labels), fitted to the fine solve from the noise `x` (`reference`: its
     states `[K, *x.shape]` at `reference_times`). The grid comes from `search_schedule`, whose objective is the final
@@ -152,21 +224,25 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
     of the batch and kept, refitted on the whole batch, if one lands nearer on that held-back part than the shared
     weights fitted on the same samples (`dim_ridge`: the ridge kept, or None; `rms_validation`: each candidate's).
     No gradients: about `evals + len(ridges)` solves of `search_samples` samples and `2 + len(dim_ridges)` of the
-    batch. Returns `(solver, info)`: the final RMS on the batch (`rms`), the search's (`rms_search`), the ridge,
-    `seconds`."""
-    start = time.perf_counter()
+    batch. `start` (an `AffineStart`, with `labels`, the batch's classes): the first velocity comes from it, not the
+    network, so the grid has one more point for the same `num_steps - 1` evaluations. Returns `(solver, info)`: the
+    final RMS on the batch (`rms`), the search's (`rms_search`), the ridge, `seconds`."""
+    began = time.perf_counter()
+    if start is not None and labels is None: raise UserError("a learned solver with an affine first step needs the labels")
     reference = torch.stack(list(reference)) if not torch.is_tensor(reference) else reference
     if reference.shape[1:] != x.shape:
         raise UserError(f"reference must hold states shaped like x {tuple(x.shape)}, got {tuple(reference.shape[1:])}")
     rows, t0, t1 = torch.arange(len(x)), float(t0), float(t1)
     sub = rows[:max(1, min(int(search_samples), len(x)))]
+    first = lambda idx: None if start is None else (lambda y: start(y, labels[idx]))
     def on(idx, fit, ts, *args):     # `fit` (fit_learned_steps or fit_learned_dims) on the samples `idx`
         target = lambda t: path_at(reference[:, idx], reference_times, t)
         with torch.no_grad():
-            return fit(lambda y, t: velocity(y, t, idx), x[idx], ts, target, *args)
+            return fit(lambda y, t: velocity(y, t, idx), x[idx], ts, target, *args, first=first(idx))
     fit_on = lambda idx, ts, ridge: on(idx, fit_learned_steps, ts, ridge)
     rms = lambda a, idx: float(((a - reference[-1][idx]) ** 2).mean().sqrt())
-    ts, search = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0])[2], sub), num_steps, t0, t1, evals=evals,
+    points = num_steps + (start is not None)
+    ts, search = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0])[2], sub), points, t0, t1, evals=evals,
                                  progress=progress, desc=f"learned, {num_steps - 1} NFE")
     by_ridge = {ridges[0]: search["objective"], **{r: rms(fit_on(sub, ts, r)[2], sub) for r in ridges[1:]}}
     ridge = min(by_ridge, key=by_ridge.get)
@@ -178,7 +254,7 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
         a, b = rows[:len(x) - n_val], rows[len(x) - n_val:]
         def held_back(C, A):
             with torch.no_grad():
-                return rms(learned_solve(lambda y, t: velocity(y, t, b), x[b], ts, C, A)[-1], b)
+                return rms(learned_solve(lambda y, t: velocity(y, t, b), x[b], ts, C, A, first=first(b))[-1], b)
         Ca, Aa, _ = fit_on(a, ts, ridge)
         by_dims = {"shared": held_back(Ca, Aa)}
         for mu in dim_ridges: by_dims[str(mu)] = held_back(*dims_on(a, Ca, Aa, mu)[:2])
@@ -191,8 +267,8 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
             "ridge": ridge, "rms_by_ridge": {str(k): round(v, 6) for k, v in by_ridge.items()},
             "dim_ridge": dim_ridge, "validation_samples": n_val if by_dims else 0,
             "rms_validation": {k: round(v, 6) for k, v in by_dims.items()},
-            "seconds": round(time.perf_counter() - start, 2)}
-    return LearnedSolver((ts - t0) / (t1 - t0), C, A), info
+            "seconds": round(time.perf_counter() - began, 2)}
+    return LearnedSolver((ts - t0) / (t1 - t0), C, A, start), info
 
 
 # %% ../nbs/03d_learned.ipynb
@@ -269,7 +345,8 @@ def _describe_guidance(guidance) -> str:
 
 # %% ../nbs/03d_learned.ipynb
 def learned_sampler(tr, num_steps, schedule="uniform", directory=None, progress=False, guidance=None, reverse=False):
-    "The `SampleFn` of a stored learned solver (`load_learned`): the fit for `guidance`, or the file 'optimized:NAME'."
+    """The `SampleFn` of a stored learned solver (`load_learned`): the fit for `guidance`, or the file 'optimized:NAME'.
+    A solver with an affine first step reads the samples' labels from the model's `y` (`AffineStart`)."""
     if reverse: raise UserError(f"{LEARNED!r} integrates from noise to data only (reverse=False)")
     if isinstance(schedule, str) and schedule.startswith("optimized:"): name = schedule[10:]
     elif isinstance(schedule, str) and schedule == "uniform": name = None
@@ -279,10 +356,13 @@ def learned_sampler(tr, num_steps, schedule="uniform", directory=None, progress=
     t0, t1 = tr.check_interval(tr.train_eps, tr.sample_eps, sde=False, eval=True)
     ts = solver.times(t0, t1)
     def run(x, call):
+        labels = call.kwargs.get("y")
         def velocity(y, t):
             out, tt = call(y, t)
             return tr.velocity_from_output(out, y, tt)
-        with torch.no_grad(): return learned_solve(velocity, x, ts, solver.coefs, solver.scales, progress)
-    return SampleFn(run, t0, t1, f"{LEARNED}, {num_steps} points, fitted for {_describe_guidance(rec.get('guidance'))} "
-                                 f"({p})")
+        with torch.no_grad():
+            return learned_solve(velocity, x, ts, solver.coefs, solver.scales, progress, solver.first(labels))
+    first = ", affine first step" if solver.start is not None else ""
+    return SampleFn(run, t0, t1, f"{LEARNED}, {num_steps - 1} NFE{first}, fitted for "
+                                 f"{_describe_guidance(rec.get('guidance'))} ({p})")
 
