@@ -143,9 +143,12 @@ def seed_summary(rows) -> list[dict]:
 
 def paired_cells(setting, finals, n_boot=200) -> list[dict]:
     """Paired differences between every two cells of `finals` (`{name: steps}`, training seed 0): converged FID (bootstrap
-    over the shared sample index) and held-out NLL (per image, same draws)."""
+    over the shared sample index) and held-out NLL (per image, same draws). A final row measured on another machine
+    (its rows committed, its features not) is measured again here for them (`measure_row`)."""
     from sit_workbench.digits import classifier_features, digits_arrays, load_or_train_classifier
     ref = classifier_features(load_or_train_classifier(), digits_arrays("test")[0])
+    for n, st in finals.items():      # kept on the machine that measured the row: measured again on another one
+        if not features_path(setting, n, st, 0).is_file(): measure_row(n, setting, st, 0)
     got = {n: torch.load(features_path(setting, n, st, 0)) for n, st in finals.items()}
     out = []
     for a, b in itertools.combinations(finals, 2):
