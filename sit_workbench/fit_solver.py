@@ -105,7 +105,8 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
     if progress: log(f"reference: {out['reference_seconds']:.1f} s", flush=True)
     velocity = model_velocity(model, tr, labels, g)
     began = time.perf_counter()
-    start, start_info = affine_start_for(model, tr, g, t0, n_fit, seed, n_fit, device=device) if affine_start else (None, None)
+    tried = affine_start and any(n <= affine_max_nfe for n in nfes)      # fitted only where some NFE may take it
+    start, start_info = affine_start_for(model, tr, g, t0, n_fit, seed, n_fit, device=device) if tried else (None, None)
     if start is not None:
         out["affine_start_seconds"] = round(time.perf_counter() - began, 2)
         if progress: log(f"affine first step: residual RMS {start_info['rms_residual']:.4f} of the first velocity's "
