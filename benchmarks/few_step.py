@@ -310,7 +310,8 @@ def guidance_rows(model, tr, ck, steps, scale, nfes, args, clf, progress=True):
             nfe=nfe, grid_source="its own fit", grid_times=[round(float(t), 5) for t in grid_learned],
             fit_rms=linfo["rms"], fit_seconds=fit_seconds, fit_evals=linfo["evals"],
             fit_dim_ridge=linfo["dim_ridge"], fit_rms_validation=linfo["rms_validation"],
-            fit_first_step="affine" if learned.start is not None else "network", fit_affine_start=linfo["affine_start"])
+            fit_first_step="affine" if learned.start is not None else "network", fit_affine_start=linfo["affine_start"],
+            fit_first_step_search=linfo["first_step_search"])
         # diffusers: the best shift, and the better of our fitted grids, both chosen on the first c fitting noises
         for name, (_, per_step, how) in diffusers_schedulers().items():
             start = time.time()

@@ -80,10 +80,10 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
     a guidance (default the run's; a number replaces its scale), on `n_fit` noises and labels of `seed` (default 1,
     not the noise `sample` draws by default), against their Heun-250 solve (`reference`: given, or made here), and
     store each beside the checkpoint (`save_learned`: `<checkpoint>/schedules/learned-cfg<scale>.json`). Logs the
-    seconds of each fit. `affine_start`: up to `affine_max_nfe` NFE, a second solver is fitted that takes its first
-    velocity from `affine_start_for` (fitted on noise of `seed` after the fitting noise), one more step for the same
-    NFE, and the one nearer Heun-250 on the fit's held-back noise is kept (`affine_start_validation`). Returns
-    `{nfe: (solver, info)}` and, under `'reference_seconds'`, the reference's time."""
+    seconds of each fit. `affine_start`: up to `affine_max_nfe` NFE, `fit_learned` also searches a grid whose first
+    velocity comes from `affine_start_for` (fitted on noise of `seed` after the fitting noise), one more step for
+    the same NFE, and keeps it where its search lands nearer (`first_step_search`). Returns `{nfe: (solver, info)}`
+    and, under `'reference_seconds'`, the reference's time."""
     spec = read_run(run)
     folder = Path(spec.location)
     if save and not folder.is_dir():
@@ -111,17 +111,10 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
         out["affine_start_seconds"] = round(time.perf_counter() - began, 2)
         if progress: log(f"affine first step: residual RMS {start_info['rms_residual']:.4f} of the first velocity's "
                          f"{start_info['rms_velocity']:.4f}, {out['affine_start_seconds']:.1f} s", flush=True)
-    fit = lambda nfe, start: fit_learned(velocity, z, reference, torch.linspace(t0, t1, len(reference)), t0, t1, nfe + 1,
-                                         search_samples, evals, progress=progress, start=start, labels=labels)
     for nfe in nfes:
-        solver, info = fit(nfe, None)
-        if start is not None and nfe <= affine_max_nfe:
-            other, oinfo = fit(nfe, start)
-            held = lambda i: min(i["rms_validation"].values()) if i["rms_validation"] else i["rms"]
-            choice = {"with": held(oinfo), "without": held(info)}
-            seconds = info["seconds"] + oinfo["seconds"]
-            if choice["with"] < choice["without"]: solver, info = other, oinfo
-            info.update(seconds=round(seconds, 2), affine_start_validation={k: round(v, 6) for k, v in choice.items()})
+        solver, info = fit_learned(velocity, z, reference, torch.linspace(t0, t1, len(reference)), t0, t1, nfe + 1,
+                                   search_samples, evals, progress=progress, labels=labels,
+                                   start=start if nfe <= affine_max_nfe else None)
         info["affine_start"] = start_info if solver.start is not None else None
         where = ""
         if save:
@@ -130,9 +123,9 @@ def fit_solver(run, nfes=(8,), guidance=None, n_fit=256, seed=1, search_samples=
             info["path"], where = str(p), f" -> {p}"
         dims = ("weights per dimension (ridge {dim_ridge:g})".format(**info) if info["dim_ridge"] is not None
                 else "shared weights") + f", chosen on {info['validation_samples']} held back"
-        if "affine_start_validation" in info:
-            v = info["affine_start_validation"]
-            dims += (f"; first step: {'affine' if solver.start is not None else 'the network'} (held back: "
+        if info["first_step_search"] is not None:
+            v = info["first_step_search"]
+            dims += (f"; first step: {'affine' if solver.start is not None else 'the network'} (grid search: "
                      f"{v['with']:.4f} with the affine one, {v['without']:.4f} without)")
         log(f"learned solver, {nfe} NFE, {g.describe()}: RMS to Heun-250 {info['rms']:.4f} on the {n_fit} fitting "
             f"noises (grid search: {info['rms_search']:.4f} on {info['search_samples']}, uniform grid "

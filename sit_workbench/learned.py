@@ -213,7 +213,7 @@ class LearnedSolver:
 
 def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, search_samples=64, evals=30,
                 ridges=(1e-3, 1e-2, 1e-1, 1.0), dim_ridges=(0.1, 1.0, 10.0), validation=0.25,
-                progress=False, start=None, labels=None) -> tuple[LearnedSolver, dict]:
+                progress=False, start=None, labels=None, start_evals=10) -> tuple[LearnedSolver, dict]:
     """A learned solver of `num_steps` points for the field `velocity(x, t, rows)` (`rows`: the indices in the
     fitting batch of `x`'s samples, for their labels), fitted to the fine solve from the noise `x` (`reference`: its
     states `[K, *x.shape]` at `reference_times`). The grid comes from `search_schedule`, whose objective is the final
@@ -224,9 +224,11 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
     of the batch and kept, refitted on the whole batch, if one lands nearer on that held-back part than the shared
     weights fitted on the same samples (`dim_ridge`: the ridge kept, or None; `rms_validation`: each candidate's).
     No gradients: about `evals + len(ridges)` solves of `search_samples` samples and `2 + len(dim_ridges)` of the
-    batch. `start` (an `AffineStart`, with `labels`, the batch's classes): the first velocity comes from it, not the
-    network, so the grid has one more point for the same `num_steps - 1` evaluations. Returns `(solver, info)`: the
-    final RMS on the batch (`rms`), the search's (`rms_search`), the ridge, `seconds`."""
+    batch. `start` (an `AffineStart`, with `labels`, the batch's classes): a second grid search, of `start_evals`
+    solves from the first one's grid with its first step split, gives the first velocity to the stand-in instead of
+    the network (one more point for the same `num_steps - 1` evaluations); the one with the lower search objective is
+    kept (`first_step_search`: both). Returns `(solver, info)`: the final RMS on the batch (`rms`), the search's
+    (`rms_search`), the ridge, `seconds`."""
     began = time.perf_counter()
     if start is not None and labels is None: raise UserError("a learned solver with an affine first step needs the labels")
     reference = torch.stack(list(reference)) if not torch.is_tensor(reference) else reference
@@ -234,16 +236,27 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
         raise UserError(f"reference must hold states shaped like x {tuple(x.shape)}, got {tuple(reference.shape[1:])}")
     rows, t0, t1 = torch.arange(len(x)), float(t0), float(t1)
     sub = rows[:max(1, min(int(search_samples), len(x)))]
-    first = lambda idx: None if start is None else (lambda y: start(y, labels[idx]))
-    def on(idx, fit, ts, *args):     # `fit` (fit_learned_steps or fit_learned_dims) on the samples `idx`
+    used = None                        # the stand-in, once the searches have chosen it
+    first = lambda idx, st=None: None if (st or used) is None else (lambda y: (st or used)(y, labels[idx]))
+    def on(idx, fit, ts, *args, st=None):     # `fit` (fit_learned_steps or fit_learned_dims) on the samples `idx`
         target = lambda t: path_at(reference[:, idx], reference_times, t)
         with torch.no_grad():
-            return fit(lambda y, t: velocity(y, t, idx), x[idx], ts, target, *args, first=first(idx))
-    fit_on = lambda idx, ts, ridge: on(idx, fit_learned_steps, ts, ridge)
+            return fit(lambda y, t: velocity(y, t, idx), x[idx], ts, target, *args, first=first(idx, st))
+    fit_on = lambda idx, ts, ridge, st=None: on(idx, fit_learned_steps, ts, ridge, st=st)
     rms = lambda a, idx: float(((a - reference[-1][idx]) ** 2).mean().sqrt())
-    points = num_steps + (start is not None)
-    ts, search = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0])[2], sub), points, t0, t1, evals=evals,
+    ts, search = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0])[2], sub), num_steps, t0, t1, evals=evals,
                                  progress=progress, desc=f"learned, {num_steps - 1} NFE")
+    first_step = None
+    if start is not None:
+        split = torch.cat([ts[:1], (ts[:1] + ts[1:2]) / 2, ts[1:]])
+        ts2, s2 = search_schedule(lambda ts: rms(fit_on(sub, ts, ridges[0], st=start)[2], sub), num_steps + 1, t0, t1,
+                                  init=(split,), evals=start_evals, progress=progress,
+                                  desc=f"learned, {num_steps - 1} NFE, affine first step")
+        first_step = {"with": round(s2["objective"], 6), "without": round(search["objective"], 6)}
+        if s2["objective"] < search["objective"]:
+            ts, used, search = ts2, start, {**s2, "objective_init": search["objective_init"],
+                                            "evals": search["evals"] + s2["evals"]}
+        else: search = {**search, "evals": search["evals"] + s2["evals"]}
     by_ridge = {ridges[0]: search["objective"], **{r: rms(fit_on(sub, ts, r)[2], sub) for r in ridges[1:]}}
     ridge = min(by_ridge, key=by_ridge.get)
     C, A, final = fit_on(rows, ts, ridge)
@@ -266,9 +279,9 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
             "evals": search["evals"] + len(ridges) - 1, "fit_samples": len(x), "search_samples": len(sub),
             "ridge": ridge, "rms_by_ridge": {str(k): round(v, 6) for k, v in by_ridge.items()},
             "dim_ridge": dim_ridge, "validation_samples": n_val if by_dims else 0,
-            "rms_validation": {k: round(v, 6) for k, v in by_dims.items()},
+            "rms_validation": {k: round(v, 6) for k, v in by_dims.items()}, "first_step_search": first_step,
             "seconds": round(time.perf_counter() - began, 2)}
-    return LearnedSolver((ts - t0) / (t1 - t0), C, A, start), info
+    return LearnedSolver((ts - t0) / (t1 - t0), C, A, used), info
 
 
 # %% ../nbs/03d_learned.ipynb
