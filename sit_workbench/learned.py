@@ -53,10 +53,11 @@ def learned_solve(velocity, x, ts, coefs, scales, progress=False, first=None) ->
     if coefs.dim() > 2 and tuple(coefs.shape[2:]) != tuple(x.shape[1:]):
         raise UserError(f"this learned solver has weights per dimension of samples shaped {tuple(coefs.shape[2:])}, "
                         f"but the samples are shaped {tuple(x.shape[1:])}")
+    coefs, scales = coefs.to(x.device, x.dtype), scales.to(x.device, x.dtype)    # stored on the CPU, in float64
     xs, vs = [x], []
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc=LEARNED, leave=False):
         vs = [first_or_model(velocity, first, xs[-1], ts, i)] + vs[:coefs.shape[1] - 1]
-        xs.append(scales[i].to(x.dtype) * xs[-1] + sum(coefs[i, j].to(x.dtype) * v for j, v in enumerate(vs)))
+        xs.append(scales[i] * xs[-1] + sum(coefs[i, j] * v for j, v in enumerate(vs)))
     return xs
 
 def path_at(states, times, t):
@@ -124,7 +125,7 @@ class AffineStart:
         """The stand-in velocity at `x` (samples with `labels`). A batch whose second half has the null class (the
         number of classes) is `forward_with_cfg`'s guided batch, whose halves share the guided velocity: its null
         half takes the classes of the first."""
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.offsets.device)
+        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
         if labels.ndim != 1 or len(labels) != len(x):
             raise UserError(f"the learned solver's first step needs one class label per sample: {len(x)} samples, "
                             f"labels shaped {tuple(labels.shape)}")
@@ -137,7 +138,7 @@ class AffineStart:
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.offsets)):
             raise UserError(f"the learned solver's first step knows classes 0..{len(self.offsets) - 1}, got labels "
                             f"{sorted(set(labels.tolist()))[:8]}")
-        return (self.offsets[labels] + self.slope * x.to(self.slope.dtype)).to(x.dtype)
+        return self.offsets.to(x.device, x.dtype)[labels.to(x.device)] + self.slope.to(x.device, x.dtype) * x
     def to_dict(self) -> dict:
         r = lambda v: (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
         return {"offsets": r(self.offsets), "slope": r(self.slope)}
