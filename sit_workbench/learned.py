@@ -113,6 +113,10 @@ def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0, first=No
         p = Ai * p + sum(Ci[j] * v for j, v in enumerate(vs))
     return C.reshape(N, W, *shape), A.reshape(N, *shape), p
 
+def _rounded(v) -> list:
+    "A tensor as nested lists of float64 rounded to 1e-10: what the stored solvers hold."
+    return (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
+
 @dataclasses.dataclass
 class AffineStart:
     """A stand-in for the network's first evaluation, from pure noise: `v(x, t0 | c) = offsets[c] + slope * x`
@@ -140,8 +144,7 @@ class AffineStart:
                             f"{sorted(set(labels.tolist()))[:8]}")
         return self.offsets.to(x.device, x.dtype)[labels.to(x.device)] + self.slope.to(x.device, x.dtype) * x
     def to_dict(self) -> dict:
-        r = lambda v: (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
-        return {"offsets": r(self.offsets), "slope": r(self.slope)}
+        return {"offsets": _rounded(self.offsets), "slope": _rounded(self.slope)}
     @classmethod
     def from_dict(cls, d) -> "AffineStart":
         s = cls(torch.tensor(d["offsets"], dtype=torch.float64), torch.tensor(d["slope"], dtype=torch.float64))
@@ -197,8 +200,7 @@ class LearnedSolver:
     @property
     def per_dimension(self) -> bool: return self.coefs.dim() > 2
     def to_dict(self) -> dict:
-        r = lambda v: (torch.round(v.to(torch.float64) * 1e10) / 1e10).tolist()
-        return {"grid": r(self.grid), "coefs": r(self.coefs), "scales": r(self.scales),
+        return {"grid": _rounded(self.grid), "coefs": _rounded(self.coefs), "scales": _rounded(self.scales),
                 **({"start": self.start.to_dict()} if self.start is not None else {})}
     @classmethod
     def from_dict(cls, d) -> "LearnedSolver":
@@ -238,7 +240,9 @@ def fit_learned(velocity, x, reference, reference_times, t0, t1, num_steps, sear
     rows, t0, t1 = torch.arange(len(x)), float(t0), float(t1)
     sub = rows[:max(1, min(int(search_samples), len(x)))]
     used = None                        # the stand-in, once the searches have chosen it
-    first = lambda idx, st=None: None if (st or used) is None else (lambda y: (st or used)(y, labels[idx]))
+    def first(idx, st=None):          # the stand-in's first velocity for the samples `idx`: `st`, else the chosen one
+        s = st if st is not None else used
+        return None if s is None else (lambda y: s(y, labels[idx]))
     def on(idx, fit, ts, *args, st=None):     # `fit` (fit_learned_steps or fit_learned_dims) on the samples `idx`
         target = lambda t: path_at(reference[:, idx], reference_times, t)
         with torch.no_grad():
