@@ -213,7 +213,8 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     """Measure (resuming) the reference rows, every cell of `models` (default: the zoo) at every rung of the ladder up
     to `zoo.final_steps`, and training seeds `EXTRA_SEEDS` at each cell's final rung as measured here
     (`converged_steps`); then the per-cell seed spread and the paired differences between cells. Writes and returns
-    the results."""
+    the results. Only a run over the whole zoo removes the row log and annotates the other studies (`annotate_studies`):
+    a run over some cells leaves its rows for the run that measures the rest."""
     from tqdm.auto import tqdm
     from sit_workbench.digits import load_or_train_classifier
     from sit_workbench.evaluate import digits_reference_rows
@@ -252,8 +253,9 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
            "cells": seed_summary(rows), "paired": paired_cells(s, finals, n_boot=m["n_boot"]),
            "seconds": round(time.time() - t0)}
     save_results(STUDY, s, rows, **res)
-    log.finish()
-    annotate_studies(s)
+    if set(models) == set(ZOO):     # a run over part of the zoo keeps its row log, so the rest of the zoo resumes from it
+        log.finish()
+        annotate_studies(s)
     return load_results(STUDY, s)
 
 # %% ../../nbs/14c_remeasure.ipynb
