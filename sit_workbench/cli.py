@@ -179,7 +179,8 @@ def study_parser(p):
     p.add_argument("--setting", choices=["quick", "full"], default="quick",
                    help="quick: 75/150-step models (repa: 20/40), 200 samples; full: the committed results")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help="convergence and remeasure only: the zoo cells (default: all; two processes can share the zoo)")
+                   help="convergence and remeasure only: the zoo cells (default: all; two processes can share the zoo). "
+                        "remeasure writes its results once every cell is measured, and keeps the rows till then")
     p.set_defaults(func=cmd_study)
 
 def cmd_study(args):
@@ -189,7 +190,10 @@ def cmd_study(args):
         mod = importlib.import_module(f"sit_workbench.studies.{STUDIES[name]}")
         kw = {"models": args.models} if args.models and name in ("convergence", "remeasure") else {}
         res = mod.run_study(args.setting, progress=True, **kw)
-        print(f"{name}: wrote {results_path(mod.STUDY, args.setting)} ({len(res['rows'])} rows)", flush=True)
+        out = results_path(mod.STUDY, args.setting)
+        if res.get("partial"):    # remeasure over some cells: the results are written once every cell is measured
+            print(f"{name}: {len(res['rows'])} rows so far, kept in {out.with_suffix('.partial.jsonl')}", flush=True)
+        else: print(f"{name}: wrote {out} ({len(res['rows'])} rows)", flush=True)
 
 # %% ../nbs/05_cli.ipynb
 def make_parser():

@@ -1,6 +1,6 @@
 """The re-measurement study (nbs/14c_remeasure) end to end on the quick setting, two cells, in a temporary zoo: killed
-part way, then run again, it measures only the rows it had not measured, and writes a complete results file; being a
-run over part of the zoo, it keeps its row log for the rest."""
+part way, then run again, it measures only the rows it had not measured; being a run over part of the zoo, it keeps
+its row log for the rest and writes no results; a run over the whole zoo (here made of the two cells) writes them."""
 import json
 import math
 
@@ -33,15 +33,23 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     first = list(calls)
     monkeypatch.setattr(study, "measure_row", counted)
     calls.clear()
-    res = study.run_study("quick", models=CELLS)
+    part = study.run_study("quick", models=CELLS)
     plan = [(n, st, 0) for st in (75, 150) for n in CELLS] + [(n, 150, k) for n in CELLS for k in (1, 2)]
     assert [c[0] for c in first[:3]] + [c[0] for c in calls] == [p[0] for p in plan]   # 3 rows kept, the rest measured
     assert [(c[0], c[2], c[3]) for c in calls] == plan[3:]
-    assert json.loads(results_path(study.STUDY, "quick").read_text()) == res
-    # two cells of the zoo: the row log stays for the other cells, and the other studies are not annotated yet
-    assert results_path(study.STUDY, "quick").with_suffix(".partial.jsonl").exists()
+    # two cells of the zoo: no results file, the row log stays for the other cells, the other studies untouched
+    log = results_path(study.STUDY, "quick").with_suffix(".partial.jsonl")
+    assert not results_path(study.STUDY, "quick").exists() and log.exists()
+    assert part["partial"] and part == study.results_so_far("quick")
+    assert {(r["model"], r["steps"], r["train_seed"]) for r in part["rows"] if r["role"] != "reference"} == set(plan)
+    assert part["final_steps"] == {n: 150 for n in CELLS} and len(part["cells"]) == 2
     assert "reference_rows" not in json.loads(results_path("design_space", "quick").read_text())
-    study.annotate_studies("quick")
+    # once the whole zoo is measured (here: a zoo of these two cells), the run measures nothing more and finishes
+    calls.clear()
+    monkeypatch.setattr(study, "ZOO", {n: study.ZOO[n] for n in CELLS})
+    res = study.run_study("quick")
+    assert calls == [] and not log.exists() and study.results_so_far("quick") is None
+    assert json.loads(results_path(study.STUDY, "quick").read_text()) == res
 
     rows = [r for r in res["rows"] if r["role"] != "reference"]
     assert [r["model"].split(":")[0] for r in res["rows"] if r["role"] == "reference"] == ["floor", "memoriser"]

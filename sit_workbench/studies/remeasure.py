@@ -5,8 +5,10 @@
 # %% ../../nbs/14c_remeasure.ipynb 3
 from __future__ import annotations
 import itertools
+import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -22,8 +24,8 @@ from ..errors import UserError
 # %% auto 0
 __all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
            'seed_checkpoint', 'seed_model', 'features_path', 'measure_model', 'measure_row', 'converged_steps',
-           'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study', 'cell_table', 'seed_table',
-           'plot_study']
+           'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study', 'results_so_far', 'cell_table',
+           'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -196,7 +198,6 @@ def annotate(doc, remeasured) -> dict:
 
 def annotate_studies(setting) -> list[Path]:
     "Join this study's results into each of `ANNOTATED` that has results for `setting` (rewritten in place, atomically)."
-    import json
     s = get_setting(setting)
     remeasured, done = load_results(STUDY, s), []
     for study in ANNOTATED:
@@ -213,8 +214,9 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     """Measure (resuming) the reference rows, every cell of `models` (default: the zoo) at every rung of the ladder up
     to `zoo.final_steps`, and training seeds `EXTRA_SEEDS` at each cell's final rung as measured here
     (`converged_steps`); then the per-cell seed spread and the paired differences between cells. Writes and returns
-    the results. Only a run over the whole zoo removes the row log and annotates the other studies (`annotate_studies`):
-    a run over some cells leaves its rows for the run that measures the rest."""
+    the results. A run over some cells of the zoo writes nothing but its rows, which it leaves for the run that
+    measures the rest, and returns `results_so_far`; a run over the whole zoo writes the results, removes the row log
+    and annotates the other studies (`annotate_studies`)."""
     from tqdm.auto import tqdm
     from sit_workbench.digits import load_or_train_classifier
     from sit_workbench.evaluate import digits_reference_rows
@@ -252,11 +254,35 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
            "extra_seeds": list(EXTRA_SEEDS), "measures": m,
            "cells": seed_summary(rows), "paired": paired_cells(s, finals, n_boot=m["n_boot"]),
            "seconds": round(time.time() - t0)}
+    if set(models) != set(ZOO): return results_so_far(s)   # part of the zoo: the rows stay for the run over the rest
     save_results(STUDY, s, rows, **res)
-    if set(models) == set(ZOO):     # a run over part of the zoo keeps its row log, so the rest of the zoo resumes from it
-        log.finish()
-        annotate_studies(s)
+    log.finish()
+    annotate_studies(s)
     return load_results(STUDY, s)
+
+def results_so_far(setting="full") -> Optional[dict]:
+    """What a study not yet finished has measured (its row log: runs over part of the zoo, or a run that was stopped),
+    as results for `cell_table`, `seed_table` and `plot_study`: the reference rows, each measured rung (role "seeds"
+    at the rung where a cell's extra training seeds were measured, else "ladder") and the seed summary, with
+    `partial: True`; None when there is no row log. Read without taking the study's lock, so a notebook can look
+    while the study runs."""
+    s = get_setting(setting)
+    path = results_path(STUDY, s).with_suffix(".partial.jsonl")
+    if not path.is_file(): return None
+    lines = []
+    for line in path.read_text().splitlines():
+        try: lines.append(json.loads(line))
+        except json.JSONDecodeError: break       # the line being written
+    got = {l["key"]: l["row"] for l in lines[1:]}
+    cells = [r for k, r in got.items() if k != "reference"]
+    finals = {r["model"]: r["steps"] for r in cells if r["train_seed"] != 0}
+    rows = [{**r, "role": "reference"} for r in got.get("reference", [])]
+    rows += [{**r, "role": "seeds" if finals.get(r["model"]) == r["steps"] else "ladder", "train_seeds": [r["train_seed"]]}
+             for r in cells]
+    return {"study": STUDY, "partial": True, "setting": lines[0]["setting"],
+            "models": list(dict.fromkeys(r["model"] for r in cells)), "final_steps": finals, "rows": rows,
+            "cells": seed_summary(rows)}
+
 
 # %% ../../nbs/14c_remeasure.ipynb
 def _pm(v, e, d=2): return "" if v is None else f"{v:.{d}f} ± {e:.{d}f}"
