@@ -71,10 +71,11 @@ def fit_learned_steps(velocity, x, ts, target, ridge=1e-3, first=None):
     """The learned solver's weights on the grid `ts`, step by step along its own trajectory from `x`: step i takes
     the state scale and velocity weights minimising `|target(ts[i+1]) - p[i+1]|^2` over the batch, by least squares
     with a ridge (`ridge` times the mean diagonal of the normal equations) towards abm3's weights. One solve, no
-    gradients; `first`: a stand-in for the first velocity (`learned_solve`). Returns `(coefs [N, LEARNED_WINDOW],
-    scales [N], final state)`."""
-    prior, N = abm3_coefficients(ts), len(ts) - 1
-    C = torch.zeros(N, LEARNED_WINDOW, dtype=torch.float64); A = torch.ones(N, dtype=torch.float64)
+    gradients; `first`: a stand-in for the first velocity (`learned_solve`). The least squares run on `x`'s device.
+    Returns `(coefs [N, LEARNED_WINDOW], scales [N], final state)`, the weights on the CPU in float64."""
+    f64 = dict(dtype=torch.float64, device=x.device)
+    prior, N = abm3_coefficients(ts).to(x.device), len(ts) - 1
+    C = torch.zeros(N, LEARNED_WINDOW, **f64); A = torch.ones(N, **f64)
     p, vs = x, []
     for i in range(N):
         vs = [first_or_model(velocity, first, p, ts, i)] + vs[:LEARNED_WINDOW - 1]
@@ -83,21 +84,23 @@ def fit_learned_steps(velocity, x, ts, target, ridge=1e-3, first=None):
         r = (target(ts[i + 1]) - p).reshape(-1).double()
         G = B.T @ B
         lam = ridge * G.diagonal().mean()
-        sol = torch.linalg.solve(G + lam * torch.eye(k + 1, dtype=torch.float64),
-                                 B.T @ r + lam * torch.cat([prior[i, :k], torch.zeros(1, dtype=torch.float64)]))
+        rhs = B.T @ r + lam * torch.cat([prior[i, :k], torch.zeros(1, **f64)])
+        sol = torch.linalg.solve(G + lam * torch.eye(k + 1, **f64), rhs)
         C[i, :k], A[i] = sol[:k], 1 + sol[k]
         p = A[i].to(p.dtype) * p + sum(C[i, j].to(p.dtype) * v for j, v in enumerate(vs))
-    return C, A, p
+    return C.cpu(), A.cpu(), p
 
 def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0, first=None):
     """Weights per dimension of a sample, from shared ones (`coefs [N, W]`, `scales [N]`, e.g. `fit_learned_steps`'):
     as `fit_learned_steps`, step by step along its own trajectory, but each dimension takes its own state scale and
     velocity weights by least squares over the batch, with a ridge (`ridge` times the mean diagonal of that
-    dimension's normal equations) towards the shared weights. Returns `(coefs [N, W, *shape], scales [N, *shape],
-    final state)`."""
+    dimension's normal equations) towards the shared weights. The least squares run on `x`'s device. Returns
+    `(coefs [N, W, *shape], scales [N, *shape], final state)`, the weights on the CPU in float64."""
     N, W = coefs.shape
     n, D, shape = len(x), x[0].numel(), tuple(x.shape[1:])
-    C = coefs.to(torch.float64)[:, :, None].repeat(1, 1, D); A = scales.to(torch.float64)[:, None].repeat(1, D)
+    f64 = dict(dtype=torch.float64, device=x.device)
+    coefs, scales = coefs.to(**f64), scales.to(**f64)
+    C = coefs[:, :, None].repeat(1, 1, D); A = scales[:, None].repeat(1, D)
     p, vs = x, []
     for i in range(N):
         vs = [first_or_model(velocity, first, p, ts, i)] + vs[:W - 1]
@@ -106,12 +109,12 @@ def fit_learned_dims(velocity, x, ts, target, coefs, scales, ridge=1.0, first=No
         r = (target(ts[i + 1]) - p).reshape(n, D).double()
         G, rhs = torch.einsum("ndk,ndl->dkl", B, B), torch.einsum("ndk,nd->dk", B, r)
         lam = ridge * G.diagonal(dim1=1, dim2=2).mean(1)[:, None]
-        prior = torch.cat([coefs[i, :k].double(), scales[i:i + 1].double() - 1])
-        sol = torch.linalg.solve(G + lam[:, :, None] * torch.eye(k + 1, dtype=torch.float64), rhs + lam * prior)
+        prior = torch.cat([coefs[i, :k], scales[i:i + 1] - 1])
+        sol = torch.linalg.solve(G + lam[:, :, None] * torch.eye(k + 1, **f64), rhs + lam * prior)
         C[i, :k], A[i] = sol[:, :k].T, 1 + sol[:, k]
         Ci, Ai = C[i].reshape(W, *shape).to(p.dtype), A[i].reshape(shape).to(p.dtype)
         p = Ai * p + sum(Ci[j] * v for j, v in enumerate(vs))
-    return C.reshape(N, W, *shape), A.reshape(N, *shape), p
+    return C.reshape(N, W, *shape).cpu(), A.reshape(N, *shape).cpu(), p
 
 def _rounded(v) -> list:
     "A tensor as nested lists of float64 rounded to 1e-10: what the stored solvers hold."
@@ -157,12 +160,13 @@ def fit_affine_start(velocity, noises, t0, labels, num_classes) -> tuple[AffineS
     """`AffineStart` fitted to `velocity(x, t0)` (the guided field of samples with `labels`) at the noises
     `noises [D, n, *shape]` (`D` draws of the `n` samples): per dimension, a slope shared by the classes and an offset
     per class, by least squares (within-class regression). Every class needs samples among `labels`. Returns it and
-    `{'rms_residual', 'rms_velocity'}` (how far the field is from affine there, and its size)."""
+    `{'rms_residual', 'rms_velocity'}` (how far the field is from affine there, and its size). Fitted on the CPU, in
+    float64, whatever the noises' device."""
     labels = torch.as_tensor(labels, dtype=torch.long)
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing: raise UserError(f"fitting the first step needs samples of every class; none of {missing[:8]}")
-    with torch.no_grad(): V = torch.stack([velocity(z, t0) for z in noises]).double().flatten(0, 1)
-    X, lab = torch.as_tensor(noises).double().flatten(0, 1), labels.repeat(len(noises))
+    with torch.no_grad(): V = torch.stack([velocity(z, t0) for z in noises]).double().flatten(0, 1).cpu()
+    X, lab = torch.as_tensor(noises).double().flatten(0, 1).cpu(), labels.cpu().repeat(len(noises))
     onehot = torch.nn.functional.one_hot(lab, num_classes).double()
     class_mean = lambda a: (onehot.T @ a.flatten(1) / onehot.sum(0)[:, None]).reshape(num_classes, *a.shape[1:])
     xm, vm = class_mean(X), class_mean(V)
