@@ -38,9 +38,10 @@ check-export: install
 test-nbs: install
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/nbdev_test --n_workers 2
 
-# pytest: test files shared between two workers (pytest-xdist), a file per worker at a time, one thread each
+# pytest: test files shared between two workers (pytest-xdist), a file per worker at a time, one thread each, the
+# longest files first (tests/conftest.py orders them)
 test-py: install
-	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=12 tests/
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=12 tests/
 
 test: check-export test-nbs test-py
 

@@ -7,6 +7,17 @@ import torch
 from sit_workbench.gaussian import GaussianMixture
 
 
+# --- the longest test files first (their durations under `make test`), so that the two pytest-xdist workers of
+# `make test-py` (`--dist loadfile --no-loadscope-reorder`: files handed out in this order) finish together ---------
+LONGEST_FIRST = ("test_demo.py", "test_remeasure.py", "test_meanflow_study.py", "test_slurm.py", "test_checkpoint.py",
+                 "test_guidance_study.py", "test_repa.py", "test_interrupts.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: the rest keep their order
+
+
 # --- the exact Gaussian-mixture field the transport and solver tests check samplers against ---------------------
 
 PATHS = ("Linear", "GVP", "VP")
