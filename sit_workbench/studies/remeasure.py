@@ -246,6 +246,7 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     finals = {name: converged_steps([r for r in walked if r["model"] == name]) for name in models}
     seeds = [measure(name, finals[name], k) for name in models for k in EXTRA_SEEDS]
     bar.close()
+    if set(models) != set(ZOO): return results_so_far(s)   # part of the zoo: the rows stay for the run over the rest
     for row in walked + seeds:      # seed 0 at the final rung: both a rung of the ladder and a seed
         rows.append({**row, "role": "seeds" if row["steps"] == finals[row["model"]] else "ladder",
                      "train_seeds": [row["train_seed"]]})
@@ -254,7 +255,6 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
            "extra_seeds": list(EXTRA_SEEDS), "measures": m,
            "cells": seed_summary(rows), "paired": paired_cells(s, finals, n_boot=m["n_boot"]),
            "seconds": round(time.time() - t0)}
-    if set(models) != set(ZOO): return results_so_far(s)   # part of the zoo: the rows stay for the run over the rest
     save_results(STUDY, s, rows, **res)
     log.finish()
     annotate_studies(s)
