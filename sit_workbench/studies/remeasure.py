@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, results_path,
+from .zoo import (ZOO, RowLog, final_steps, get_setting, load_results, read_row_log, results_path,
                                        save_results, trained_checkpoint, zoo_checkpoint, zoo_config, zoo_dir,
                                        zoo_model)
 from .convergence import within_error
@@ -268,18 +268,14 @@ def results_so_far(setting="full") -> Optional[dict]:
     while the study runs."""
     s = get_setting(setting)
     path = results_path(STUDY, s).with_suffix(".partial.jsonl")
-    if not path.is_file(): return None
-    lines = []
-    for line in path.read_text().splitlines():
-        try: lines.append(json.loads(line))
-        except json.JSONDecodeError: break       # the line being written
-    got = {l["key"]: l["row"] for l in lines[1:]}
+    header, got = read_row_log(path)
+    if header is None: return None
     cells = [r for k, r in got.items() if k != "reference"]
     finals = {r["model"]: r["steps"] for r in cells if r["train_seed"] != 0}
     rows = [{**r, "role": "reference"} for r in got.get("reference", [])]
     rows += [{**r, "role": "seeds" if finals.get(r["model"]) == r["steps"] else "ladder", "train_seeds": [r["train_seed"]]}
              for r in cells]
-    return {"study": STUDY, "partial": True, "setting": lines[0]["setting"],
+    return {"study": STUDY, "partial": True, "setting": header["setting"],
             "models": list(dict.fromkeys(r["model"] for r in cells)), "final_steps": finals, "rows": rows,
             "cells": seed_summary(rows)}
 

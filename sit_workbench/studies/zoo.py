@@ -28,7 +28,7 @@ from ..run import read_trainer_state
 __all__ = ['ZOO', 'SETTINGS', 'StudySetting', 'get_setting', 'project_root', 'zoo_dir', 'results_path', 'figures_dir', 'machine',
            'save_results', 'markdown_table', 'converged_columns', 'reference_table_rows', 'load_results', 'zoo_config',
            'trained_checkpoint', 'zoo_checkpoint', 'final_steps', 'zoo_steps', 'zoo_model', 'checkpoint_velocity_loss',
-           'measure_digits', 'RowLog']
+           'measure_digits', 'read_row_log', 'RowLog']
 
 # %% ../../nbs/14_zoo.ipynb
 ZOO = {
@@ -241,6 +241,15 @@ def measure_digits(name, setting, mode="ode", sampler=None, seed=0, clf=None, cf
     return {"model": name, **ZOO[name], **res}
 
 # %% ../../nbs/14_zoo.ipynb
+def read_row_log(path) -> tuple:
+    "A row log's header and its rows by key (`{}` when there is none); a line torn by a kill ends the reading."
+    lines = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try: lines.append(json.loads(line))
+            except json.JSONDecodeError: break   # a line torn by the kill: measure it again
+    return (lines[0] if lines else None), {l["key"]: l["row"] for l in lines[1:]}
+
 class RowLog:
     "The rows a study has measured so far, kept on disk as each is measured, so a rerun after a kill resumes."
     _held = {}   # partial-rows path -> the FolderLock of this process's RowLog on it
@@ -248,12 +257,8 @@ class RowLog:
         s = get_setting(setting)
         self.path = results_path(study, s).with_suffix(".partial.jsonl")
         self.header = json.loads(json.dumps({"study": study, "setting": dataclasses.asdict(s), "zoo_steps": zoo_steps(s)}))
-        lines = []
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try: lines.append(json.loads(line))
-                except json.JSONDecodeError: break   # a line torn by the kill: measure it again
-        self.rows = {l["key"]: l["row"] for l in lines[1:]} if lines and lines[0] == self.header else {}
+        header, rows = read_row_log(self.path)
+        self.rows = rows if header == self.header else {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if (old := RowLog._held.pop(self.path, None)) is not None: old.release()   # this process's earlier RowLog
         self.lock = RowLog._held[self.path] = FolderLock(self.path.parent, f"study {study}", f".{study}.rows.lock").acquire()
