@@ -262,15 +262,29 @@ class RowLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if (old := RowLog._held.pop(self.path, None)) is not None: old.release()   # this process's earlier RowLog
         self.lock = RowLog._held[self.path] = FolderLock(self.path.parent, f"study {study}", f".{study}.rows.lock").acquire()
-        with open(self.path, "w") as f:   # rewrite: drops a torn line or another setting's rows
+        self._save()     # rewrite: drops a torn line or another setting's rows
+
+    def _adopt(self):
+        "Take the rows the file holds for this header that this process does not: written there meanwhile (a `git pull`)."
+        header, on_disk = read_row_log(self.path)
+        if header == self.header: self.rows = {**on_disk, **self.rows}
+
+    def _save(self):
+        "Write the header and every row this process holds, atomically (a kill leaves the old file or the new one)."
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
             for l in [self.header, *({"key": k, "row": r} for k, r in self.rows.items())]: f.write(json.dumps(l) + "\n")
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def row(self, key, measure) -> dict:
-        "The row stored under `key` (a string), or `measure()`'s result, stored on disk before it is returned."
+        """The row stored under `key` (a string), or `measure()`'s result, stored on disk before it is returned. The
+        file is rewritten whole from this process's rows and the file's own: a row it lost while the study ran (the
+        tracked log checked out or reset by git) is written back, and one it gained (pulled) is kept, not measured."""
         if key not in self.rows:
-            self.rows[key] = measure()
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"key": key, "row": self.rows[key]}) + "\n"); f.flush(); os.fsync(f.fileno())
+            self._adopt()
+            if key not in self.rows: self.rows[key] = measure()
+            self._adopt(); self._save()
         return self.rows[key]
 
     def finish(self):
