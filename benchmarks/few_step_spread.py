@@ -7,8 +7,9 @@ bootstrapped over the held-out samples (the same resampled samples for both: a p
     SIT_WORKBENCH_ZOO=/path/to/zoo python benchmarks/few_step_spread.py --cache runs/few-cache \
         --results nbs/results/few_step_vp-velocity.json --out runs/few_step_spread_vp-velocity.json
 
-It also prints how much of each row's squared error its 5 worst samples carry: at few steps a handful of samples,
-whose few-step solve lands on another shape than the reference's, dominate the RMS distance.
+It also prints how much of each row's squared error its 5 worst samples carry (at few steps a handful of samples,
+whose few-step solve lands on another shape than the reference's, dominate the RMS distance), and the ratio for the
+typical sample: the median sample's distance, ours over diffusers'.
 """
 import argparse
 import json
@@ -66,6 +67,11 @@ def paired_ratio(ea, eb, draws=2000, seed=0):
 def worst_share(e, k=5): return float(e.sort().values[-k:].sum() / e.sum())
 
 
+def median_ratio(ea, eb):
+    "The typical sample's distance, ours over diffusers': the RMS distance of the median sample of each."
+    return float((ea.median() / eb.median()).sqrt())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default="nbs/results/few_step.json", help="few_step.py's results (read only)")
@@ -93,11 +99,12 @@ def main():
         row = {"guidance": scale, "nfe": nfe, "ours": f"{mine['solver']} ({mine['grid']})",
                "diffusers": f"{best_d['solver']} ({best_d['grid']})", "ratio": round(ratio, 3),
                "ratio_lo": round(lo, 3), "ratio_hi": round(hi, 3), "worst5_share_ours": round(worst_share(ea), 3),
-               "worst5_share_diffusers": round(worst_share(eb), 3)}
+               "worst5_share_diffusers": round(worst_share(eb), 3), "median_sample_ratio": round(median_ratio(ea, eb), 3)}
         out.append(row)
         print(f"guidance {scale:g}, {nfe:2d} NFE: ours/diffusers {ratio:.3f} [{lo:.3f}, {hi:.3f}]  "
               f"({row['ours']} vs {row['diffusers']}; 5 worst of {res['n']} samples carry "
-              f"{row['worst5_share_ours']:.0%} / {row['worst5_share_diffusers']:.0%} of the squared error)", flush=True)
+              f"{row['worst5_share_ours']:.0%} / {row['worst5_share_diffusers']:.0%} of the squared error; the median "
+              f"sample's ratio {row['median_sample_ratio']:.3f})", flush=True)
     doc = {"results": args.results, "model": name, "steps": steps, "measured": res["date"], "machine": machine(), "date": time.strftime("%Y-%m-%d"),
            "n": res["n"], "draws": args.draws, "seconds": round(time.time() - start), "rows": out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
