@@ -24,8 +24,8 @@ from ..errors import UserError
 # %% auto 0
 __all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
            'seed_checkpoint', 'seed_model', 'features_path', 'measure_model', 'measure_row', 'converged_steps',
-           'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study', 'results_so_far', 'cell_table',
-           'seed_table', 'plot_study']
+           'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study', 'results_so_far', 'ladder_stop',
+           'cell_table', 'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -283,14 +283,23 @@ def results_so_far(setting="full") -> Optional[dict]:
 # %% ../../nbs/14c_remeasure.ipynb
 def _pm(v, e, d=2): return "" if v is None else f"{v:.{d}f} ± {e:.{d}f}"
 
+def ladder_stop(row) -> str:
+    """Where a row's NFE ladder stopped: the NFE where two rungs agreed, or, where the ladder ran out first, its top
+    rung, "not converged", and that rung's change from the one below with its paired error."""
+    if row.get("converged", True): return f"{row['converged_nfe']:,}"
+    c = row.get("rung_changes", {}).get(str(row["converged_nfe"]))
+    last = "" if c is None else f" (last doubling {c['diff']:+.2f} ± {c['paired_std']:.2f})"
+    return f"{row['converged_nfe']:,}, not converged{last}"
+
 def cell_table(results) -> list[dict]:
-    "One row per measured cell and rung (training seed 0): converged FID and NFE, the 50/250-NFE FIDs, NLL, loss, nn_ratio."
+    """One row per measured cell and rung (training seed 0): converged FID and where its ladder stopped (`ladder_stop`),
+    the 50/250-NFE FIDs, NLL, loss, nn_ratio."""
     out = [{"model": r["model"], "steps": None, "converged FID": _pm(r["digits_fid"], r["digits_fid_std"])}
            for r in results["rows"] if r["role"] == "reference"]
     for r in results["rows"]:
         if r["role"] == "reference" or r["train_seed"] != 0: continue
         out.append({"model": r["model"], "steps": r["steps"], "converged FID": _pm(r["converged_fid"], r["converged_fid_std"]),
-                    "at NFE": r["converged_nfe"], "FID 50 NFE": r["fid_50"], "FID 250 NFE": r["fid_250"],
+                    "at NFE": ladder_stop(r), "FID 50 NFE": r["fid_50"], "FID 250 NFE": r["fid_250"],
                     "NLL bpd": _pm(r["nll_bpd"], r["nll_bpd_se"], 3), "held-out loss": _pm(r["heldout_loss"], r["heldout_loss_se"], 4),
                     "nn_ratio": r["nn_ratio"], "accuracy": r["accuracy"]})
     return out
