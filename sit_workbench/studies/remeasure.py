@@ -132,7 +132,7 @@ def seed_summary(rows) -> list[dict]:
     "Per cell at its final rung: the training seeds measured, and the mean and spread over them of FID, NLL and loss."
     out = []
     for name in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == name and r.get("role") == "seeds"]
+        rs = sorted((r for r in rows if r["model"] == name and r.get("role") == "seeds"), key=lambda r: r["train_seed"])
         if not rs: continue
         row = {"model": name, "steps": rs[0]["steps"], "train_seeds": [r["train_seed"] for r in rs]}
         for key in ("converged_fid", "nll_bpd", "heldout_loss", "nn_ratio", "accuracy"):
