@@ -14,8 +14,8 @@ from . import design_space, diffusion_coefficient, nfe, path_length
 
 # %% auto 0
 __all__ = ['Z', 'EXPECT', 'DESIGN', 'PAPER_WALK', 'VELOCITY', 'SOURCES', 'is_called', 'verdict', 'claim_row', 'unpaired',
-           'paired_row', 'still_training', 'design_claims', 'ode_sde_claims', 'w_t_claims', 'path_claims',
-           'claims_table', 'verdict_counts', 'show_claims']
+           'paired_row', 'still_training', 'sampler_short', 'design_claims', 'ode_sde_claims', 'w_t_claims',
+           'path_claims', 'claims_table', 'verdict_counts', 'show_claims']
 
 # %% ../../nbs/14d_claims.ipynb
 Z = 1.96   # the 95% interval of a difference from its standard error
@@ -88,17 +88,30 @@ def still_training(remeasured, name) -> str:
     if within_error(a["converged_fid"], a["converged_fid_std"], b["converged_fid"], b["converged_fid_std"]): return ""
     return f"{name} still changing at {b['steps']:,} steps ({a['converged_fid']:.1f} -> {b['converged_fid']:.1f})"
 
+def sampler_short(remeasured, name) -> str:
+    """A note when cell `name`'s seed-0 row at its final rung ran out of NFE ladder before two rungs agreed (its FID is
+    the top rung's, not the sampler's limit: `remeasure.ladder_stop`), with the last doubling's change, else ''."""
+    st = remeasured.get("final_steps", {}).get(name)
+    r = next((r for r in remeasured.get("rows", []) if r.get("model") == name and r.get("steps") == st
+              and r.get("train_seed", 0) == 0 and r.get("role") != "reference"), None)
+    if r is None or r.get("converged", True): return ""
+    c = r.get("rung_changes", {}).get(str(r["converged_nfe"]))
+    return (f"{name}'s sampler not converged at {r['converged_nfe']:,} NFE"
+            + ("" if c is None else f" (last doubling {c['diff']:+.2f})"))
+
 def design_claims(remeasured) -> list[dict]:
     """Two lines per step of the walk (`DESIGN`): the converged digits-FID and the held-out NLL, paired, with the seed
-    spread, and a note where a cell had not finished training (`still_training`)."""
+    spread, and a note where a cell had not finished training (`still_training`) or, on the FID line, where its
+    sampler had not converged (`sampler_short`)."""
     cells, out = {c["model"]: c for c in remeasured["cells"]}, []
     for claim, a, b, expect in DESIGN:
         p = paired_row(remeasured, a, b)
         paper = f"{PAPER_WALK[a]} vs {PAPER_WALK[b]}"
         src = f"remeasure ({a} @ {p['steps_a']:,} vs {b} @ {p['steps_b']:,})"
         note = "; ".join(n for n in (still_training(remeasured, a), still_training(remeasured, b)) if n)
+        fid_note = "; ".join(n for n in (note, sampler_short(remeasured, a), sampler_short(remeasured, b)) if n)
         out.append(claim_row(claim, paper, src, "converged digits-FID", p["fid_diff"], p["fid_diff_lo"],
-                             p["fid_diff_hi"], _seed_spread(cells, a, b, "converged_fid"), expect, note=note))
+                             p["fid_diff_hi"], _seed_spread(cells, a, b, "converged_fid"), expect, note=fid_note))
         d, h = p["nll_bpd_diff"], Z * p["nll_bpd_diff_se"]
         out.append(claim_row(claim, paper, src, "held-out NLL (bits/dim)", d, d - h, d + h,
                              _seed_spread(cells, a, b, "nll_bpd"), expect, d=3, note=note))
