@@ -172,6 +172,7 @@ def annotate(doc, remeasured) -> dict:
     """`doc` (a study's results) with `remeasured` (this study's results) joined in: the floor and memoriser rows as
     `reference_rows` (beside `rows`, so the study's readers see its own rows only), and in every row of a zoo cell
     with a seed-0 measurement at the rung it used (`steps`, else `doc['zoo_steps']`): `CELL_FIELDS`,
+    `sampler_converged` (False where its NFE ladder ran out before two rungs agreed: `ladder_stop`),
     `remeasured_steps`, `train_seeds`, and at the cell's final rung the spread over the seeds
     (`converged_fid_seed_std`, `nll_bpd_seed_std`). A row of another training seed (`train_seed`) keeps its own."""
     if remeasured.get("setting") != doc.get("setting"):
@@ -186,7 +187,8 @@ def annotate(doc, remeasured) -> dict:
         steps = r.get("steps", doc.get("zoo_steps", {}).get(name)) if name in ZOO else None
         m = measured.get((name, steps)) if r.get("train_seed", 0) == 0 else None   # a row of another seed: its own
         if m is not None:
-            r = {**r, **{k: m[k] for k in CELL_FIELDS}, "remeasured_steps": steps, "train_seeds": [0]}
+            r = {**r, **{k: m[k] for k in CELL_FIELDS}, "sampler_converged": m.get("converged", True),
+                 "remeasured_steps": steps, "train_seeds": [0]}
             c = cells.get(name)
             if c is not None and c["steps"] == steps:
                 r.update(train_seeds=c["train_seeds"], converged_fid_seed_std=c["converged_fid_seed_std"],
