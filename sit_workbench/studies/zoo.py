@@ -277,13 +277,17 @@ class RowLog:
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def row(self, key, measure) -> dict:
+    def row(self, key, measure, stale=None) -> dict:
         """The row stored under `key` (a string), or `measure()`'s result, stored on disk before it is returned. The
         file is rewritten whole from this process's rows and the file's own: a row it lost while the study ran (the
-        tracked log checked out or reset by git) is written back, and one it gained (pulled) is kept, not measured."""
-        if key not in self.rows:
+        tracked log checked out or reset by git) is written back, and one it gained (pulled) is kept, not measured.
+        `stale(row)`: True for a stored row that the study now measures another way; it is measured again and
+        replaced (the old one stays in the file until then)."""
+        usable = lambda r: r is not None and not (stale is not None and stale(r))
+        if not usable(self.rows.get(key)):
+            self.rows.pop(key, None)
             self._adopt()
-            if key not in self.rows: self.rows[key] = measure()
+            if not usable(self.rows.get(key)): self.rows[key] = measure()
             self._adopt(); self._save()
         return self.rows[key]
 
