@@ -58,6 +58,10 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["n"] == 200 and r["nll_images"] == 40 and len(r["heldout_loss_bins"]) == 10
         assert r["converged_nfe"] in (10, 20, 50) and r["fid_50"] is not None and r["fid_250"] is None
+        # a noise cell's ladder walks the shifted grid; its 50-NFE column is the uniform grid's, measured beside it
+        grid = "uniform" if r["model"] == "linear-velocity" else "shift:4"
+        assert r["ladder_grid"] == grid and ("fids_uniform" in r) == (grid != "uniform")
+        assert r["fid_50"] == (r["fids_uniform"] if grid != "uniform" else r["fids"])["50"]
         assert math.isfinite(r["nll_bpd"]) and r["nll_bpd_se"] > 0 and r["nn_ratio"] > 0
     assert (tmp_path / "zoo" / "quick" / "vp-noise-seed2" / "checkpoint-150").is_dir()
     cells = {c["model"]: c for c in res["cells"]}

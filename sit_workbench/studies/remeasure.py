@@ -22,10 +22,10 @@ from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn
 from ..errors import UserError
 
 # %% auto 0
-__all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
-           'seed_checkpoint', 'seed_model', 'features_path', 'measure_model', 'measure_row', 'converged_steps',
-           'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study', 'results_so_far', 'ladder_stop',
-           'cell_table', 'seed_table', 'plot_study']
+__all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'LADDER_GRID', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
+           'ladder_grid', 'seed_checkpoint', 'seed_model', 'features_path', 'measure_model', 'measure_row',
+           'converged_steps', 'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study',
+           'results_so_far', 'ladder_stop', 'cell_table', 'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -36,10 +36,18 @@ MEASURES = {
     "full": dict(nll_images=360, tol=1e-5, fid_ladder=HEUN_LADDER, always=(26, 126), loss_bins=10, n_boot=200),
 }
 
+LADDER_GRID = {"velocity": "uniform", "score": "shift:4", "noise": "shift:4"}   # the NFE ladder's time grid, by prediction
+
 def measures(setting) -> dict:
     "The measurement settings of `setting` (`MEASURES`), with its samples per FID rung and bootstrap resamplings."
     s = get_setting(setting)
     return {**MEASURES[s.name], "n": s.num_samples, "bootstrap": s.bootstrap}
+
+def ladder_grid(transport) -> str:
+    """The time grid a cell's NFE ladder walks (`LADDER_GRID`): uniform for a velocity model; for a score or noise
+    model SD3's time shift 4, which crowds the steps toward the noise end, where turning its output into a velocity
+    divides by alpha_t (`benchmarks/ladder_grid.py` measures both grids' distance to a 2,000-NFE solve)."""
+    return LADDER_GRID[transport.model_type.name.lower()]
 
 def seed_checkpoint(name, setting, steps, seed=0, progress=False) -> Path:
     """The checkpoint of zoo cell `name` after `steps` steps trained with training `seed`: the zoo's own run for seed 0,
@@ -74,9 +82,16 @@ def measure_model(model, transport, setting, clf=None) -> tuple[dict, dict]:
     m = measures(setting)
     clf = clf or load_or_train_classifier()
     (xtr, _), (xte, yte) = digits_arrays("train"), digits_arrays("test")
-    t = time.time()
-    fid = converged_fid(model, transport, n=m["n"], seed=0, labels="balanced", ladder=m["fid_ladder"],
-                        bootstrap=m["bootstrap"], clf=clf, always=m["always"], keep_samples=True)
+    from sit_workbench.registry import SamplerSpec
+    t, grid = time.time(), ladder_grid(transport)
+    on = dict(n=m["n"], seed=0, labels="balanced", bootstrap=m["bootstrap"], clf=clf)
+    if grid == "uniform":
+        fid = fixed = converged_fid(model, transport, ladder=m["fid_ladder"], always=m["always"], keep_samples=True, **on)
+    else:   # the ladder on its grid; the fixed budgets (the zoo's 50 NFE, the paper's 250) on the uniform grid beside it
+        at = lambda pts: (SamplerSpec.create("ode", "heun2", int(pts), schedule=grid), None)
+        fid = converged_fid(model, transport, ladder=m["fid_ladder"], always=(), keep_samples=True, sampler_at=at, **on)
+        rungs = tuple(m["always"])
+        fixed = converged_fid(model, transport, ladder=rungs if len(rungs) > 1 else (6, *rungs), always=rungs, **on)
     t_fid = time.time() - t; t = time.time()
     nn = nn_ratio(fid["samples"], xtr, xte) if "samples" in fid else float("nan")
     k = m["nll_images"]
@@ -85,11 +100,13 @@ def measure_model(model, transport, setting, clf=None) -> tuple[dict, dict]:
     loss = heldout_loss(model, transport, xte, yte, bins=m["loss_bins"], seed=0)
     t_loss = time.time() - t
     fids = {str(nfe): v for nfe, v in fid["fids"].items()}
-    fields = {"converged_fid": fid["converged_fid"], "converged_fid_std": fid["converged_fid_std"],
+    uniform = {str(nfe): v for nfe, v in fixed["fids"].items()}
+    fields = {"ladder_grid": grid, **({} if fixed is fid else {"fids_uniform": uniform}),
+              "converged_fid": fid["converged_fid"], "converged_fid_std": fid["converged_fid_std"],
               "converged_nfe": fid["converged_nfe"], "converged": fid["converged"], "fids": fids,
               "fid_stds": {str(nfe): v for nfe, v in fid["fid_stds"].items()},
               "rung_changes": {str(nfe): {"diff": d, "paired_std": e} for nfe, (d, e) in fid["steps_diff"].items()},
-              "fid_50": fids.get("50"), "fid_250": fids.get("250"), "accuracy": fid.get("accuracy"),
+              "fid_50": uniform.get("50"), "fid_250": uniform.get("250"), "accuracy": fid.get("accuracy"),
               "nn_ratio": nn, "nll_bpd": nll["nll_bpd"], "nll_bpd_se": nll["nll_bpd_se"], "nll_nfe": nll["nfe"],
               "nll_images": nll["n"], "heldout_loss": loss["heldout_loss"], "heldout_loss_se": loss["heldout_loss_se"],
               "heldout_loss_bins": loss["bins"], "n": fid["n"], "fid_seconds": round(t_fid, 1),
@@ -236,7 +253,8 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
 
     def measure(name, steps, seed):
         bar.set_postfix_str(f"{name} @ {steps}, seed {seed}")
-        row = log.row(f"{name}/{steps}/seed{seed}", lambda: measure_row(name, s, steps, seed, clf, progress=False))
+        row = log.row(f"{name}/{steps}/seed{seed}", lambda: measure_row(name, s, steps, seed, clf, progress=False),
+                      stale=lambda r: r.get("ladder_grid", "uniform") != LADDER_GRID[ZOO[name]["prediction"]])
         bar.update()
         if progress:
             bar.write(f"{name} @ {steps} seed {seed}: FID {row['converged_fid']:.2f} ± {row['converged_fid_std']:.2f} "
@@ -288,10 +306,12 @@ def _pm(v, e, d=2): return "" if v is None else f"{v:.{d}f} ± {e:.{d}f}"
 def ladder_stop(row) -> str:
     """Where a row's NFE ladder stopped: the NFE where two rungs agreed, or, where the ladder ran out first, its top
     rung, "not converged", and that rung's change from the one below with its paired error."""
-    if row.get("converged", True): return f"{row['converged_nfe']:,}"
+    grid = row.get("ladder_grid", "uniform")
+    on = "" if grid == "uniform" else f" ({grid} grid)"
+    if row.get("converged", True): return f"{row['converged_nfe']:,}{on}"
     c = row.get("rung_changes", {}).get(str(row["converged_nfe"]))
     last = "" if c is None else f" (last doubling {c['diff']:+.2f} ± {c['paired_std']:.2f})"
-    return f"{row['converged_nfe']:,}, not converged{last}"
+    return f"{row['converged_nfe']:,}{on}, not converged{last}"
 
 def cell_table(results) -> list[dict]:
     """One row per measured cell and rung (training seed 0): converged FID and where its ladder stopped (`ladder_stop`),
