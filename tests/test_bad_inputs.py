@@ -319,16 +319,6 @@ def _training_with_dead_lock(ctx):
 row("lock-training-takes-over-a-dead-lock", _training_with_dead_lock, "warn", "no longer running")
 
 
-def _rowlog_locked(ctx):
-    from sit_workbench.studies.zoo import RowLog, results_path
-    os.environ["SIT_WORKBENCH_ZOO"] = str(ctx.tmp / "zoo")
-    folder = results_path("toy", "quick").parent
-    with E.FolderLock(folder, "study toy", ".toy.rows.lock"):
-        return RowLog("toy", "quick")
-
-row("lock-rowlog-refused", _rowlog_locked, "user_error", "is in use by another writer: study toy")
-
-
 # --- 7. resuming with another config ----------------------------------------------------------------------------------
 def _resume(**change):
     def call(ctx):

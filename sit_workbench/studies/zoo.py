@@ -12,6 +12,9 @@ import json
 import math
 import os
 import platform
+import re
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from ..config import TrainConfig, digits_config
 from ..train import train
 from ..transport import transport_from_config
 from ..checkpoint import checkpoint_problem, latest_checkpoint
-from ..errors import FolderLock, UserError
+from ..errors import UserError
 from ..run import read_trainer_state
 
 # %% auto 0
@@ -252,22 +255,39 @@ def read_row_log(path) -> tuple:
 
 class RowLog:
     "The rows a study has measured so far, kept on disk as each is measured, so a rerun after a kill resumes."
-    _held = {}   # partial-rows path -> the FolderLock of this process's RowLog on it
     def __init__(self, study, setting):
         s = get_setting(setting)
-        self.path = results_path(study, s).with_suffix(".partial.jsonl")
+        self.study, self.path = study, results_path(study, s).with_suffix(".partial.jsonl")
         self.header = json.loads(json.dumps({"study": study, "setting": dataclasses.asdict(s), "zoo_steps": zoo_steps(s)}))
-        header, rows = read_row_log(self.path)
-        self.rows = rows if header == self.header else {}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if (old := RowLog._held.pop(self.path, None)) is not None: old.release()   # this process's earlier RowLog
-        self.lock = RowLog._held[self.path] = FolderLock(self.path.parent, f"study {study}", f".{study}.rows.lock").acquire()
-        self._save()     # rewrite: drops a torn line or another setting's rows
+        self.claims = self.path.parent / f".{study}.claims"
+        self.claims.mkdir(parents=True, exist_ok=True)
+        self.mine = set()   # the keys this process measured
+        with self._writing():
+            header, rows = read_row_log(self.path)
+            self.rows = rows if header == self.header else {}
+            self._save()     # rewrite: drops a torn line or another setting's rows
+
+    def _writing(self): return _locked(self.path.parent / f".{self.study}.rows.lock")
+
+    @contextlib.contextmanager
+    def _claim(self, key):
+        "Hold `key` while this process measures it; while another process does, say so and wait for it."
+        with open(self.claims / (re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".lock"), "a+") as f:
+            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                print(f"{self.study}: {key} is being measured by {f.read().strip() or 'another process'}; waiting for it",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.truncate(0); f.write(f"pid {os.getpid()} on {socket.gethostname()}"); f.flush()
+            try: yield
+            finally: f.truncate(0); f.flush(); fcntl.flock(f, fcntl.LOCK_UN)
 
     def _adopt(self):
-        "Take the rows the file holds for this header that this process does not: written there meanwhile (a `git pull`)."
+        """Take the rows the file holds for this header, but those this process measured: rows written there meanwhile
+        (by another process sharing the study, or a `git pull`) are taken, not measured again."""
         header, on_disk = read_row_log(self.path)
-        if header == self.header: self.rows = {**on_disk, **self.rows}
+        if header == self.header: self.rows = {**self.rows, **{k: r for k, r in on_disk.items() if k not in self.mine}}
 
     def _save(self):
         "Write the header and every row this process holds, atomically (a kill leaves the old file or the new one)."
@@ -285,15 +305,15 @@ class RowLog:
         replaced (the old one stays in the file until then)."""
         usable = lambda r: r is not None and not (stale is not None and stale(r))
         if not usable(self.rows.get(key)):
-            self.rows.pop(key, None)
-            self._adopt()
-            if not usable(self.rows.get(key)): self.rows[key] = measure()
-            self._adopt(); self._save()
+            with self._claim(key):
+                self.rows.pop(key, None)
+                with self._writing(): self._adopt()
+                if not usable(self.rows.get(key)):
+                    self.rows[key] = measure(); self.mine.add(key)
+                with self._writing(): self._adopt(); self._save()
         return self.rows[key]
 
     def finish(self):
-        "Remove the file (call once the study's results are saved) and release the study's lock."
-        self.path.unlink(missing_ok=True)
-        if RowLog._held.get(self.path) is self.lock: del RowLog._held[self.path]
-        self.lock.release()
+        "Remove the file (call once the study's results are saved)."
+        with self._writing(): self.path.unlink(missing_ok=True)
 
