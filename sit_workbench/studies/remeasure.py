@@ -6,6 +6,7 @@
 from __future__ import annotations
 import itertools
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,9 +24,9 @@ from ..errors import UserError
 
 # %% auto 0
 __all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'LADDER_GRID', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
-           'ladder_grid', 'seed_checkpoint', 'seed_model', 'features_path', 'measure_model', 'measure_row',
-           'converged_steps', 'seed_summary', 'paired_cells', 'annotate', 'annotate_studies', 'run_study',
-           'results_so_far', 'ladder_stop', 'cell_table', 'seed_table', 'plot_study']
+           'ladder_grid', 'seed_checkpoint', 'seed_model', 'features_path', 'final_kept_path', 'final_kept',
+           'measure_model', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells', 'annotate',
+           'annotate_studies', 'run_study', 'results_so_far', 'ladder_stop', 'cell_table', 'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -71,6 +72,27 @@ def seed_model(name, setting, seed=0, steps=None):
 def features_path(setting, name, steps, seed) -> Path:
     "Where a row's converged-rung classifier features and per-image bpd are kept (for the paired differences)."
     return zoo_dir(setting) / "remeasure-features" / f"{name}-{steps}-seed{seed}.pt"
+
+def final_kept_path(setting, name, steps) -> Path:
+    """Where the final rung of cell `name` (training seed 0) keeps its converged samples' classifier features and
+    per-image bpd beside the results, `<results>/remeasure-kept/` (for the full setting committed with them, 0.5 MB a
+    cell): the whole-zoo run's paired differences need them, and the zoo's own copy (`features_path`) stays on the
+    machine that measured the row."""
+    return results_path(STUDY, setting).parent / f"{STUDY}-kept" / f"{name}-{steps}.pt"
+
+def final_kept(setting, name, steps) -> dict:
+    """The kept measurement of cell `name`'s final rung (`final_kept_path`), copied there from the zoo's
+    `features_path` the first time. Where neither is on this machine (the row was measured on another one) the row is
+    measured again for it (`measure_row`, training first when the checkpoint is missing too): a retrained model is
+    close to the lost one but not bit-identical (nbs/14, *Studies that survive a kill*)."""
+    p = final_kept_path(setting, name, steps)
+    if not p.is_file():
+        src = features_path(setting, name, steps, 0)
+        if not src.is_file(): measure_row(name, setting, steps, 0)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        shutil.copyfile(src, tmp); tmp.replace(p)
+    return torch.load(p)
 
 # %% ../../nbs/14c_remeasure.ipynb
 def measure_model(model, transport, setting, clf=None) -> tuple[dict, dict]:
@@ -162,13 +184,11 @@ def seed_summary(rows) -> list[dict]:
 
 def paired_cells(setting, finals, n_boot=200) -> list[dict]:
     """Paired differences between every two cells of `finals` (`{name: steps}`, training seed 0): converged FID (bootstrap
-    over the shared sample index) and held-out NLL (per image, same draws). A final row measured on another machine
-    (its rows committed, its features not) is measured again here for them (`measure_row`)."""
+    over the shared sample index) and held-out NLL (per image, same draws), from each final rung's kept measurement
+    (`final_kept`)."""
     from sit_workbench.digits import classifier_features, digits_arrays, load_or_train_classifier
     ref = classifier_features(load_or_train_classifier(), digits_arrays("test")[0])
-    for n, st in finals.items():      # kept on the machine that measured the row: measured again on another one
-        if not features_path(setting, n, st, 0).is_file(): measure_row(n, setting, st, 0)
-    got = {n: torch.load(features_path(setting, n, st, 0)) for n, st in finals.items()}
+    got = {n: final_kept(setting, n, st) for n, st in finals.items()}
     out = []
     for a, b in itertools.combinations(finals, 2):
         fa, fb = got[a], got[b]
@@ -265,6 +285,7 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     walked = [measure(*p) for p in ladder]
     finals = {name: converged_steps([r for r in walked if r["model"] == name]) for name in models}
     seeds = [measure(name, finals[name], k) for name in models for k in EXTRA_SEEDS]
+    for name in models: final_kept(s, name, finals[name])   # beside the results, for the paired differences
     bar.close()
     if set(models) != set(ZOO): return results_so_far(s)   # part of the zoo: the rows stay for the run over the rest
     for row in walked + seeds:      # seed 0 at the final rung: both a rung of the ladder and a seed
