@@ -3,6 +3,7 @@ part way, then run again, it measures only the rows it had not measured; being a
 its row log for the rest and writes no results; a run over the whole zoo (here made of the two cells) writes them."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -44,6 +45,10 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     assert {(r["model"], r["steps"], r["train_seed"]) for r in part["rows"] if r["role"] != "reference"} == set(plan)
     assert part["final_steps"] == {n: 150 for n in CELLS} and len(part["cells"]) == 2
     assert "reference_rows" not in json.loads(results_path("design_space", "quick").read_text())
+    # each cell's final rung keeps its samples' features beside the results: the zoo's copies may go (another machine)
+    kept = results_path(study.STUDY, "quick").parent / "remeasure-kept"
+    assert sorted(p.name for p in kept.iterdir()) == [f"{n}-150.pt" for n in CELLS]
+    shutil.rmtree(tmp_path / "zoo" / "quick" / "remeasure-features")
     # once the whole zoo is measured (here: a zoo of these two cells), the run measures nothing more and finishes
     calls.clear()
     monkeypatch.setattr(study, "ZOO", {n: study.ZOO[n] for n in CELLS})
