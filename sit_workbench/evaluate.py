@@ -182,12 +182,13 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
                      labels="balanced", shard_size=1000, batch_size=None, device="cpu", rank=None, world_size=None,
                      wait_s=24 * 3600, progress=False, identity=None, overwrite=False, preset=None,
                      guide_model=None, schedule_dir=None) -> dict:
-    """Draw `n` samples of `model` (`sampler`: a `SamplerSpec` or its dict; `guidance`: a `Guidance` or scale, with
+    """Draw `n` samples of `model` (`sampler`: a `SamplerSpec` or its dict, default the transport's
+    `registry.default_sampler`; `guidance`: a `Guidance` or scale, with
     `guide_model` for autoguidance; `schedule_dir`: where its optimised schedules and learned solvers are) into
     ADM-format shards in `out_dir` (resumable; this process's share under torchrun), and on process 0 merge them
     into `out_dir/samples.npz`. Returns a summary dict."""
     from sit_workbench.errors import UserError
-    from sit_workbench.registry import DEFAULT_SAMPLER, SamplerSpec
+    from sit_workbench.registry import SamplerSpec, default_sampler
     from sit_workbench.sample import Guidance
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or shard_size < 1:
         raise UserError(f"the number of samples and the shard size must be positive integers, got {n!r}, {shard_size!r}")
@@ -195,7 +196,7 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     batch_size = batch_size or shard_size
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    spec = SamplerSpec.from_dict(sampler) if sampler is not None else DEFAULT_SAMPLER
+    spec = SamplerSpec.from_dict(sampler) if sampler is not None else default_sampler(transport.model_type.name)
     guidance = Guidance.of(guidance)
     sample_fn = spec.build(transport, schedule_dir=schedule_dir, guidance=guidance)
     model = model.to(device).eval()

@@ -19,11 +19,11 @@ from PIL import Image
 from .checkpoint import latest_checkpoint
 from .errors import UserError
 from .paths import project_root
-from .registry import OFFICIAL_SAMPLERS, SamplerSpec, methods, normalize_mode
+from .registry import METHODS, OFFICIAL_SAMPLERS, SamplerSpec, methods, normalize_mode
 from .run import RunSpec, load_guide, load_model, load_run_vae, read_run, run_sample_fn
 from .sample import (INTERNAL_GUIDE, Cancelled, autoguided, cycle_labels, generate, image_grid,
                                   rows_by_class, sample_noise)
-from .solvers import data_prediction
+from .solvers import data_prediction, time_grid
 
 # %% auto 0
 __all__ = ['CHECKPOINT_ENV', 'DEFAULT_RUN', 'NO_CHECKPOINT', 'find_path', 'default_checkpoint', 'load_checkpoint', 'run_defaults',
@@ -79,8 +79,10 @@ def run_defaults(checkpoint) -> dict:
     n = int(spec.num_classes or (spec.architecture or {}).get("num_classes") or 10)
     g, s = spec.guidance, spec.sampler
     opts = {**dict(OFFICIAL_SAMPLERS["sde"].options), **dict(s.options)}
+    grid = opts.get("schedule", "uniform")
     return dict(classes=f"0-{n - 1}" if n <= 16 else "0-7", cfg_scale=float(g.scale), cfg_channels=g.channels,
                 cfg_interval=g.interval or (0.0, 1.0), mode=s.mode.upper(), method=s.method, num_steps=s.num_steps,
+                schedule=grid if isinstance(grid, str) else "uniform",    # a list of times: not shown in the panel
                 diffusion_form=opts["diffusion_form"], diffusion_norm=opts["diffusion_norm"], last_step=opts["last_step"])
 
 # %% ../nbs/12a_explore.ipynb
@@ -96,6 +98,7 @@ class Request:
     mode: str = "ODE"
     method: str = "heun2"
     num_steps: int = 26
+    schedule: str = "uniform"                 # the time grid of a fixed-step ODE or a multistep method
     diffusion_form: str = "sigma"
     diffusion_norm: float = 1.0
     last_step: Optional[str] = "Mean"
@@ -108,6 +111,9 @@ class Request:
         mode = normalize_mode(self.mode)
         opts = dict(diffusion_form=self.diffusion_form, diffusion_norm=float(self.diffusion_norm),
                     last_step=self.last_step, eta=float(self.eta)) if mode == "sde" and self.method in ("Euler", "Heun") else {}
+        m = METHODS.get(self.method)
+        if self.schedule != "uniform" and m is not None and (m.kind == "multistep" or (m.kind, mode) == ("fixed", "ode")):
+            opts["schedule"] = self.schedule
         return SamplerSpec.create(mode, self.method, self.num_steps, **opts)
 
 def parse_classes(text, num_classes=None) -> list[int]:
@@ -236,8 +242,11 @@ def solve_trajectory(req: Request, method="heun2", num_steps=26, max_samples=10,
     n, guidance = len(classes), spec.guidance
     progress = (lambda f, k: on_progress(0.9 * f, k)) if on_progress else None   # the solve, then one evaluation per point
     g = _solve(spec, classes, int(req.seed), device, cancel, progress, keep_path=True)
-    fn = run_sample_fn(spec)
-    ts, x1, start = torch.linspace(fn.t0, fn.t1, g.path.shape[0]), [], time.perf_counter()
+    fn, tr = run_sample_fn(spec), spec.build_transport()
+    grid = dict(spec.sampler.options).get("schedule", "uniform")     # the times the solve kept its states at
+    folder = Path(spec.location) if Path(spec.location).is_dir() else None       # its schedules/, as run_sample_fn
+    ts = time_grid(grid, fn.t0, fn.t1, g.path.shape[0], tr.path_sampler, folder and folder / "schedules").float()
+    x1, start = [], time.perf_counter()
     labels = torch.tensor(classes, device=device)
     with torch.no_grad():
         for k, t in enumerate(ts):
@@ -252,7 +261,7 @@ def solve_trajectory(req: Request, method="heun2", num_steps=26, max_samples=10,
                                          torch.cat([labels, torch.full_like(labels, m.null_class)]),
                                          **guidance.model_kwargs(0, n, device))[:n]
             else: out = m.forward(x, tb, labels)
-            x1.append(predicted_x1(spec.build_transport(), out, x, tb).cpu())
+            x1.append(predicted_x1(tr, out, x, tb).cpu())
             if on_progress: on_progress(0.9 + 0.1 * (k + 1) / len(ts), g.nfe + k + 1)
     return Trajectory(ts, g.path, torch.stack(x1), classes, g.nfe + len(ts), g.seconds + time.perf_counter() - start)
 

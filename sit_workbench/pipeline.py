@@ -20,7 +20,7 @@ from diffusers.utils import is_accelerate_available
 
 from .checkpoint import RUN_FILE, load_vae
 from .model import InternalGuide, SiT
-from .registry import DEFAULT_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec, normalize_mode
+from .registry import OFFICIAL_SAMPLERS, SamplerSpec, default_sampler, normalize_mode
 from .run import TRANSPORT_KEYS, default_class_names, load_model, load_run_vae, read_run
 from .sample import INTERNAL_GUIDE, Guidance, generate, to_images
 from .transport import create_transport
@@ -191,7 +191,7 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
                  guidance_scale: float = 1.0, cfg_channels: Optional[int] = None,
                  guidance_interval: Optional[Sequence[float]] = None):
         self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
-        self.spec = SamplerSpec.from_dict(sampler) if sampler else DEFAULT_SAMPLER    # checked now, not at the first call
+        self.spec = SamplerSpec.from_dict(sampler) if sampler else default_sampler(prediction)   # checked now
         self.guidance = Guidance(guidance_scale, tuple(guidance_interval) if guidance_interval else None, cfg_channels)
         self.schedule_dir = None    # the fitted schedules and learned solvers: the checkpoint's, or the saved folder's
 

@@ -14,8 +14,8 @@ from .solvers import LEARNED, MULTISTEP_METHODS, check_num_steps
 from .transport import ADAPTIVE_METHODS, FIXED_METHODS, SDE_METHODS, Sampler
 
 # %% auto 0
-__all__ = ['METHODS', 'DEFAULT_SAMPLER', 'MEANFLOW_SAMPLER', 'OFFICIAL_SAMPLERS', 'Method', 'methods', 'normalize_mode',
-           'option_names', 'SamplerSpec']
+__all__ = ['METHODS', 'DEFAULT_SAMPLER', 'NOISE_END_SCHEDULE', 'MEANFLOW_SAMPLER', 'OFFICIAL_SAMPLERS', 'Method', 'methods',
+           'normalize_mode', 'option_names', 'SamplerSpec', 'default_sampler']
 
 # %% ../nbs/03c_registry.ipynb
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,11 @@ class SamplerSpec:
         elif "sampling_method" in changes and changes["sampling_method"] in METHODS \
                 and METHODS[changes["sampling_method"]].mode != self.mode and "mode" not in changes:
             d = {"num_steps": self.num_steps}
-        return SamplerSpec.create(**{**d, **changes})
+        new = {**d, **changes}
+        method = METHODS.get(new.get("sampling_method"))
+        if "schedule" not in changes and method is not None and method.kind in ("adaptive", "meanflow"):
+            new.pop("schedule", None)     # a fixed-step grid: an adaptive solver chooses its own steps
+        return SamplerSpec.create(**new)
 
     @property
     def nfe(self) -> int | None:
@@ -170,8 +174,18 @@ def _meanflow(transport, spec):
 
 # %% ../nbs/03c_registry.ipynb
 DEFAULT_SAMPLER = SamplerSpec.create("ode", "heun2", 26)
+NOISE_END_SCHEDULE = "shift:4"    # a score or noise model's time grid: crowded toward the noise end, where it is stiff
 MEANFLOW_SAMPLER = SamplerSpec.create("ode", "meanflow", 2)     # one step: a MeanFlow run's default
 OFFICIAL_SAMPLERS = {   # the official sample.py's defaults, per mode
     "ode": SamplerSpec.create("ode", "dopri5", 250, atol=1e-6, rtol=1e-3),
     "sde": SamplerSpec.create("sde", "Euler", 250, diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
                               last_step_size=0.04)}
+
+def default_sampler(prediction="velocity") -> SamplerSpec:
+    """The default sampler of a model that predicts `prediction` ('velocity', 'score' or 'noise', any case):
+    `DEFAULT_SAMPLER` for a velocity model; for a score or noise model the same 26 Heun points on the grid
+    `NOISE_END_SCHEDULE`, crowded toward the noise end where turning its output into a velocity divides by alpha_t."""
+    p = "velocity" if prediction is None else str(prediction).lower()
+    if p not in ("velocity", "score", "noise"):
+        raise UserError(f"unknown prediction {prediction!r}; choose 'velocity', 'score' or 'noise'")
+    return DEFAULT_SAMPLER if p == "velocity" else DEFAULT_SAMPLER.replace(schedule=NOISE_END_SCHEDULE)

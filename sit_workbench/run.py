@@ -20,7 +20,7 @@ from .checkpoint import (CheckpointError, RUN_FILE, _select_state_dict, _strip_p
 from .errors import UserError, check_finite, nbytes, read_json, writing
 from .model import InternalGuide, SiT, SiT_models
 from .paths import looks_local
-from .registry import DEFAULT_SAMPLER, MEANFLOW_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec
+from .registry import MEANFLOW_SAMPLER, OFFICIAL_SAMPLERS, SamplerSpec, default_sampler
 from .sample import INTERNAL_GUIDE, Guidance, generate
 from .transport import transport_from_config
 
@@ -136,16 +136,18 @@ def _from_dict(d, source, location, weights, where, tensors=None) -> RunSpec:
     names = d.get("class_names")
     names = None if names is None else {int(k): v for k, v in names.items()}
     g = d.get("guidance") or {}
-    return RunSpec(source, str(location), weights, d.get("architecture"), {**OFFICIAL_TRANSPORT, **d["transport"]},
+    transport = {**OFFICIAL_TRANSPORT, **d["transport"]}
+    return RunSpec(source, str(location), weights, d.get("architecture"), transport,
                    Guidance.of(g) if g else Guidance(1.0), d.get("vae"), d.get("num_classes"), names,
-                   SamplerSpec.from_dict(d["sampler"]) if d.get("sampler") else DEFAULT_SAMPLER,
+                   SamplerSpec.from_dict(d["sampler"]) if d.get("sampler") else default_sampler(transport["prediction"]),
                    {k: where for k in ("transport", "guidance", "vae", "sampler", "classes")},
                    d.get("training"), d.get("model_name"), tensors)
 
 def describe_training_run(config: dict, step=None) -> dict:
     """`run.json`'s content for a training run of ours from its config (`TrainConfig.to_dict()` or the `config` of
     `trainer_state.json`): its transport, guidance (the run's `cfg_scale`; all channels in pixel space, the first 3 in
-    latent space), VAE, classes and the default sampler (one MeanFlow step for a MeanFlow run)."""
+    latent space), VAE, classes and the default sampler (`registry.default_sampler` of its prediction; one MeanFlow
+    step for a MeanFlow run)."""
     mc, dc = config["model_config"], config.get("dataset_config", {})
     pixel = mc.get("vae_path") is None
     arch = {k: mc[k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
@@ -161,7 +163,7 @@ def describe_training_run(config: dict, step=None) -> dict:
             "vae": mc.get("vae_path"), "num_classes": mc.get("num_classes"),
             "class_names": {str(k): v for k, v in (default_class_names(mc.get("num_classes")) or {}).items()} or None
                            if digits or mc.get("num_classes") == 1000 else None,
-            "sampler": (MEANFLOW_SAMPLER if meanflow else DEFAULT_SAMPLER).to_dict(),
+            "sampler": (MEANFLOW_SAMPLER if meanflow else default_sampler(mc.get("prediction"))).to_dict(),
             "training": {"steps": step, "data": f"{data} ({dc.get('dataset_format')}, {dc.get('image_size')}px)",
                          "dataset_format": dc.get("dataset_format"), "objective": mc.get("objective", "flow")}}
 

@@ -80,7 +80,8 @@ def add_run_options(p):
                    help=f"one of {', '.join(METHODS)} (default: the run's)")
     g.add_argument("--num-sampling-steps", type=int, default=S, help="time points, both ends included (default: the run's)")
     g.add_argument("--schedule", default=S, help="time grid of the fixed-step and multistep methods: uniform, logsnr, "
-                   "shift:S, optimized:NAME (<ckpt>/schedules/NAME.json) (default: uniform)")
+                   "shift:S, optimized:NAME (<ckpt>/schedules/NAME.json) (default: the run's; a run of ours records "
+                   "uniform, or shift:4 for a score or noise model)")
     g.add_argument("--atol", type=_finite, default=S, help="ODE (adaptive) (default: 1e-6)")
     g.add_argument("--rtol", type=_finite, default=S, help="ODE (adaptive) (default: 1e-3)")
     g.add_argument("--diffusion-form", default=S, choices=list(DIFFUSION_FORMS), help="SDE (default: sigma)")

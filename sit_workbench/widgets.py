@@ -19,7 +19,7 @@ from PIL import Image
 
 from .interpolants import DIFFUSION_FORMS
 from .sample import Cancelled, image_grid
-from .registry import DEFAULT_SAMPLER, methods
+from .registry import DEFAULT_SAMPLER, METHODS, methods
 from .transport import LAST_STEPS
 
 # %% auto 0
@@ -92,8 +92,8 @@ class SamplerPanel(W.VBox, _Messages):
         ck = default_checkpoint() if checkpoint is None else checkpoint
         d = DEFAULT_SAMPLER
         run = {"classes": "0-9", "cfg_scale": 4.0, "cfg_channels": 3, "cfg_interval": (0.0, 1.0), "mode": d.mode.upper(),
-               "method": d.method, "num_steps": d.num_steps, "diffusion_form": "sigma", "diffusion_norm": 1.0,
-               "last_step": "Mean", **(run_defaults(ck) if ck else {})}
+               "method": d.method, "num_steps": d.num_steps, "schedule": "uniform", "diffusion_form": "sigma",
+               "diffusion_norm": 1.0, "last_step": "Mean", **(run_defaults(ck) if ck else {})}
         given = dict(classes=classes, cfg_scale=cfg_scale, mode=mode, method=method, num_steps=num_steps)
         run.update({k: v for k, v in given.items() if v is not None})
         classes, cfg_scale, mode, method, num_steps = (run[k] for k in given)
@@ -119,6 +119,9 @@ class SamplerPanel(W.VBox, _Messages):
                                  description="method", style=style)
         self.num_steps = W.IntSlider(value=num_steps, min=2, max=500, description="steps", continuous_update=False,
                                      style=style, layout=wide)
+        self.schedule = W.Combobox(value=run["schedule"], options=["uniform", "shift:4", "shift:3", "logsnr"],
+                                   description="time grid", style=style, ensure_option=False,
+                                   placeholder="uniform, shift:S, logsnr or optimized:NAME")
         forms = [f for f in DIFFUSION_FORMS if f != "inccreasing-decreasing"]     # the official spelling, an alias
         self.diffusion_form = W.Dropdown(options=forms, value=run["diffusion_form"], description="diffusion", style=style)
         self.diffusion_norm = W.FloatSlider(value=run["diffusion_norm"], min=0.0, max=5.0, step=0.1, description="diffusion norm",
@@ -141,6 +144,7 @@ class SamplerPanel(W.VBox, _Messages):
         self.jobs, self.result = Jobs(), None
 
         self.mode.observe(self._safe(self._on_mode), names="value")
+        self.method.observe(self._safe(self._on_mode), names="value")
         self.diffusion_form.observe(self._safe(self._on_mode), names="value")
         self.generate_button.on_click(self._safe(lambda _: self.start()))
         self.cancel_button.on_click(self._safe(lambda _: self.cancel()))
@@ -149,7 +153,8 @@ class SamplerPanel(W.VBox, _Messages):
         self.children = [W.HTML("<b>SiT sampler</b>"), self.checkpoint,
                          W.HBox([W.VBox([self.classes, self.per_class, self.cfg_scale, self.cfg_interval,
                                          _labelled("guided channels", self.cfg_channels), self.guide, self.seed]),
-                                 W.VBox([_labelled("solver", self.mode), self.method, self.num_steps, sde])]),
+                                 W.VBox([_labelled("solver", self.mode), self.method, self.num_steps, self.schedule,
+                                         sde])]),
                          W.HBox([self.generate_button, self.cancel_button, self.progress, self.status]),
                          self.message, self.image]
         self.add_class("sit-panel")
@@ -163,14 +168,16 @@ class SamplerPanel(W.VBox, _Messages):
             self.method.options = opts; self.method.value = keep
         for w in (self.diffusion_form, self.diffusion_norm, self.last_step): w.disabled = ode
         self.eta.disabled = ode or self.diffusion_form.value != "w_KL_eta"
+        m = METHODS[self.method.value]     # a time grid only where the method takes one (fixed-step ODE, multistep)
+        self.schedule.disabled = not (m.kind == "multistep" or (m.kind == "fixed" and ode))
 
     def request(self) -> Request:
         "The controls' values as a `Request`."
         return Request(checkpoint=self.checkpoint.value, classes=self.classes.value, per_class=self.per_class.value,
                        cfg_scale=self.cfg_scale.value, cfg_interval=tuple(self.cfg_interval.value),
                        cfg_channels=None if self.cfg_channels.value == "all" else self.cfg_channels.value,
-                       mode=self.mode.value, method=self.method.value,
-                       num_steps=self.num_steps.value, diffusion_form=self.diffusion_form.value,
+                       mode=self.mode.value, method=self.method.value, num_steps=self.num_steps.value,
+                       schedule=self.schedule.value.strip() or "uniform", diffusion_form=self.diffusion_form.value,
                        diffusion_norm=self.diffusion_norm.value, last_step=self.last_step.value, eta=self.eta.value,
                        seed=self.seed.value, guide=self.guide.value)
 

@@ -14,6 +14,7 @@ import sit_workbench.cli as C
 from sit_workbench.pipeline import SiTPipeline
 from sit_workbench.run import read_run
 from sit_workbench.explore import run_defaults
+from sit_workbench.widgets import SamplerPanel
 
 torch.set_num_threads(1)
 SEED = 7
@@ -46,7 +47,9 @@ def _sample_npz(src, tmp_path):
 def test_every_source_samples_the_same_images_from_every_front_end(sources, name, tmp_path):
     ref_images, ref_labels, _ = _sample_npz(sources["checkpoint"], tmp_path / "ref")
     images, labels, msg = _sample_npz(sources[name], tmp_path)
-    assert "transport GVP noise" in msg and "guidance 3 on all channels" in msg and "ODE heun2, 26 points" in msg, msg
+    # a noise run's default sampler: 26 Heun points on the grid crowded toward the noise end (registry.default_sampler)
+    assert "transport GVP noise" in msg and "guidance 3 on all channels" in msg, msg
+    assert "ODE heun2, 26 points, schedule=shift:4 (50 network evaluations)" in msg, msg
     assert np.array_equal(labels, ref_labels) and labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert np.abs(images.astype(int) - ref_images.astype(int)).max() <= 1            # within one grey level
     # the diffusers pipeline, from the same source, with the seed's generator and no option
@@ -57,7 +60,8 @@ def test_every_source_samples_the_same_images_from_every_front_end(sources, name
     assert np.abs(pipe_u8 - ref_images.astype(int)).max() <= 1
     # the widgets' defaults are the run's
     d = run_defaults(sources[name])
-    assert (d["cfg_scale"], d["cfg_channels"], d["method"], d["num_steps"]) == (3.0, None, "heun2", 26)
+    assert (d["cfg_scale"], d["cfg_channels"], d["method"], d["num_steps"], d["schedule"]) == (3.0, None, "heun2", 26, "shift:4")
+    assert SamplerPanel(sources[name], device="cpu").request().sampler() == read_run(sources[name]).sampler
 
 
 def test_sample_eval_reproduces_sample(sources, tmp_path):

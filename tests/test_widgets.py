@@ -104,9 +104,13 @@ def test_panel_defaults_come_from_the_run(ckpt, tmp_path):
     assert (p.classes.value, p.cfg_scale.value, p.cfg_channels.value) == ("0-9", 2.0, "all")
     run = str(Wd.find_path(ckpt).parent)                      # a run folder means its latest checkpoint
     assert Wd.run_defaults(run) == {"classes": "0-9", "cfg_scale": 2.0, "cfg_channels": None, "cfg_interval": (0.0, 1.0),
-                                    "mode": "ODE", "method": "heun2", "num_steps": 26, "diffusion_form": "sigma",
-                                    "diffusion_norm": 1.0, "last_step": "Mean"}
-    assert (p.mode.value, p.method.value, p.num_steps.value) == ("ODE", "heun2", 26)   # the run's sampler
+                                    "mode": "ODE", "method": "heun2", "num_steps": 26, "schedule": "uniform",
+                                    "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "Mean"}
+    assert (p.mode.value, p.method.value, p.num_steps.value, p.schedule.value) == ("ODE", "heun2", 26, "uniform")
+    p.method.value = "dopri5"                                # an adaptive solver takes no time grid
+    assert p.schedule.disabled and "schedule" not in p.request().sampler().to_dict()
+    p.method.value, p.schedule.value = "dpm++2m", "shift:3"
+    assert not p.schedule.disabled and p.request().sampler().to_dict()["schedule"] == "shift:3"
     p = Wd.SamplerPanel(checkpoint=ckpt, cfg_scale=5.0, classes="3", device="cpu")   # given values win
     assert (p.classes.value, p.cfg_scale.value) == ("3", 5.0)
     assert Wd.run_defaults(tmp_path / "nothing") == {}

@@ -21,6 +21,7 @@ from .convergence import within_error
 from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn_ratio,
                                             paired_bootstrap_difference, paired_difference)
 from ..errors import UserError
+from ..registry import NOISE_END_SCHEDULE
 
 # %% auto 0
 __all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'LADDER_GRID', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
@@ -37,7 +38,7 @@ MEASURES = {
     "full": dict(nll_images=360, tol=1e-5, fid_ladder=HEUN_LADDER, always=(26, 126), loss_bins=10, n_boot=200),
 }
 
-LADDER_GRID = {"velocity": "uniform", "score": "shift:4", "noise": "shift:4"}   # the NFE ladder's time grid, by prediction
+LADDER_GRID = {"velocity": "uniform", "score": NOISE_END_SCHEDULE, "noise": NOISE_END_SCHEDULE}   # the NFE ladder's grid
 
 def measures(setting) -> dict:
     "The measurement settings of `setting` (`MEASURES`), with its samples per FID rung and bootstrap resamplings."
