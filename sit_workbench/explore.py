@@ -20,7 +20,7 @@ from .checkpoint import latest_checkpoint
 from .errors import UserError
 from .paths import project_root
 from .registry import METHODS, OFFICIAL_SAMPLERS, SamplerSpec, methods, normalize_mode
-from .run import RunSpec, load_guide, load_model, load_run_vae, read_run, run_sample_fn
+from .run import RunSpec, load_guide, load_model, load_run_vae, read_run, run_sample_fn, run_schedule_dir
 from .sample import (INTERNAL_GUIDE, Cancelled, autoguided, cycle_labels, generate, image_grid,
                                   rows_by_class, sample_noise)
 from .solvers import data_prediction, time_grid
@@ -244,8 +244,7 @@ def solve_trajectory(req: Request, method="heun2", num_steps=26, max_samples=10,
     g = _solve(spec, classes, int(req.seed), device, cancel, progress, keep_path=True)
     fn, tr = run_sample_fn(spec), spec.build_transport()
     grid = dict(spec.sampler.options).get("schedule", "uniform")     # the times the solve kept its states at
-    folder = Path(spec.location) if Path(spec.location).is_dir() else None       # its schedules/, as run_sample_fn
-    ts = time_grid(grid, fn.t0, fn.t1, g.path.shape[0], tr.path_sampler, folder and folder / "schedules").float()
+    ts = time_grid(grid, fn.t0, fn.t1, g.path.shape[0], tr.path_sampler, run_schedule_dir(spec)).float()
     x1, start = [], time.perf_counter()
     labels = torch.tensor(classes, device=device)
     with torch.no_grad():

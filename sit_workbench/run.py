@@ -27,7 +27,8 @@ from .transport import transport_from_config
 # %% auto 0
 __all__ = ['TRANSPORT_KEYS', 'OFFICIAL_TRANSPORT', 'OFFICIAL_GUIDANCE', 'OFFICIAL_VAE', 'FORMAT', 'default_class_names',
            'RunSpec', 'with_options', 'describe', 'describe_training_run', 'read_trainer_state', 'read_run',
-           'load_model', 'load_run_vae', 'load_guide', 'run_sample_fn', 'import_official', 'export_official']
+           'load_model', 'load_run_vae', 'load_guide', 'run_schedule_dir', 'run_sample_fn', 'import_official',
+           'export_official']
 
 # %% ../nbs/04b_run.ipynb
 TRANSPORT_KEYS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
@@ -365,6 +366,11 @@ def load_guide(spec: RunSpec, device="cpu"):
         cache.clear(); cache[key] = load_model(g, device)
     return cache[key]
 
+def run_schedule_dir(spec: RunSpec):
+    "Where the run keeps its fitted schedules and learned solvers: `<folder>/schedules`, None for a run in one file."
+    loc = Path(spec.location)
+    return loc / "schedules" if loc.is_dir() else None
+
 def run_sample_fn(spec: RunSpec, velocity_loss=None, progress=False):
     """The run's `SampleFn` (its `sampler`, its transport; schedules, learned solvers (for the run's guidance) and the
     velocity loss from its folder)."""
@@ -375,9 +381,8 @@ def run_sample_fn(spec: RunSpec, velocity_loss=None, progress=False):
         from sit_workbench.interpolants import VelocityLossProfile
         if folder is None: raise UserError("diffusion_form w_KL_eta needs a checkpoint folder with velocity_loss.json")
         velocity_loss = VelocityLossProfile.load(folder)
-    return spec.sampler.build(spec.build_transport(), velocity_loss=velocity_loss,
-                              schedule_dir=None if folder is None else folder / "schedules", progress=progress,
-                              guidance=spec.guidance)
+    return spec.sampler.build(spec.build_transport(), velocity_loss=velocity_loss, schedule_dir=run_schedule_dir(spec),
+                              progress=progress, guidance=spec.guidance)
 
 def _generate(self, labels, seed=0, device="cpu", **kwargs):
     "`sample.generate` for this run: its model, sampler, guidance and VAE; `kwargs` go to `generate`."
