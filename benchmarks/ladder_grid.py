@@ -1,12 +1,13 @@
-"""Why the re-measurement walks a score or noise cell's NFE ladder on a shifted time grid (`remeasure.LADDER_GRID`).
+"""Why the re-measurement walks a Linear or GVP score cell's NFE ladder on a shifted time grid (`remeasure.ladder_grid`).
 
     SIT_WORKBENCH_ZOO=/path/to/zoo python benchmarks/ladder_grid.py --model linear-score --steps 12000
 
 Heun from the same noise and balanced labels at 50-500 NFE on each time grid, against Heun with 1,001 points (2,000
 NFE) on the uniform grid: the RMS pixel distance of the clamped samples. A score (or noise) model's output becomes a
-velocity through a division by alpha_t, which vanishes at the noise end (t = 0), so its probability-flow ODE is stiff
-there; a uniform grid spends its steps evenly and converges slowly, SD3's time shift s > 1 (`shift:s`) crowds them
-toward t = 0. Prints one row per grid, and the ratio of each grid's distance to the uniform grid's at the same NFE.
+velocity through a division by alpha_t; on Linear and GVP alpha_t vanishes at the noise end (t = 0), so the
+probability-flow ODE is stiff there, a uniform grid spends its steps evenly and converges slowly, and SD3's time shift
+s > 1 (`shift:s`) crowds them toward t = 0. On SBDM-VP alpha_t'/alpha_t stays below 10 and the uniform grid wins.
+Prints one row per grid, and the ratio of each grid's distance to the uniform grid's at the same NFE.
 """
 import argparse
 import time

@@ -196,7 +196,7 @@ def generate_samples(model, transport, out_dir, n, *, sampler=None, guidance=Non
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     batch_size = batch_size or shard_size
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    spec = SamplerSpec.from_dict(sampler) if sampler is not None else default_sampler(transport.model_type.name)
+    spec = SamplerSpec.from_dict(sampler) if sampler is not None else default_sampler(transport.model_type.name, transport.path_type.name)
     guidance = Guidance.of(guidance)
     sample_fn = spec.build(transport, schedule_dir=schedule_dir, guidance=guidance)
     model = model.to(device).eval()

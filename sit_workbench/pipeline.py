@@ -191,7 +191,7 @@ class SiTScheduler(SchedulerMixin, ConfigMixin):
                  guidance_scale: float = 1.0, cfg_channels: Optional[int] = None,
                  guidance_interval: Optional[Sequence[float]] = None):
         self.transport = create_transport(path_type, prediction, loss_weight, train_eps, sample_eps)
-        self.spec = SamplerSpec.from_dict(sampler) if sampler else default_sampler(prediction)   # checked now
+        self.spec = SamplerSpec.from_dict(sampler) if sampler else default_sampler(prediction, path_type)   # checked now
         self.guidance = Guidance(guidance_scale, tuple(guidance_interval) if guidance_interval else None, cfg_channels)
         self.schedule_dir = None    # the fitted schedules and learned solvers: the checkpoint's, or the saved folder's
 

@@ -14,8 +14,8 @@ from .solvers import LEARNED, MULTISTEP_METHODS, check_num_steps
 from .transport import ADAPTIVE_METHODS, FIXED_METHODS, SDE_METHODS, Sampler
 
 # %% auto 0
-__all__ = ['METHODS', 'DEFAULT_SAMPLER', 'NOISE_END_SCHEDULE', 'MEANFLOW_SAMPLER', 'OFFICIAL_SAMPLERS', 'Method', 'methods',
-           'normalize_mode', 'option_names', 'SamplerSpec', 'default_sampler']
+__all__ = ['METHODS', 'DEFAULT_SAMPLER', 'NOISE_END_SCHEDULE', 'STIFF_NOISE_END', 'MEANFLOW_SAMPLER', 'OFFICIAL_SAMPLERS',
+           'Method', 'methods', 'normalize_mode', 'option_names', 'SamplerSpec', 'default_grid', 'default_sampler']
 
 # %% ../nbs/03c_registry.ipynb
 @dataclasses.dataclass(frozen=True)
@@ -174,18 +174,29 @@ def _meanflow(transport, spec):
 
 # %% ../nbs/03c_registry.ipynb
 DEFAULT_SAMPLER = SamplerSpec.create("ode", "heun2", 26)
-NOISE_END_SCHEDULE = "shift:4"    # a score or noise model's time grid: crowded toward the noise end, where it is stiff
+NOISE_END_SCHEDULE = "shift:4"    # crowded toward the noise end: the grid where a score or noise model is stiff there
+STIFF_NOISE_END = ("linear", "gvp")   # the paths whose alpha_t vanishes at t = 0 (alpha_t'/alpha_t ~ 1/t); not SBDM-VP
 MEANFLOW_SAMPLER = SamplerSpec.create("ode", "meanflow", 2)     # one step: a MeanFlow run's default
 OFFICIAL_SAMPLERS = {   # the official sample.py's defaults, per mode
     "ode": SamplerSpec.create("ode", "dopri5", 250, atol=1e-6, rtol=1e-3),
     "sde": SamplerSpec.create("sde", "Euler", 250, diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
                               last_step_size=0.04)}
 
-def default_sampler(prediction="velocity") -> SamplerSpec:
-    """The default sampler of a model that predicts `prediction` ('velocity', 'score' or 'noise', any case):
-    `DEFAULT_SAMPLER` for a velocity model; for a score or noise model the same 26 Heun points on the grid
-    `NOISE_END_SCHEDULE`, crowded toward the noise end where turning its output into a velocity divides by alpha_t."""
+def default_grid(prediction="velocity", path_type="Linear") -> str:
+    """The time grid a model that predicts `prediction` ('velocity', 'score' or 'noise') on path `path_type`
+    ('Linear', 'GVP' or 'VP'; any case; None: the official defaults) samples on: `NOISE_END_SCHEDULE` for a score or
+    noise model on a path in `STIFF_NOISE_END`, where turning its output into a velocity amplifies its error by
+    alpha_t'/alpha_t ~ 1/t at the noise end; 'uniform' otherwise."""
     p = "velocity" if prediction is None else str(prediction).lower()
     if p not in ("velocity", "score", "noise"):
         raise UserError(f"unknown prediction {prediction!r}; choose 'velocity', 'score' or 'noise'")
-    return DEFAULT_SAMPLER if p == "velocity" else DEFAULT_SAMPLER.replace(schedule=NOISE_END_SCHEDULE)
+    path = "linear" if path_type is None else str(path_type).lower()
+    if path not in ("linear", "gvp", "vp"):
+        raise UserError(f"unknown path_type {path_type!r}; choose 'Linear', 'GVP' or 'VP'")
+    return NOISE_END_SCHEDULE if p != "velocity" and path in STIFF_NOISE_END else "uniform"
+
+def default_sampler(prediction="velocity", path_type="Linear") -> SamplerSpec:
+    """The default sampler of a model that predicts `prediction` on path `path_type` (as `default_grid`):
+    `DEFAULT_SAMPLER`'s 26 Heun points on that model's `default_grid`."""
+    grid = default_grid(prediction, path_type)
+    return DEFAULT_SAMPLER if grid == "uniform" else DEFAULT_SAMPLER.replace(schedule=grid)

@@ -140,7 +140,7 @@ def _from_dict(d, source, location, weights, where, tensors=None) -> RunSpec:
     transport = {**OFFICIAL_TRANSPORT, **d["transport"]}
     return RunSpec(source, str(location), weights, d.get("architecture"), transport,
                    Guidance.of(g) if g else Guidance(1.0), d.get("vae"), d.get("num_classes"), names,
-                   SamplerSpec.from_dict(d["sampler"]) if d.get("sampler") else default_sampler(transport["prediction"]),
+                   SamplerSpec.from_dict(d["sampler"]) if d.get("sampler") else default_sampler(transport["prediction"], transport["path_type"]),
                    {k: where for k in ("transport", "guidance", "vae", "sampler", "classes")},
                    d.get("training"), d.get("model_name"), tensors)
 
@@ -164,7 +164,7 @@ def describe_training_run(config: dict, step=None) -> dict:
             "vae": mc.get("vae_path"), "num_classes": mc.get("num_classes"),
             "class_names": {str(k): v for k, v in (default_class_names(mc.get("num_classes")) or {}).items()} or None
                            if digits or mc.get("num_classes") == 1000 else None,
-            "sampler": (MEANFLOW_SAMPLER if meanflow else default_sampler(mc.get("prediction"))).to_dict(),
+            "sampler": (MEANFLOW_SAMPLER if meanflow else default_sampler(mc.get("prediction"), mc.get("path_type"))).to_dict(),
             "training": {"steps": step, "data": f"{data} ({dc.get('dataset_format')}, {dc.get('image_size')}px)",
                          "dataset_format": dc.get("dataset_format"), "objective": mc.get("objective", "flow")}}
 

@@ -11,7 +11,7 @@ import torch
 from sit_workbench.studies import remeasure as study
 from sit_workbench.studies.zoo import get_setting, results_path, save_results
 
-CELLS = ["linear-velocity", "vp-noise"]
+CELLS = ["linear-score", "vp-noise"]
 FIELDS = {"model", "steps", "train_seed", "converged_fid", "converged_fid_std", "converged_nfe", "fid_50", "fid_250",
           "nll_bpd", "nll_bpd_se", "heldout_loss", "heldout_loss_se", "heldout_loss_bins", "nn_ratio", "accuracy",
           "seconds", "fids"}
@@ -21,8 +21,8 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("SIT_WORKBENCH_ZOO", str(tmp_path / "zoo"))
     # another study's results of the same setting, to be joined with the re-measurement at the end
-    save_results("design_space", "quick", [{"model": "linear-velocity", "digits_fid": 99.0}, {"model": "not a cell"}],
-                 zoo_steps={"linear-velocity": 150})
+    save_results("design_space", "quick", [{"model": "linear-score", "digits_fid": 99.0}, {"model": "not a cell"}],
+                 zoo_steps={"linear-score": 150})
     real, calls = study.measure_row, []
     def counted(*a, stop_at=None, **k):
         calls.append(a[:4])
@@ -63,8 +63,9 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["n"] == 200 and r["nll_images"] == 40 and len(r["heldout_loss_bins"]) == 10
         assert r["converged_nfe"] in (10, 20, 50) and r["fid_50"] is not None and r["fid_250"] is None
-        # a noise cell's ladder walks the shifted grid; its 50-NFE column is the uniform grid's, measured beside it
-        grid = "uniform" if r["model"] == "linear-velocity" else "shift:4"
+        # a Linear score cell's ladder walks the shifted grid, its 50-NFE column the uniform grid's, measured beside it;
+        # an SBDM-VP noise cell's walks the uniform one (registry.default_grid)
+        grid = {"linear-score": "shift:4", "vp-noise": "uniform"}[r["model"]]
         assert r["ladder_grid"] == grid and ("fids_uniform" in r) == (grid != "uniform")
         assert r["fid_50"] == (r["fids_uniform"] if grid != "uniform" else r["fids"])["50"]
         assert math.isfinite(r["nll_bpd"]) and r["nll_bpd_se"] > 0 and r["nn_ratio"] > 0
@@ -75,7 +76,7 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     (p,) = res["paired"]
     assert (p["a"], p["b"]) == tuple(CELLS) and p["fid_diff_lo"] <= p["fid_diff"] <= p["fid_diff_hi"]
     by = {(r["model"], r["train_seed"]): r for r in rows if r["steps"] == 150}
-    assert abs(p["fid_diff"] - (by["linear-velocity", 0]["converged_fid"] - by["vp-noise", 0]["converged_fid"])) < 1e-9
+    assert abs(p["fid_diff"] - (by["linear-score", 0]["converged_fid"] - by["vp-noise", 0]["converged_fid"])) < 1e-9
     assert study.cell_table(res)[0]["model"].startswith("floor") and len(study.seed_table(res)) == 2
     assert all(r["train_seeds"] == [r["train_seed"]] for r in rows)
 
@@ -83,5 +84,5 @@ def test_quick_study_resumes_and_completes(tmp_path, monkeypatch):
     (floor, memo), (cell, other) = joined["reference_rows"], joined["rows"]
     assert floor["role"] == memo["role"] == "reference" and floor["digits_fid"] == res["rows"][0]["digits_fid"]
     assert cell["digits_fid"] == 99.0 and cell["train_seeds"] == [0, 1, 2] and cell["remeasured_steps"] == 150
-    assert cell["converged_fid"] == by["linear-velocity", 0]["converged_fid"] and cell["nll_bpd"] == by["linear-velocity", 0]["nll_bpd"]
-    assert cell["converged_fid_seed_std"] == cells["linear-velocity"]["converged_fid_seed_std"] and "nll_bpd" not in other
+    assert cell["converged_fid"] == by["linear-score", 0]["converged_fid"] and cell["nll_bpd"] == by["linear-score", 0]["nll_bpd"]
+    assert cell["converged_fid_seed_std"] == cells["linear-score"]["converged_fid_seed_std"] and "nll_bpd" not in other

@@ -21,13 +21,13 @@ from .convergence import within_error
 from .measures import (HEUN_LADDER, converged_fid, heldout_loss, heldout_nll, nn_ratio,
                                             paired_bootstrap_difference, paired_difference)
 from ..errors import UserError
-from ..registry import NOISE_END_SCHEDULE
+from ..registry import default_grid
 
 # %% auto 0
-__all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'LADDER_GRID', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures',
-           'ladder_grid', 'seed_checkpoint', 'seed_model', 'features_path', 'final_kept_path', 'final_kept',
-           'measure_model', 'measure_row', 'converged_steps', 'seed_summary', 'paired_cells', 'annotate',
-           'annotate_studies', 'run_study', 'results_so_far', 'ladder_stop', 'cell_table', 'seed_table', 'plot_study']
+__all__ = ['STUDY', 'EXTRA_SEEDS', 'TRAIN_SEEDS', 'MEASURES', 'FINAL_RULE', 'CELL_FIELDS', 'ANNOTATED', 'measures', 'ladder_grid',
+           'seed_checkpoint', 'seed_model', 'features_path', 'final_kept_path', 'final_kept', 'measure_model',
+           'measure_row', 'converged_steps', 'seed_summary', 'paired_cells', 'annotate', 'annotate_studies',
+           'run_study', 'results_so_far', 'ladder_stop', 'cell_table', 'seed_table', 'plot_study']
 
 # %% ../../nbs/14c_remeasure.ipynb
 STUDY = "remeasure"
@@ -38,18 +38,16 @@ MEASURES = {
     "full": dict(nll_images=360, tol=1e-5, fid_ladder=HEUN_LADDER, always=(26, 126), loss_bins=10, n_boot=200),
 }
 
-LADDER_GRID = {"velocity": "uniform", "score": NOISE_END_SCHEDULE, "noise": NOISE_END_SCHEDULE}   # the NFE ladder's grid
-
 def measures(setting) -> dict:
     "The measurement settings of `setting` (`MEASURES`), with its samples per FID rung and bootstrap resamplings."
     s = get_setting(setting)
     return {**MEASURES[s.name], "n": s.num_samples, "bootstrap": s.bootstrap}
 
 def ladder_grid(transport) -> str:
-    """The time grid a cell's NFE ladder walks (`LADDER_GRID`): uniform for a velocity model; for a score or noise
-    model SD3's time shift 4, which crowds the steps toward the noise end, where turning its output into a velocity
-    divides by alpha_t (`benchmarks/ladder_grid.py` measures both grids' distance to a 2,000-NFE solve)."""
-    return LADDER_GRID[transport.model_type.name.lower()]
+    """The time grid a cell's NFE ladder walks: the one its model samples on by default (`registry.default_grid`),
+    SD3's time shift 4 for a score or noise model on Linear or GVP, whose ODE is stiff at the noise end, else uniform
+    (`benchmarks/ladder_grid.py` measures both grids' distance to a 2,000-NFE solve)."""
+    return default_grid(transport.model_type.name, transport.path_type.name)
 
 def seed_checkpoint(name, setting, steps, seed=0, progress=False) -> Path:
     """The checkpoint of zoo cell `name` after `steps` steps trained with training `seed`: the zoo's own run for seed 0,
@@ -275,7 +273,7 @@ def run_study(setting="quick", progress=False, models=None) -> dict:
     def measure(name, steps, seed):
         bar.set_postfix_str(f"{name} @ {steps}, seed {seed}")
         row = log.row(f"{name}/{steps}/seed{seed}", lambda: measure_row(name, s, steps, seed, clf, progress=False),
-                      stale=lambda r: r.get("ladder_grid", "uniform") != LADDER_GRID[ZOO[name]["prediction"]])
+                      stale=lambda r: r.get("ladder_grid", "uniform") != default_grid(ZOO[name]["prediction"], ZOO[name]["path_type"]))
         bar.update()
         if progress:
             bar.write(f"{name} @ {steps} seed {seed}: FID {row['converged_fid']:.2f} ± {row['converged_fid_std']:.2f} "
