@@ -4,6 +4,7 @@
 
 # %% ../../nbs/17_diffusion_coefficient.ipynb 3
 from __future__ import annotations
+import functools
 import itertools
 
 from .zoo import (ZOO, figures_dir, get_setting, load_results, markdown_table, save_results,
@@ -62,22 +63,24 @@ def converged_sde(model, transport, column, setting, velocity_loss=None, clf=Non
 def run_study(setting="full", progress=True) -> dict:
     """Every (row, column) cell of Table 6 on the digits zoo, converged in NFE (`converged_sde`, whose walk includes
     the setting's fixed budget, the paper's kind of column); the `HEADLINE` rows on every training seed of
-    `TRAIN_SEEDS`, the others on seed 0. Resumes row by row; saved and returned, with the floor and memoriser rows
-    (`reference_rows`)."""
+    `TRAIN_SEEDS`, the others on seed 0. Resumes row by row, and two processes running it share the rows
+    (`RowLog.each`); saved and returned, with the floor and memoriser rows (`reference_rows`)."""
     from sit_workbench.evaluate import digits_reference_rows
     s = get_setting(setting)
     rows, log = [], RowLog(STUDY, s)
     def measure(name, column, seed):
         model, transport, ck = seed_model(name, s, seed)
-        return converged_sde(model, transport, column, s, checkpoint_velocity_loss(ck) if column == "w_KL,eta" else None)
-    for seed in TRAIN_SEEDS[s.name]:
-        for (interp, objective), name in ROWS.items():
-            if seed and name not in HEADLINE: continue
-            for column in COLUMNS:
-                r = log.row(f"{name}|{column}|seed{seed}", lambda: measure(name, column, seed))
-                rows.append({"interpolant": interp, "objective": objective, "model": name, "w_t": column,
-                             "train_seed": seed, **r})
-                if progress: print({k: v for k, v in rows[-1].items() if k not in ("sde_fids", "sde_fid_stds")}, flush=True)
+        r = converged_sde(model, transport, column, s, checkpoint_velocity_loss(ck) if column == "w_KL,eta" else None)
+        if progress: print(f"{name} | {column} | seed {seed}: SDE digits-FID {r['sde_fid']:.2f} ± {r['sde_fid_std']:.2f} "
+                           f"at {r['sde_nfe']} NFE{'' if r['sde_converged'] else ' (ladder ran out)'}, "
+                           f"{r['digits_fid']:.2f} at {r['nfe']} ({r['seconds']:.0f} s)", flush=True)
+        return r
+    cells = [(seed, interp, objective, name, column) for seed in TRAIN_SEEDS[s.name]
+             for (interp, objective), name in ROWS.items() if not seed or name in HEADLINE for column in COLUMNS]
+    got = log.each((f"{name}|{column}|seed{seed}", functools.partial(measure, name, column, seed))
+                   for seed, _, _, name, column in cells)
+    for (seed, interp, objective, name, column), r in zip(cells, got):
+        rows.append({"interpolant": interp, "objective": objective, "model": name, "w_t": column, "train_seed": seed, **r})
     save_results(STUDY, s, rows, zoo_steps=zoo_steps(s), eta=ETA, columns=COLUMNS, sde_ladder=SDE_LADDERS[s.name],
                  sde_always=SDE_ALWAYS[s.name], headline=list(HEADLINE), train_seeds=list(TRAIN_SEEDS[s.name]),
                  paper={f"{a} / {b}": v for (a, b), v in PAPER.items()},

@@ -270,17 +270,19 @@ class RowLog:
     def _writing(self): return _locked(self.path.parent / f".{self.study}.rows.lock")
 
     @contextlib.contextmanager
-    def _claim(self, key):
-        "Hold `key` while this process measures it; while another process does, say so and wait for it."
+    def _claim(self, key, wait=True):
+        """Hold `key` while this process measures it (yields True); while another process does, say so and wait for
+        it, or with `wait=False` yield False at once without holding it."""
         with open(self.claims / (re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".lock"), "a+") as f:
             try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait: yield False; return
                 f.seek(0)
                 print(f"{self.study}: {key} is being measured by {f.read().strip() or 'another process'}; waiting for it",
                       file=sys.stderr, flush=True)
                 fcntl.flock(f, fcntl.LOCK_EX)
             f.truncate(0); f.write(f"pid {os.getpid()} on {socket.gethostname()}"); f.flush()
-            try: yield
+            try: yield True
             finally: f.truncate(0); f.flush(); fcntl.flock(f, fcntl.LOCK_UN)
 
     def _adopt(self):
@@ -297,21 +299,32 @@ class RowLog:
             f.flush(); os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def row(self, key, measure, stale=None) -> dict:
+    def row(self, key, measure, stale=None, wait=True) -> dict | None:
         """The row stored under `key` (a string), or `measure()`'s result, stored on disk before it is returned. The
         file is rewritten whole from this process's rows and the file's own: a row it lost while the study ran (the
         tracked log checked out or reset by git) is written back, and one it gained (pulled) is kept, not measured.
         `stale(row)`: True for a stored row that the study now measures another way; it is measured again and
-        replaced (the old one stays in the file until then)."""
+        replaced (the old one stays in the file until then). `wait=False`: None, at once, when another process is
+        measuring `key`."""
         usable = lambda r: r is not None and not (stale is not None and stale(r))
         if not usable(self.rows.get(key)):
-            with self._claim(key):
+            with self._claim(key, wait) as held:
+                if not held: return None
                 self.rows.pop(key, None)
                 with self._writing(): self._adopt()
                 if not usable(self.rows.get(key)):
                     self.rows[key] = measure(); self.mine.add(key)
                 with self._writing(): self._adopt(); self._save()
         return self.rows[key]
+
+    def each(self, items, stale=None) -> list[dict]:
+        """`row(key, measure, stale)` for each `(key, measure)` of `items`, in their order, sharing the work with other
+        processes running the same study: a first pass measures the rows no other process holds, skipping those
+        another is measuring; a second waits for those and takes them. So two processes started on the same study
+        measure different rows, and each returns them all."""
+        items = list(items)
+        for key, measure in items: self.row(key, measure, stale, wait=False)
+        return [self.row(key, measure, stale) for key, measure in items]
 
     def finish(self):
         "Remove the file (call once the study's results are saved)."
