@@ -132,3 +132,18 @@ def test_claims_read_the_committed_results(monkeypatch):
     if "path_length" in there: assert sum(r["source"].startswith("path_length") for r in measured) == 2
     for r in measured:
         assert r["lo"] <= r["diff"] <= r["hi"] and r["verdict"] in ("reproduced", "contradicted", "not resolvable at this scale")
+
+
+def test_readme_gives_the_claims_tables_verdicts_on_the_design_walk(monkeypatch):
+    """The README's re-measured design walk quotes each claim's paired FID difference and interval as nbs/14d_claims
+    draws them from the committed results, with that line's verdict just before it."""
+    from sit_workbench.studies import claims
+    monkeypatch.chdir(ROOT)
+    if not results_path(remeasure.STUDY, "full").is_file(): pytest.skip("the re-measurement has not written its results")
+    text = " ".join(_paragraph("  - *Re-measured, the walk is not flat*").split())
+    for r in claims.claims_table("full"):
+        if not (r["source"].startswith("remeasure") and r["metric"] == "converged digits-FID"): continue
+        quoted = f"{r['diff']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
+        assert quoted in text, (r["claim"], quoted)
+        before = text[max(0, text.index(quoted) - 80):text.index(quoted)]
+        assert f"**{r['verdict']}**" in before, (r["claim"], r["verdict"], before)
