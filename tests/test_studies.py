@@ -64,12 +64,10 @@ def test_readme_quotes_the_committed_numbers(monkeypatch):
     for row in design_space.walk_table(load_results("design_space")):
         produced.add(row["digits-FID (ours)"])
     produced |= {f"{r['digits_fid']:.2f} ± {r['digits_fid_std']:.2f}" for r in load_results("convergence")["rows"]}
-    # the re-measurement: its results once whole, until then the rows it has measured (its committed row log)
-    rem = load_results(remeasure.STUDY) if results_path(remeasure.STUDY, "full").is_file() else remeasure.results_so_far("full")
-    if rem is not None:
-        produced |= {r["converged FID"] for r in remeasure.cell_table(rem) + remeasure.seed_table(rem)}
-        # paired NLL differences between cells, quoted by size ("0.887 ± 0.016 bits/dim below")
-        produced |= {f"{abs(p['nll_bpd_diff']):.3f} ± {p['nll_bpd_diff_se']:.3f}" for p in rem.get("paired", [])}
+    rem = load_results(remeasure.STUDY)
+    produced |= {r["converged FID"] for r in remeasure.cell_table(rem) + remeasure.seed_table(rem)}
+    # paired NLL differences between cells, quoted by size ("0.887 ± 0.016 bits/dim below")
+    produced |= {f"{abs(p['nll_bpd_diff']):.3f} ± {p['nll_bpd_diff_se']:.3f}" for p in rem["paired"]}
     missing = [q for q in quoted if q not in produced]
     assert not missing, f"README numbers not in the committed results: {missing}"
 
@@ -139,7 +137,6 @@ def test_readme_gives_the_claims_tables_verdicts_on_the_design_walk(monkeypatch)
     draws them from the committed results, with that line's verdict just before it."""
     from sit_workbench.studies import claims
     monkeypatch.chdir(ROOT)
-    if not results_path(remeasure.STUDY, "full").is_file(): pytest.skip("the re-measurement has not written its results")
     text = " ".join(_paragraph("  - *Re-measured, the walk is not flat*").split())
     for r in claims.claims_table("full"):
         if not (r["source"].startswith("remeasure") and r["metric"] == "converged digits-FID"): continue
