@@ -15,7 +15,7 @@ from . import design_space, diffusion_coefficient, nfe, path_length
 # %% auto 0
 __all__ = ['Z', 'EXPECT', 'DESIGN', 'PAPER_WALK', 'VELOCITY', 'SOURCES', 'is_called', 'verdict', 'claim_row', 'unpaired',
            'paired_row', 'still_training', 'sampler_short', 'design_claims', 'ode_sde_claims', 'w_t_claims',
-           'path_claims', 'claims_table', 'verdict_counts', 'show_claims']
+           'path_claims', 'claims_table', 'verdict_counts', 'show_claims', 'brief_table']
 
 # %% ../../nbs/14d_claims.ipynb
 Z = 1.96   # the 95% interval of a difference from its standard error
@@ -130,7 +130,7 @@ def ode_sde_claims(nfe_results=None, w_t_results=None) -> list[dict]:
             rs = [r for r in nfe_results["rows"] if r["source"] == "digits model" and r["part"] == "sweep"
                   and r["interpolant"] == p and r["nfe"] == 250]
             ode = next(r for r in rs if r["mode"] == "ode"); sde = next(r for r in rs if r["mode"] == "sde")
-            out.append(claim_row(claim, paper, f"nfe ({model}, 250 NFE each)", "digits-FID",
+            out.append(claim_row(claim, paper, f"nfe ({model}, 250 NFE each)", "digits-FID, 250 NFE each",
                                  *unpaired(sde["digits_fid"], sde["digits_fid_std"], ode["digits_fid"], ode["digits_fid_std"])))
         if w_t_results is not None:
             r = next((r for r in w_t_results["rows"] if r["model"] == model and r["w_t"] == "w_KL"
@@ -217,3 +217,16 @@ def verdict_counts(rows) -> dict:
 def show_claims(rows):
     "The claims as a Markdown table, without the raw numbers."
     return markdown_table([{k: r[k] for k in ("claim", "paper", "source", "metric", "ours", "verdict")} for r in rows])
+
+def brief_table(rows) -> str:
+    """The claims as the README gives them: Markdown text, one line per measurement of a claim (its difference,
+    interval and seed spread, without the notes), the claim and the paper's numbers only on a claim's first line."""
+    lines = ["| the paper's claim | paper | metric | ours: Δ [95%] | verdict |", "|---|---|---|---|---|"]
+    prev = None
+    for r in rows:
+        first = r["claim"] != prev
+        ours = r["ours"].split("; ")[0]
+        lines.append(f"| {r['claim'] if first else ''} | {r['paper'] if first else ''} | {r['metric']} | {ours} | "
+                     f"{r['verdict']} |")
+        prev = r["claim"]
+    return "\n".join(lines)
