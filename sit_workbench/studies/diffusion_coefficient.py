@@ -10,12 +10,14 @@ import itertools
 from .zoo import (ZOO, figures_dir, get_setting, load_results, markdown_table, save_results,
                                        zoo_steps, RowLog, reference_table_rows,
                                        checkpoint_velocity_loss, _classifier)
+from ..errors import UserError
 from .measures import converged_fid, seed_mean
 from .remeasure import TRAIN_SEEDS, seed_model
 
 # %% auto 0
-__all__ = ['STUDY', 'ETA', 'COLUMNS', 'ROWS', 'PAPER', 'SDE_LADDERS', 'SDE_ALWAYS', 'HEADLINE', 'converged_sde', 'run_study',
-           'fid_table', 'converged_cells', 'converged_table', 'kendall_tau', 'ordering_table', 'plot_study']
+__all__ = ['STUDY', 'ETA', 'COLUMNS', 'ROWS', 'PAPER', 'SDE_LADDERS', 'SDE_ALWAYS', 'PAPER_NFE', 'HEADLINE', 'converged_sde',
+           'run_study', 'at_budget', 'fid_table', 'converged_cells', 'converged_table', 'kendall_tau', 'ordering_table',
+           'plot_study']
 
 # %% ../../nbs/17_diffusion_coefficient.ipynb
 STUDY = "w_t"
@@ -39,6 +41,7 @@ PAPER = {   # Table 6, SiT-B/2, 400K steps, FID-50K (lower is better)
 
 SDE_LADDERS = {"quick": (10, 20), "full": (100, 250, 500, 1000)}   # Euler-Maruyama steps, walked to convergence
 SDE_ALWAYS = {"quick": (20,), "full": (100, 250)}   # measured whatever the walk says: the fixed budget among them
+PAPER_NFE = 250   # the paper's Euler-Maruyama steps for Table 6, a rung every full-setting walk measures
 HEADLINE = ("linear-score", "gvp-score")     # the rows the findings rest on: measured on every training seed
 
 def converged_sde(model, transport, column, setting, velocity_loss=None, clf=None) -> dict:
@@ -93,15 +96,24 @@ def _cells(results):
     "Training seed 0's row of each (interpolant, objective, column)."
     return {(r["interpolant"], r["objective"], r["w_t"]): r for r in results["rows"] if r.get("train_seed", 0) == 0}
 
-def fid_table(results) -> list[dict]:
-    """Rows of Table 6 at the setting's fixed SDE budget: ours (digits-FID ± error) and the paper's FID-50K per w_t; then
-    the floor and memoriser rows."""
+def at_budget(row, nfe=None) -> tuple[float, float]:
+    """A row's digits-FID and bootstrap error at `nfe` Euler-Maruyama steps, one of the rungs its walk measured (None:
+    the setting's fixed budget)."""
+    if nfe is None: return row["digits_fid"], row["digits_fid_std"]
+    if str(nfe) not in row["sde_fids"]:
+        raise UserError(f"{row['model']} | {row['w_t']} was not measured at {nfe} steps (measured: {', '.join(row['sde_fids'])})")
+    return row["sde_fids"][str(nfe)], row["sde_fid_stds"][str(nfe)]
+
+def fid_table(results, nfe=None) -> list[dict]:
+    """Rows of Table 6 at a fixed SDE budget (`nfe` steps, a rung every walk measured, e.g. the paper's 250; None: the
+    setting's fixed budget): ours (digits-FID ± error, training seed 0) and the paper's FID-50K per w_t; then the floor
+    and memoriser rows."""
     cells, out = _cells(results), []
     for (interp, objective), paper in PAPER.items():
         row = {"interpolant": interp, "model": objective}
         for column, p in zip(COLUMNS, paper):
-            c = cells[(interp, objective, column)]
-            row[f"{column} (ours)"] = f"{c['digits_fid']:.2f} ± {c['digits_fid_std']:.2f}"
+            f, e = at_budget(cells[(interp, objective, column)], nfe)
+            row[f"{column} (ours)"] = f"{f:.2f} ± {e:.2f}"
             row[f"{column} (paper)"] = p
         out.append(row)
     return out + reference_table_rows(results, "interpolant", *(f"{c} (ours)" for c in COLUMNS))
@@ -146,17 +158,17 @@ def kendall_tau(a, b) -> float:
         s += (x * y > 0) - (x * y < 0)
     return s / n
 
-def ordering_table(results, converged=False) -> list[dict]:
+def ordering_table(results, converged=False, nfe=None) -> list[dict]:
     """Per row: the paper's best w_t, ours (or a tie: the runner-up within two combined errors), whether they agree,
-    and Kendall's tau of the two rankings; at the fixed budget, or with `converged` on the converged FIDs (seed means
-    and spreads where there are several seeds)."""
+    and Kendall's tau of the two rankings; at a fixed budget (`nfe` as in `fid_table`), or with `converged` on the
+    converged FIDs (seed means and spreads where there are several seeds)."""
     cols = list(COLUMNS)
     if converged:
         cc = converged_cells(results)
         get = lambda i, o, c: (cc[(i, o, c)]["fid"], cc[(i, o, c)]["err"])
     else:
         fc = _cells(results)
-        get = lambda i, o, c: (fc[(i, o, c)]["digits_fid"], fc[(i, o, c)]["digits_fid_std"])
+        get = lambda i, o, c: at_budget(fc[(i, o, c)], nfe)
     out = []
     for (interp, objective), paper in PAPER.items():
         ours = [get(interp, objective, c) for c in cols]
@@ -172,15 +184,12 @@ def ordering_table(results, converged=False) -> list[dict]:
                     "Kendall tau vs paper": round(kendall_tau(fids, list(paper)), 2)})
     return out
 
-def plot_study(results, out=None):
+def plot_study(results, out=None, paper_nfe=PAPER_NFE):
     """Grouped bars: converged SDE digits-FID per row and w_t (2 errors: the seed spread where several seeds, else
-    bootstrap; results measured before the converged sampler: the fixed-budget value), with the fixed-budget value as
-    a tick on each bar and the floor as a band."""
+    bootstrap), with seed 0's value at the setting's fixed budget and at the `paper_nfe` steps the paper used as ticks
+    on each bar, and the floor as a band."""
     import matplotlib.pyplot as plt
-    cells = _cells(results)
-    if all("sde_fid" in r for r in results["rows"]): cc = converged_cells(results)
-    else:                                               # measured before the converged sampler: the fixed budget only
-        cc = {k: {"fid": r["digits_fid"], "err": r["digits_fid_std"]} for k, r in cells.items()}
+    cells, cc = _cells(results), converged_cells(results)
     fig, ax = plt.subplots(figsize=(12, 4.2))
     w = 0.2
     for j, column in enumerate(COLUMNS):
@@ -189,13 +198,14 @@ def plot_study(results, out=None):
         ax.bar(xs, [r["fid"] for r in rs], w, yerr=[2 * r["err"] for r in rs], capsize=2, label=column)
         ax.plot(xs, [cells[(i, o, column)]["digits_fid"] for (i, o) in ROWS], "_", color="k", ms=12,
                 label=f"{results['rows'][0]['nfe']} NFE (fixed)" if j == 0 else None)
+        ax.plot(xs, [at_budget(cells[(i, o, column)], paper_nfe)[0] for (i, o) in ROWS], "x", color="k", ms=5,
+                label=f"{paper_nfe} NFE (the paper's)" if j == 0 else None)
     for r in results.get("reference_rows", [])[:1]:
         ax.axhspan(r["digits_fid"] - r["digits_fid_std"], r["digits_fid"] + r["digits_fid_std"], color="0.8",
                    label=r["model"].split(":")[0])
     ax.set_xticks(range(len(ROWS)), [f"{i}\n{o}" for (i, o) in ROWS]); ax.set_ylabel("digits-FID (lower is better)")
-    ax.set_yscale("log"); ax.legend(title="w_t", fontsize=8); ax.grid(axis="y", alpha=0.3)
-    budget = "converged in NFE" if "sde_fid" in results["rows"][0] else f"{results['rows'][0]['nfe']} NFE"
-    ax.set_title(f"SDE sampling (Euler-Maruyama) with four diffusion coefficients, {budget}")
+    ax.set_yscale("log"); ax.legend(title="w_t", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)); ax.grid(axis="y", alpha=0.3)
+    ax.set_title("SDE sampling (Euler-Maruyama) with four diffusion coefficients, converged in NFE")
     fig.tight_layout()
     if out: fig.savefig(out, dpi=110, metadata={"Software": None})
     return fig
