@@ -18,8 +18,8 @@ from .sampling_cli import (DefaultsFormatter, add_checkpoint_arg, checkpoint_of,
                                         sample_parser)
 
 # %% auto 0
-__all__ = ['STUDIES', 'USER_ERRORS', 'EXIT_INTERRUPTED', 'train_parser', 'cmd_train', 'export_parser', 'cmd_export',
-           'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo', 'submit_parser', 'cmd_submit',
+__all__ = ['STUDIES', 'USER_ERRORS', 'EXIT_INTERRUPTED', 'train_parser', 'cmd_train', 'leave_worker', 'export_parser',
+           'cmd_export', 'import_parser', 'cmd_import', 'demo_parser', 'cmd_demo', 'submit_parser', 'cmd_submit',
            'velocity_loss_parser', 'cmd_velocity_loss', 'fit_solver_parser', 'cmd_fit_solver', 'study_parser',
            'cmd_study', 'make_parser', 'Terminated', 'main']
 
@@ -38,8 +38,18 @@ def cmd_train(args):
     res = train(cfg, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{res['status']} at step {res['step']} of {res['max_steps']}; last checkpoint: {res['checkpoint']}")
-    if res["status"] == "preempted": sys.exit(EXIT_PREEMPTED)   # saved; a scheduler tells this from a finished run
+    code = EXIT_PREEMPTED if res["status"] == "preempted" else 0   # saved; a scheduler tells this from a finished run
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1: leave_worker(code)
+    if code: sys.exit(code)
     return res
+
+def leave_worker(code: int):
+    """End a torchrun worker whose run is saved and whose process group is destroyed, skipping the interpreter's
+    teardown: there c10d's gloo threads can still be joined late and abort the process (SIGABRT, "terminate called
+    without an active exception"; seen about once in a dozen two-process runs on a loaded machine), which would turn
+    a finished run into a failed one for torchrun and the scheduler."""
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
 def _two_paths(args, what):
     "`(checkpoint, out)` from `CHECKPOINT OUT` or `--ckpt CHECKPOINT OUT`."
     paths = list(args.paths)
