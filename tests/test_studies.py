@@ -60,9 +60,11 @@ def test_readme_quotes_the_committed_numbers(monkeypatch):
     for row in nfe.crossover_table(load_results("nfe")) + nfe.solver_table(load_results("nfe")):
         produced |= {v for v in row.values() if isinstance(v, str) and "±" in v}
     w_t = load_results("w_t")
-    for row in (diffusion_coefficient.fid_table(w_t) + diffusion_coefficient.fid_table(w_t, diffusion_coefficient.PAPER_NFE)
-                + diffusion_coefficient.converged_table(w_t)):   # "9.51 ± 0.11 (3 seeds) @ 500": the value and its error
-        produced |= {v.split(" (")[0].split(" @")[0] for v in row.values() if isinstance(v, str) and "±" in v}
+    for r in w_t["rows"]:   # seed 0's values at the fixed budget and the paper's, and the converged cells
+        produced |= {f"{f:.2f} ± {e:.2f}" for f, e in (diffusion_coefficient.at_budget(r),
+                                                       diffusion_coefficient.at_budget(r, diffusion_coefficient.PAPER_NFE))}
+    produced |= {f"{c['fid']:.2f} ± {c['err']:.2f}" for c in diffusion_coefficient.converged_cells(w_t).values()}
+    produced |= {v for row in diffusion_coefficient.fid_table(w_t) for v in row.values() if isinstance(v, str) and "±" in v}
     for row in design_space.walk_table(load_results("design_space")):
         produced.add(row["digits-FID (ours)"])
     produced |= {f"{r['digits_fid']:.2f} ± {r['digits_fid_std']:.2f}" for r in load_results("convergence")["rows"]}

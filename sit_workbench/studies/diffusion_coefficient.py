@@ -196,7 +196,7 @@ def plot_study(results, out=None, paper_nfe=PAPER_NFE):
         xs = [k + (j - 1.5) * w for k in range(len(ROWS))]
         rs = [cc[(i, o, column)] for (i, o) in ROWS]
         ax.bar(xs, [r["fid"] for r in rs], w, yerr=[2 * r["err"] for r in rs], capsize=2, label=column)
-        ax.plot(xs, [cells[(i, o, column)]["digits_fid"] for (i, o) in ROWS], "_", color="k", ms=12,
+        ax.plot(xs, [at_budget(cells[(i, o, column)])[0] for (i, o) in ROWS], "_", color="k", ms=12,
                 label=f"{results['rows'][0]['nfe']} NFE (fixed)" if j == 0 else None)
         ax.plot(xs, [at_budget(cells[(i, o, column)], paper_nfe)[0] for (i, o) in ROWS], "x", color="k", ms=5,
                 label=f"{paper_nfe} NFE (the paper's)" if j == 0 else None)
